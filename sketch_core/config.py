@@ -1,0 +1,172 @@
+"""The typed configuration of one training run.
+
+One flat ``TrainConfig`` flows unchanged from a search-space YAML (fixed values plus one sample
+of the searched ones) through Ray into the train loop, so every name a user can search over is a
+field here. ``TrainConfig.from_dict`` is the only way in from untyped data: it rejects unknown
+keys and impossible values with one line that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from sketch_core.errors import SketchError
+
+AUGMENTATIONS = ("none", "light", "sketch", "heavy")
+FREEZE_POLICIES = ("none", "head", "last_n_blocks")
+HEAD_TYPES = ("linear", "mlp")
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("cosine", "step")
+
+
+def _spec(*, choices=None, low=None, high=None, low_open=False, help=""):
+    return {"choices": choices, "low": low, "high": high, "low_open": low_open, "help": help}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Data
+    data_dir: str = field(default="", metadata=_spec(help="competition-layout data folder"))
+    val_fraction: float = field(default=0.2, metadata=_spec(low=0.0, high=0.9))
+    folds: int = field(default=0, metadata=_spec(low=0, help="0: a val_fraction split; K>=2: K folds"))
+    fold: int = field(default=0, metadata=_spec(low=0))
+    image_size: int = field(default=224, metadata=_spec(low=16))
+    augment: str = field(default="sketch", metadata=_spec(choices=AUGMENTATIONS))
+    num_workers: int = field(default=2, metadata=_spec(low=0, help="data loader processes"))
+    decode_cache: bool = True
+    # Model
+    model: str = "test_vit"
+    pretrained: bool = False
+    checkpoint_file: str = field(default="", metadata=_spec(help="local weights instead of the hub"))
+    drop_path_rate: float = field(default=0.0, metadata=_spec(low=0.0, high=0.9))
+    freeze: str = field(default="none", metadata=_spec(choices=FREEZE_POLICIES))
+    trainable_blocks: int = field(default=2, metadata=_spec(low=1, help="with last_n_blocks"))
+    head: str = field(default="linear", metadata=_spec(choices=HEAD_TYPES))
+    head_hidden: int = field(default=512, metadata=_spec(low=1))
+    head_dropout: float = field(default=0.0, metadata=_spec(low=0.0, high=0.95))
+    # Optimisation
+    epochs: int = field(default=5, metadata=_spec(low=1))
+    batch_size: int = field(default=32, metadata=_spec(low=1, help="per worker"))
+    lr: float = field(default=1e-3, metadata=_spec(low=0.0, low_open=True))
+    weight_decay: float = field(default=0.05, metadata=_spec(low=0.0))
+    optimizer: str = field(default="adamw", metadata=_spec(choices=OPTIMIZERS))
+    momentum: float = field(default=0.9, metadata=_spec(low=0.0, high=1.0))
+    lr_schedule: str = field(default="cosine", metadata=_spec(choices=LR_SCHEDULES))
+    warmup_epochs: float = field(default=0.0, metadata=_spec(low=0.0))
+    decay_epochs: float = field(default=2.0, metadata=_spec(low=0.0, low_open=True))
+    decay_rate: float = field(default=0.1, metadata=_spec(low=0.0, high=1.0, low_open=True))
+    min_lr: float = field(default=0.0, metadata=_spec(low=0.0))
+    label_smoothing: float = field(default=0.1, metadata=_spec(low=0.0, high=0.99))
+    mixup_alpha: float = field(default=0.0, metadata=_spec(low=0.0))
+    cutmix_alpha: float = field(default=0.0, metadata=_spec(low=0.0))
+    mixup_prob: float = field(default=1.0, metadata=_spec(low=0.0, high=1.0))
+    grad_accum_steps: int = field(default=1, metadata=_spec(low=1))
+    grad_clip: float = field(default=0.0, metadata=_spec(low=0.0, help="0: no clipping"))
+    ema: bool = False
+    ema_decay: float = field(default=0.999, metadata=_spec(low=0.0, high=1.0, low_open=True))
+    seed: int = 0
+    # Device
+    amp: bool = field(default=True, metadata=_spec(help="bf16 autocast on CUDA; ignored on CPU"))
+    channels_last: bool = False
+    compile: bool = False
+    feature_cache: bool = field(default=True, metadata=_spec(help="head-only: train on cached features"))
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> "TrainConfig":
+        """Build and validate a config; ``source`` names where the values came from in errors."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise SketchError(f"{source}: unknown key '{key}'{_did_you_mean(key, known)}")
+        converted = {key: _convert(known[key], value, source) for key, value in values.items()}
+        config = cls(**converted)
+        config.validate(source)
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    def validate(self, source: str = "config") -> None:
+        for f in dataclasses.fields(self):
+            _check_range(f, getattr(self, f.name), source)
+        from sketch_core.models import check_model_name  # timm is slow to import; only load it here
+
+        check_model_name(self.model, source)
+        if self.folds == 1:
+            raise SketchError(f"{source}: folds: expected 0 (no folds) or at least 2, got 1")
+        if self.folds and self.fold >= self.folds:
+            raise SketchError(f"{source}: fold: expected 0..{self.folds - 1} with folds={self.folds}, got {self.fold}")
+        if (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.batch_size % 2:
+            raise SketchError(f"{source}: batch_size: Mixup/CutMix needs an even batch size, got {self.batch_size}")
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise SketchError(f"{source}: warmup_epochs: expected fewer than epochs ({self.epochs}), got {self.warmup_epochs}")
+
+    @property
+    def uses_mixup(self) -> bool:
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.mixup_prob > 0
+
+
+def _did_you_mean(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _convert(f: dataclasses.Field, value: Any, source: str) -> Any:
+    """Coerce YAML/JSON scalars to the field's type: YAML reads ``1e-3`` as a string, JSON ints as floats."""
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    bad = SketchError(f"{source}: {f.name}: expected {kind}, got {value!r}")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        raise bad
+    if kind == "int":
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if kind == "float":
+        if isinstance(value, bool):
+            raise bad
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if kind == "str":
+        if isinstance(value, (dict, list)) or value is None:
+            raise bad
+        return str(value)
+    raise bad
+
+
+def _check_range(f: dataclasses.Field, value: Any, source: str) -> None:
+    spec = f.metadata
+    if not spec:
+        return
+    if spec["choices"] is not None and value not in spec["choices"]:
+        raise SketchError(f"{source}: {f.name}: expected one of {', '.join(spec['choices'])}, got {value!r}")
+    low, high = spec["low"], spec["high"]
+    if low is not None and (value <= low if spec["low_open"] else value < low):
+        relation = ">" if spec["low_open"] else ">="
+        raise SketchError(f"{source}: {f.name}: expected a value {relation} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise SketchError(f"{source}: {f.name}: expected a value <= {high}, got {value!r}")

@@ -1,0 +1,130 @@
+"""Datasets of uint8 images, and the per-node decode cache they read from.
+
+Decoding 400-800 px JPEGs dominates the CPU side, and every trial re-reads the same images every
+epoch. ``DecodeCache`` decodes and letterboxes each image once per node into a uint8 memory map
+keyed by the files and the image size; every later trial and epoch on that node reads it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from sketch_core.data import load_rgb
+from sketch_core.io import progress
+from sketch_core.transforms import augmentation, base_transform, to_chw
+
+# Bump when base_transform changes, so caches built by older code are not reused.
+BASE_TRANSFORM_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SKETCH_CACHE_DIR", Path.home() / ".cache" / "sketch-hpo"))
+
+
+class DecodedImages(Dataset):
+    """Image ``i`` of ``paths`` decoded and letterboxed to ``image_size``: HxWx3 uint8."""
+
+    def __init__(self, paths: Sequence[str], image_size: int):
+        self.paths = list(paths)
+        self.image_size = image_size
+        self._base = base_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self._base(image=load_rgb(self.paths[index]))["image"]
+
+
+class DecodeCache(Dataset):
+    """The same images as ``DecodedImages``, read from a node-local memory map built once.
+
+    The key covers every path with its size and modification time, the image size and the
+    base-transform version, so any change to the data or the resize policy builds a new cache.
+    Several processes may open the same cache at once: one builds it under a file lock, the
+    others wait and then read it.
+    """
+
+    def __init__(self, paths: Sequence[str], image_size: int, cache_dir: str | Path | None = None,
+                 build_workers: int = 2):
+        self.paths = list(paths)
+        self.image_size = image_size
+        self.file = Path(cache_dir or default_cache_dir()) / f"decoded-{self.key()}.u8"
+        self._array: np.ndarray | None = None
+        if not self.file.exists():
+            self._build(build_workers)
+
+    def key(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(json.dumps([BASE_TRANSFORM_VERSION, self.image_size]).encode())
+        for path in self.paths:
+            stat = os.stat(path)
+            digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()[:24]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.paths), self.image_size, self.image_size, 3)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if self._array is None:  # opened lazily so DataLoader workers each map it themselves
+            self._array = np.memmap(self.file, dtype=np.uint8, mode="r", shape=self.shape)
+        return self._array[index]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_array": None}
+
+    def _build(self, workers: int) -> None:
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.file.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.file.exists():  # another process built it while we waited
+                return
+            partial = self.file.with_suffix(f".partial-{os.getpid()}")
+            array = np.memmap(partial, dtype=np.uint8, mode="w+", shape=self.shape)
+            loader = DataLoader(DecodedImages(self.paths, self.image_size), batch_size=32, num_workers=workers,
+                                collate_fn=np.stack)
+            start = 0
+            for batch in progress(loader, f"decoding {len(self.paths)} images once for this node"):
+                array[start:start + len(batch)] = batch
+                start += len(batch)
+            array.flush()
+            del array
+            os.replace(partial, self.file)  # readers only ever see a complete cache
+
+
+class AugmentedImages(Dataset):
+    """(CHW uint8 image, target) pairs: base images from ``images`` with preset ``augment`` applied."""
+
+    def __init__(self, images: Dataset, targets: Sequence[int], augment: str, image_size: int):
+        self.images = images
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.augment = augmentation(augment, image_size)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        image = self.augment(image=np.asarray(self.images[index]))["image"]
+        return to_chw(image), int(self.targets[index])
+
+
+def image_source(paths: Sequence[str], image_size: int, *, cached: bool, workers: int = 2) -> Dataset:
+    """Base images for ``paths``: from the node's decode cache, or decoded on every read."""
+    return DecodeCache(paths, image_size, build_workers=workers) if cached else DecodedImages(paths, image_size)
+
+
+def subset(dataset: Dataset, indices: Sequence[int]) -> torch.utils.data.Subset:
+    return torch.utils.data.Subset(dataset, list(indices))

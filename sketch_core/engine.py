@@ -1,0 +1,260 @@
+"""The train loop: one ``TrainingRun`` per configuration, driven epoch by epoch.
+
+The same code runs in one process and under ``torch.distributed`` (one process per GPU, as Ray
+Train starts them): when a process group is initialised, the model is wrapped in DDP, training
+data is sharded by a ``DistributedSampler``, validation is sharded without padding and every
+metric is summed across ranks, so all ranks report the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.data import FastCollateMixup
+from timm.data.loader import PrefetchLoader, fast_collate
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from sketch_core.config import TrainConfig
+from sketch_core.data import TrainTable, read_train_table, split_indices
+from sketch_core.dataset import AugmentedImages, image_source, subset
+from sketch_core.errors import SketchError
+from sketch_core.models import SketchClassifier, create_classifier, data_config
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class TrainingRun:
+    """Everything one configuration trains with: data, model, optimiser, schedule, EMA.
+
+    ``state`` (from ``state_dict()`` of an earlier run, e.g. a loaded checkpoint) resumes after
+    the epoch it was saved at.
+    """
+
+    def __init__(self, config: TrainConfig, *, device: torch.device | None = None,
+                 state: dict[str, Any] | None = None, table: TrainTable | None = None):
+        self.config = config
+        self.device = device or default_device()
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.table = table or read_train_table(config.data_dir)
+        seed_everything(config.seed)
+
+        self.model = create_classifier(
+            config.model, num_classes=self.table.num_classes, pretrained=config.pretrained,
+            checkpoint_file=config.checkpoint_file, drop_path_rate=config.drop_path_rate, head=config.head,
+            head_hidden=config.head_hidden, head_dropout=config.head_dropout, freeze=config.freeze,
+            trainable_blocks=config.trainable_blocks,
+        ).to(self.device)
+        if config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.normalisation = data_config(self.model)
+        self.train_loader, self.val_loader = self._loaders()
+
+        self.ema = ModelEmaV3(self.model, decay=config.ema_decay) if config.ema else None
+        self.optimizer = create_optimizer_v2(
+            self.model, opt=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
+            momentum=config.momentum, **({"fused": True} if self._fused_adamw() else {}),
+        )
+        self.updates_per_epoch = math.ceil(len(self.train_loader) / config.grad_accum_steps)
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer, sched=config.lr_schedule, num_epochs=config.epochs, decay_epochs=config.decay_epochs,
+            decay_rate=config.decay_rate, min_lr=config.min_lr, warmup_lr=config.lr * 0.01,
+            warmup_epochs=config.warmup_epochs, step_on_epochs=False, updates_per_epoch=self.updates_per_epoch,
+        )
+        self.epoch = 0  # epochs completed
+        if state is not None:
+            self.load_state_dict(state)
+
+        self.train_model: nn.Module = self.model
+        if self.world_size > 1:
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if config.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.train_loss_fn = (SoftTargetCrossEntropy() if config.uses_mixup
+                              else nn.CrossEntropyLoss(label_smoothing=config.label_smoothing))
+
+    @property
+    def eval_model(self) -> SketchClassifier:
+        """The weights to evaluate and predict with: the EMA copy when EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def epochs(self, until: int | None = None) -> Iterator[dict[str, float]]:
+        """Train from the next epoch up to ``until`` (default: the config's ``epochs``), yielding
+        ``epoch, train_loss, val_loss, val_acc, lr, images_per_s`` after each."""
+        last = min(until or self.config.epochs, self.config.epochs)
+        while self.epoch < last:
+            seed_everything(self.config.seed * 100_003 + self.epoch * 101 + self.rank)
+            train_loss, images_per_s = self._train_one_epoch()
+            self.epoch += 1
+            metrics = {"epoch": self.epoch, "train_loss": train_loss, "lr": self._lr(),
+                       "images_per_s": images_per_s}
+            if self.val_loader is not None:
+                metrics.update(self.evaluate())
+            yield metrics
+
+    def evaluate(self) -> dict[str, float]:
+        model = self.eval_model.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
+        loss_fn = nn.CrossEntropyLoss(reduction="sum")
+        with torch.no_grad(), self._autocast():
+            for images, targets in self.val_loader:
+                logits = model(self._prepare(images)).float()
+                totals += torch.stack([loss_fn(logits, targets).double(),
+                                       (logits.argmax(1) == targets).sum().double(),
+                                       torch.tensor(len(targets), dtype=torch.float64, device=self.device)])
+        loss_sum, correct, count = self._all_reduce(totals).tolist()
+        return {"val_loss": loss_sum / max(count, 1), "val_acc": correct / max(count, 1)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "config": self.config.to_dict(),
+            "class_names": self.table.class_names,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("class_names", self.table.class_names) != self.table.class_names:
+            raise SketchError(f"{self.config.data_dir}: classes differ from those the checkpoint was trained on")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.epoch = int(state["epoch"])
+
+    def _train_one_epoch(self) -> tuple[float, float]:
+        config = self.config
+        self.train_model.train()
+        self.train_loader.sampler.set_epoch(self.epoch)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, images
+        started = time.perf_counter()
+        batches = len(self.train_loader)
+        self.optimizer.zero_grad(set_to_none=True)
+        for step, (images, targets) in enumerate(self.train_loader):
+            updates_now = (step + 1) % config.grad_accum_steps == 0 or step + 1 == batches
+            sync = nullcontext() if updates_now or self.world_size == 1 else self.train_model.no_sync()
+            with sync, self._autocast():
+                loss = self.train_loss_fn(self.train_model(self._prepare(images)), targets)
+                (loss / config.grad_accum_steps).backward()
+            if updates_now:
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                update = self.epoch * self.updates_per_epoch + (step // config.grad_accum_steps) + 1
+                self.scheduler.step_update(num_updates=update)
+                if self.ema is not None:
+                    self.ema.update(self.model, step=update)
+            totals += torch.stack([loss.detach().double() * len(targets),
+                                   torch.tensor(len(targets), dtype=torch.float64, device=self.device)])
+        self.scheduler.step(self.epoch + 1)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = torch.tensor([time.perf_counter() - started], dtype=torch.float64, device=self.device)
+        loss_sum, images = self._all_reduce(totals).tolist()
+        slowest = self._all_reduce(elapsed, op=dist.ReduceOp.MAX).item() if self.world_size > 1 else elapsed.item()
+        return loss_sum / max(images, 1), images / max(slowest, 1e-9)
+
+    def _loaders(self) -> tuple[PrefetchLoader, PrefetchLoader | None]:
+        config, table = self.config, self.table
+        train_idx, val_idx = split_indices(table.targets, val_fraction=config.val_fraction, folds=config.folds,
+                                           fold=config.fold, seed=config.seed)
+        images = image_source(table.paths, config.image_size, cached=config.decode_cache,
+                              workers=config.num_workers)
+        train_set = AugmentedImages(subset(images, train_idx), table.targets[train_idx], config.augment,
+                                    config.image_size)
+        per_rank = len(train_set) // self.world_size
+        if per_rank < config.batch_size:
+            raise SketchError(f"batch_size: {config.batch_size} per worker exceeds the {per_rank} training "
+                              f"images each of {self.world_size} worker(s) gets")
+        sampler = DistributedSampler(train_set, num_replicas=self.world_size, rank=self.rank, shuffle=True,
+                                     seed=config.seed, drop_last=True)
+        collate = fast_collate
+        if config.uses_mixup:
+            collate = FastCollateMixup(mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
+                                       prob=config.mixup_prob, label_smoothing=config.label_smoothing,
+                                       num_classes=table.num_classes)
+        train_loader = self._prefetch(DataLoader(train_set, batch_size=config.batch_size, sampler=sampler,
+                                                 drop_last=True, collate_fn=collate, **self._loader_options()))
+        if len(val_idx) == 0:
+            return train_loader, None
+        val_set = AugmentedImages(subset(images, val_idx), table.targets[val_idx], "none", config.image_size)
+        # Strided shards cover every validation image exactly once (DistributedSampler would pad).
+        val_shard = Subset(val_set, range(self.rank, len(val_set), self.world_size))
+        val_loader = self._prefetch(DataLoader(val_shard, batch_size=config.batch_size * 2, shuffle=False,
+                                               collate_fn=fast_collate, **self._loader_options()))
+        return train_loader, val_loader
+
+    def _loader_options(self) -> dict[str, Any]:
+        workers = self.config.num_workers
+        return {"num_workers": workers, "persistent_workers": workers > 0,
+                "pin_memory": self.device.type == "cuda"}
+
+    def _prefetch(self, loader: DataLoader) -> PrefetchLoader:
+        return PrefetchLoader(loader, mean=self.normalisation["mean"], std=self.normalisation["std"],
+                              device=self.device)
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.config.channels_last else images
+
+    def _autocast(self):
+        enabled = self.config.amp and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _fused_adamw(self) -> bool:
+        return self.config.optimizer == "adamw" and self.device.type == "cuda"
+
+    def _lr(self) -> float:
+        return max(group["lr"] for group in self.optimizer.param_groups)
+
+    def _all_reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+        return tensor
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Atomically: a crash mid-write leaves the previous checkpoint in place."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SketchError(f"{path}: checkpoint not found") from None
+    except Exception as exc:  # torch raises several types for a truncated or foreign file
+        raise SketchError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None

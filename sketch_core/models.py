@@ -1,0 +1,125 @@
+"""timm backbones with a replaceable head and a freeze policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import is_model
+from timm.models._manipulate import group_with_matcher
+from torch import nn
+
+from sketch_core.errors import SketchError
+
+
+class SketchClassifier(nn.Module):
+    """A timm backbone (pooled features, no classifier) followed by our head.
+
+    Under the ``head`` freeze policy the backbone stays in eval mode even while training, so its
+    features are a fixed function of the image: the feature cache relies on that.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, freeze: str):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.freeze = freeze
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+    def train(self, mode: bool = True) -> "SketchClassifier":
+        super().train(mode)
+        if self.freeze == "head":
+            self.backbone.eval()
+        return self
+
+
+def check_model_name(name: str, source: str = "config") -> None:
+    if not is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:3]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise SketchError(f"{source}: model: unknown timm model {name!r}{hint}")
+
+
+def create_classifier(
+    name: str,
+    *,
+    num_classes: int,
+    pretrained: bool = False,
+    checkpoint_file: str = "",
+    drop_path_rate: float = 0.0,
+    head: str = "linear",
+    head_hidden: int = 512,
+    head_dropout: float = 0.0,
+    freeze: str = "none",
+    trainable_blocks: int = 2,
+) -> SketchClassifier:
+    """Build ``name`` from timm with a ``head`` of ``num_classes`` outputs and apply ``freeze``."""
+    check_model_name(name)
+    backbone = _create_backbone(name, pretrained=pretrained, checkpoint_file=checkpoint_file,
+                                drop_path_rate=drop_path_rate)
+    model = SketchClassifier(backbone, _create_head(head, backbone.num_features, num_classes, head_hidden,
+                                                    head_dropout), freeze)
+    apply_freeze(model, freeze, trainable_blocks)
+    return model
+
+
+def data_config(model: SketchClassifier) -> dict:
+    """The normalisation the backbone was pretrained with (mean, std as 0..1 tuples)."""
+    return timm.data.resolve_data_config({}, model=model.backbone)
+
+
+def apply_freeze(model: SketchClassifier, policy: str, trainable_blocks: int = 2) -> None:
+    """``none``: train everything; ``head``: only the head; ``last_n_blocks``: the head, the last
+    ``trainable_blocks`` blocks and the norm layers after them (as timm groups the model's layers)."""
+    model.backbone.requires_grad_(policy == "none")
+    model.head.requires_grad_(True)
+    if policy != "last_n_blocks":
+        return
+    groups = group_with_matcher(model.backbone.named_parameters(), model.backbone.group_matcher(coarse=True))
+    ordered = [groups[key] for key in sorted(groups)]
+    parameters = dict(model.backbone.named_parameters())
+    # Trailing groups of 1-D parameters only (final norms) belong with the head.
+    while ordered and all(parameters[n].ndim == 1 for n in ordered[-1]):
+        for param_name in ordered.pop():
+            parameters[param_name].requires_grad_(True)
+    blocks = ordered[1:]  # group 0 is the stem
+    if trainable_blocks > len(blocks):
+        raise SketchError(f"trainable_blocks: {model.backbone.__class__.__name__} has {len(blocks)} blocks, "
+                          f"got {trainable_blocks}")
+    for group in blocks[len(blocks) - trainable_blocks:]:
+        for param_name in group:
+            parameters[param_name].requires_grad_(True)
+
+
+def _create_backbone(name: str, *, pretrained: bool, checkpoint_file: str, drop_path_rate: float) -> nn.Module:
+    kwargs = {"num_classes": 0}
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if checkpoint_file:
+        if not Path(checkpoint_file).is_file():
+            raise SketchError(f"checkpoint_file: {checkpoint_file} not found")
+        # timm drops the checkpoint's classifier weights for num_classes=0 when given through
+        # pretrained_cfg_overlay; a plain checkpoint_path would refuse the shape mismatch.
+        kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint_file)}
+        pretrained = True
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (OSError, RuntimeError, ValueError) as exc:
+        if not pretrained:
+            raise
+        raise SketchError(
+            f"model {name}: pretrained weights could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+            "set pretrained: false, point checkpoint_file at a local weights file, "
+            "or pre-fill the Hugging Face cache (HF_HOME) on every node"
+        ) from None
+
+
+def _create_head(kind: str, in_features: int, num_classes: int, hidden: int, dropout: float) -> nn.Module:
+    if kind == "linear":
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes))
+    return nn.Sequential(
+        nn.Linear(in_features, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+    )

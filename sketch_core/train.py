@@ -1,0 +1,86 @@
+"""Train one configuration without Ray, for debugging a config on a laptop.
+
+    python -m sketch_core.train --data-dir data/demo --model test_vit --image-size 64 --epochs 3 --out runs/debug
+
+Every ``TrainConfig`` field is an option (``--lr 3e-4``, ``--freeze head``, ...). Each epoch's
+metrics are printed as JSON and appended to ``OUT/metrics.jsonl``; ``OUT/last.pt`` is the latest
+checkpoint, which ``--resume`` continues from. ``--predict`` writes a submission for test.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from sketch_core.config import TrainConfig
+from sketch_core.errors import SketchError
+
+
+def config_options(parser: argparse.ArgumentParser) -> None:
+    """One ``--field-name`` option per TrainConfig field, parsed as text and typed by ``from_dict``."""
+    group = parser.add_argument_group("training configuration (TrainConfig)")
+    for field in dataclasses.fields(TrainConfig):
+        default = field.default
+        help_text = field.metadata.get("help", "") if field.metadata else ""
+        choices = field.metadata.get("choices") if field.metadata else None
+        group.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=None, choices=choices,
+                           metavar=None if choices else field.name.upper(),
+                           help=f"{help_text + '; ' if help_text else ''}default {default!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sketch_core.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/debug", help="folder for metrics.jsonl, last.pt, submissions")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    parser.add_argument("--predict", action="store_true", help="after training, write OUT/submission.csv")
+    config_options(parser)
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except SketchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
+    from sketch_core.engine import TrainingRun, load_checkpoint, save_checkpoint  # after --help, not before
+
+    values = {name: getattr(args, name) for name in TrainConfig.field_names() if getattr(args, name) is not None}
+    config = TrainConfig.from_dict(values, source="command line")
+    out = Path(args.out)
+    checkpoint = out / "last.pt"
+    state = load_checkpoint(checkpoint) if args.resume else None
+    if state is None and checkpoint.exists():
+        raise SketchError(f"{checkpoint}: a run is already there; pass --resume to continue it or choose another --out")
+    training = TrainingRun(config, state=state)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "metrics.jsonl", "a") as log:
+        for metrics in training.epochs():
+            save_checkpoint(training.state_dict(), checkpoint)
+            print(json.dumps(metrics), flush=True)
+            log.write(json.dumps(metrics) + "\n")
+    if args.predict:
+        predict_test(training, out)
+
+
+def predict_test(training, out: Path) -> None:
+    from sketch_core.data import read_test_table
+    from sketch_core.io import unused_path
+    from sketch_core.predict import predict_probs, write_submission
+
+    config = training.config
+    test = read_test_table(config.data_dir)
+    probs = predict_probs(training.eval_model, test.paths, image_size=config.image_size,
+                          mean=training.normalisation["mean"], std=training.normalisation["std"],
+                          device=training.device, num_workers=config.num_workers)
+    path = write_submission(unused_path(out / "submission.csv"), test.frame, probs)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from sketch_core.errors import SketchError
+from sketch_core.models import create_classifier
+
+
+def trainable(model):
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_convnext", "test_resnet"])
+def test_freeze_policies(name):
+    everything = create_classifier(name, num_classes=5)
+    head_only = create_classifier(name, num_classes=5, freeze="head")
+    last_block = create_classifier(name, num_classes=5, freeze="last_n_blocks", trainable_blocks=1)
+    assert trainable(head_only) == {n for n in trainable(everything) if n.startswith("head.")}
+    assert trainable(head_only) < trainable(last_block) < trainable(everything)
+    assert head_only(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_head_only_keeps_the_backbone_in_eval_mode():
+    model = create_classifier("test_vit", num_classes=3, freeze="head", head="mlp", head_hidden=16).train()
+    assert model.head.training and not model.backbone.training
+    assert isinstance(model.head[0], torch.nn.Linear) and model.head[0].out_features == 16
+
+
+def test_too_many_trainable_blocks():
+    with pytest.raises(SketchError, match="trainable_blocks: .* has 4 blocks, got 9"):
+        create_classifier("test_resnet", num_classes=3, freeze="last_n_blocks", trainable_blocks=9)
+
+
+def test_unavailable_pretrained_weights_name_the_model_and_the_way_out(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(SketchError) as caught:
+        create_classifier("test_resnet.r160_in1k", num_classes=3, pretrained=True)
+    message = str(caught.value)
+    assert message.startswith("model test_resnet.r160_in1k: pretrained weights could not be loaded")
+    assert "pretrained: false" in message and "checkpoint_file" in message and "HF_HOME" in message
+
+
+def test_local_checkpoint_file_replaces_the_hub(tmp_path):
+    source = create_classifier("test_resnet", num_classes=3)
+    torch.save(source.backbone.state_dict(), tmp_path / "weights.pth")
+    loaded = create_classifier("test_resnet", num_classes=3, checkpoint_file=str(tmp_path / "weights.pth"))
+    for name, tensor in source.backbone.state_dict().items():
+        assert torch.equal(tensor, loaded.backbone.state_dict()[name]), name
+    with pytest.raises(SketchError, match="checkpoint_file: .*missing.pth not found"):
+        create_classifier("test_resnet", num_classes=3, checkpoint_file=str(tmp_path / "missing.pth"))

@@ -1,0 +1,44 @@
+"""``python -m sketch_core.train`` as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+
+from conftest import QUICK_TRAINING, REPO_ROOT
+
+
+def run_cli(*args, cwd=REPO_ROOT):
+    return subprocess.run([sys.executable, "-m", "sketch_core.train", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def quick_options(demo_dir):
+    options = ["--data-dir", str(demo_dir)]
+    for name, value in QUICK_TRAINING.items():
+        options += [f"--{name.replace('_', '-')}", str(value)]
+    return options
+
+
+def test_trains_resumes_and_predicts(demo_dir, tmp_path):
+    out = tmp_path / "run"
+    first = run_cli(*quick_options(demo_dir), "--epochs", "2", "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    again = run_cli(*quick_options(demo_dir), "--epochs", "2", "--out", str(out))
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+    resumed = run_cli(*quick_options(demo_dir), "--epochs", "3", "--out", str(out), "--resume", "--predict")
+    assert resumed.returncode == 0, resumed.stderr
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+    assert len(pd.read_csv(out / "submission.csv")) == 80
+
+
+def test_bad_option_is_one_line_without_traceback(demo_dir, tmp_path):
+    result = run_cli("--data-dir", str(demo_dir), "--lr", "-1", "--out", str(tmp_path / "x"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: command line: lr: expected a value > 0.0, got -1.0"
+    assert not (tmp_path / "x").exists()
+    missing = run_cli("--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "data directory not found" in missing.stderr
