@@ -81,14 +81,19 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> "TrainConfig":
         """Build and validate a config; ``source`` names where the values came from in errors."""
+        cls.check_keys(values, source)
         known = {f.name: f for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                raise SketchError(f"{source}: unknown key '{key}'{_did_you_mean(key, known)}")
         converted = {key: _convert(known[key], value, source) for key, value in values.items()}
         config = cls(**converted)
         config.validate(source)
         return config
+
+    @classmethod
+    def check_keys(cls, keys, source: str = "config") -> None:
+        known = cls.field_names()
+        for key in keys:
+            if key not in known:
+                raise SketchError(f"{source}: unknown key '{key}'{_did_you_mean(key, known)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

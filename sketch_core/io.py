@@ -25,13 +25,16 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda temp: temp.write_text(text))
 
 
-def unused_path(path: str | Path) -> Path:
-    """``path`` if nothing is there yet, else the first free ``stem-2.suffix``, ``stem-3.suffix``, ..."""
-    path = Path(path)
-    candidate, number = path, 1
-    while candidate.exists():
+def unused_path(path: str, exists: Callable[[str], bool] = os.path.exists) -> str:
+    """``path`` if nothing is there yet, else the first free ``stem-2.suffix``, ``stem-3.suffix``, ...
+    (``exists`` may check another filesystem, e.g. a results bucket)."""
+    stem, dot, suffix = str(path).rpartition(".")
+    if not dot or "/" in suffix:
+        stem, dot, suffix = str(path), "", ""
+    candidate, number = str(path), 1
+    while exists(candidate):
         number += 1
-        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+        candidate = f"{stem}-{number}{dot}{suffix}"
     return candidate
 
 

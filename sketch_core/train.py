@@ -78,7 +78,7 @@ def predict_test(training, out: Path) -> None:
     probs = predict_probs(training.eval_model, test.paths, image_size=config.image_size,
                           mean=training.normalisation["mean"], std=training.normalisation["std"],
                           device=training.device, num_workers=config.num_workers)
-    path = write_submission(unused_path(out / "submission.csv"), test.frame, probs)
+    path = write_submission(unused_path(str(out / "submission.csv")), test.frame, probs)
     print(f"wrote {path}")
 
 

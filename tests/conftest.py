@@ -28,3 +28,43 @@ def private_cache_dir(tmp_path_factory):
 def demo_dir(tmp_path_factory) -> Path:
     """A read-only demo data set shared by every test that does not modify data."""
     return generate(tmp_path_factory.mktemp("demo") / "data", **LEARNABLE)
+
+
+def write_space(path: Path, data_dir: Path, *, experiment: str = "e2e", num_samples: int = 6, max_epochs: int = 3,
+                **sections) -> Path:
+    """A small CPU search space over ``data_dir`` (the demo space, shrunk for 2 cores)."""
+    import yaml
+
+    document = {
+        "experiment": experiment,
+        "data": {"dir": str(data_dir)},
+        "model": {"name": "test_resnet", "pretrained": False, "image_size": 48},
+        "resources": {"workers": 2, "cpus_per_worker": 0.9, "gpus_per_worker": 0},
+        "search": {"searcher": "optuna", "num_samples": num_samples, "max_concurrent": 1, "seed": 0},
+        "scheduler": {"type": "asha", "max_epochs": max_epochs, "grace_period": 1, "reduction_factor": 2},
+        "fixed": {"batch_size": 16, "num_workers": 0, "weight_decay": 0.01, "augment": "light"},
+        "space": {"lr": {"loguniform": [1.0e-3, 2.0e-2]}, "head": {"choice": ["linear", "mlp"]}},
+    }
+    for name, values in sections.items():
+        document[name] = {**document.get(name, {}), **values} if isinstance(values, dict) else values
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def run_script(script: str, *args: str, timeout: float = 900, **kwargs):
+    """Run ray_jobs/<script> as a user would, with this test session's environment."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(REPO_ROOT / "ray_jobs" / script), *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def finished_search(tmp_path_factory, demo_dir):
+    """One finished demo search, shared by every test that only reads its results."""
+    root = tmp_path_factory.mktemp("search")
+    space = write_space(root / "space.yaml", demo_dir)
+    completed = run_script("tune.py", "--space", str(space), "--results", str(root / "results"))
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return {"results": root / "results", "experiment": "e2e", "space": space, "output": completed.stdout}

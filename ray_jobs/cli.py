@@ -1,0 +1,40 @@
+"""What the command-line scripts share: one-line errors, and the data folder a space names."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from sketch_core.errors import SketchError
+
+# Ray Train's default 30 s is too short for a worker group on 2 CPUs or a node that autoscales.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+
+
+def run_cli(body: Callable[[], None]) -> int:
+    """Run a command: bad input is one ``error:`` line on stderr and exit status 2, no traceback."""
+    try:
+        body()
+    except SketchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def ensure_data_dir(data_dir: str, *, demo: bool) -> str:
+    """The absolute data folder; the demo data set is generated only where a space marks it demo."""
+    path = Path(data_dir).resolve()
+    if not path.exists() and demo:
+        from sketch_core.demo_data import generate
+
+        print(f"{data_dir}: not found; generating the demo data set there", flush=True)
+        try:
+            generate(path)
+        except FileExistsError:
+            pass  # another process generated it first
+    return str(path)

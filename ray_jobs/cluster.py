@@ -1,0 +1,77 @@
+"""Starting or joining Ray, and checking that one trial can ever fit the cluster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+import yaml
+
+from sketch_core.errors import SketchError
+from ray_jobs.space import Resources
+
+# Written on the head node by `ray up`: the node types the autoscaler may add.
+AUTOSCALER_CONFIG = Path.home() / "ray_bootstrap_config.yaml"
+
+
+def start_ray(address: str | None, *, num_cpus: int | None = None) -> str | None:
+    """Join the cluster at ``address`` or start local Ray with its dashboard on 127.0.0.1.
+
+    Returns the dashboard URL (None when joining: reach it through ``ray dashboard cluster.yaml``).
+    """
+    from ray_jobs.trial import worker_env
+
+    runtime_env = {"env_vars": worker_env()}
+    if _in_ray_job():
+        runtime_env = None  # `ray job submit --working-dir .` already ships the code to every worker
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return None
+    # The dashboard is required, not cosmetic: Ray Train frees the placement group of a trial
+    # that ASHA stopped only through the State API it serves.
+    context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=num_cpus,
+                       runtime_env=runtime_env, log_to_driver=True)
+    return f"http://{context.dashboard_url}" if context.dashboard_url else None
+
+
+def _in_ray_job() -> bool:
+    return bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID"))
+
+
+def check_trial_fits(resources: Resources, source: str) -> None:
+    """Refuse a trial that no node set this cluster has, or may autoscale to, can ever hold."""
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    node_types = nodes + _autoscaler_node_types()
+    worker = resources.per_worker()
+    if not any(all(node.get(key, 0) >= amount for key, amount in worker.items()) for node in node_types):
+        raise SketchError(
+            f"{source}: resources: one worker needs {_describe(worker)}, but no node of this cluster "
+            f"has that much (largest: {_describe(_largest(node_types, worker))}); lower cpus_per_worker/gpus_per_worker")
+    trial = resources.per_trial()
+    capacity = {key: sum(node.get(key, 0) for node in node_types) for key in trial}
+    if any(capacity[key] < amount for key, amount in trial.items()):
+        raise SketchError(
+            f"{source}: resources: one trial needs {_describe(trial)} ({resources.workers} workers plus the trial's "
+            f"own {Resources.TRIAL_CPUS} CPU), but this cluster can have at most {_describe(capacity)}; "
+            "lower workers, cpus_per_worker or gpus_per_worker, or use a larger cluster")
+
+
+def _autoscaler_node_types() -> list[dict[str, float]]:
+    if not AUTOSCALER_CONFIG.is_file():
+        return []
+    config = yaml.safe_load(AUTOSCALER_CONFIG.read_text()) or {}
+    node_types = []
+    for node_type in (config.get("available_node_types") or {}).values():
+        node_types += [node_type.get("resources") or {}] * int(node_type.get("max_workers", 0))
+    return node_types
+
+
+def _largest(node_types: list[dict[str, float]], wanted: dict[str, float]) -> dict[str, float]:
+    if not node_types:
+        return {key: 0 for key in wanted}
+    return {key: max(node.get(key, 0) for node in node_types) for key in wanted}
+
+
+def _describe(amounts: dict[str, float]) -> str:
+    return ", ".join(f"{amount:g} {key}" for key, amount in amounts.items())

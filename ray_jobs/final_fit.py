@@ -1,0 +1,140 @@
+"""Refit the best configuration(s) of a search on all training data, predict test.csv, submit.
+
+    python ray_jobs/final_fit.py --best                          # best trial of the latest experiment
+    python ray_jobs/final_fit.py --best --name eva02_large_448 --top-k 3 --folds 5 --address auto
+
+Writes results/<experiment>/final/: fit-<time>/ (each model's weights and test probabilities,
+the ensemble's probabilities, fit.json) and a new submission file, never overwriting an earlier one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from ray_jobs.cli import run_cli  # noqa: E402
+from sketch_core.errors import SketchError  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python ray_jobs/final_fit.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--best", action="store_true", required=True, help="refit the best trial(s) of a search")
+    parser.add_argument("--name", help="experiment (default: the latest under --results)")
+    parser.add_argument("--results", default="results", help="results root: a path, NFS path or s3://, gs:// URI")
+    parser.add_argument("--data-dir", help="data folder (default: the one the search used)")
+    parser.add_argument("--top-k", type=int, default=1, help="soft-vote the K best distinct configurations")
+    parser.add_argument("--folds", type=int, default=0, help="train K stratified folds of each and soft-vote them")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                        help="average the prediction of each image and its horizontal flip")
+    parser.add_argument("--epochs", type=int, help="train this many epochs (default: where the trial peaked)")
+    parser.add_argument("--max-concurrent", type=int, default=0, help="refits at once (default: as many as fit)")
+    parser.add_argument("--address", help="Ray cluster to join ('auto' on a cluster node); default: local Ray")
+    parser.add_argument("--num-cpus", type=int, help="CPUs local Ray may use (default: all)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_cli(lambda: final_fit(args))
+
+
+def final_fit(args: argparse.Namespace) -> None:
+    import numpy as np
+    import ray
+
+    from sketch_core.data import read_test_table, read_train_table
+    from sketch_core.io import unused_path
+    from sketch_core.predict import submission_frame
+    from ray_jobs.cluster import check_trial_fits, start_ray
+    from ray_jobs.refit import choose_models, fit_models, load_npy, npy_bytes
+    from ray_jobs.results import SCHEMA_VERSION, ResultsStore, latest_experiment
+    from ray_jobs.space import Resources
+
+    for option, value, low in (("--top-k", args.top_k, 1), ("--epochs", args.epochs or 1, 1)):
+        if value < low:
+            raise SketchError(f"{option}: expected at least {low}, got {value}")
+    if args.folds == 1 or args.folds < 0:
+        raise SketchError(f"--folds: expected 0 (no folds) or at least 2, got {args.folds}")
+
+    # Read and check everything before Ray starts.
+    store = ResultsStore(args.results, args.name or latest_experiment(args.results))
+    if not store.exists("search.json"):
+        raise SketchError(f"{store.uri()}: no search found (no search.json); run ray_jobs/tune.py first")
+    search = store.read_json("search.json")
+    if search.get("schema") != SCHEMA_VERSION:
+        raise SketchError(f"{store.uri('search.json')}: results schema {search.get('schema')!r}, this version reads "
+                          f"{SCHEMA_VERSION}; rerun the search with this version")
+    if not store.exists("best.json"):
+        raise SketchError(f"{store.uri()}: no finished trial yet (no best.json); let the search report a result first")
+    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else search["data_dir"]
+    train = read_train_table(data_dir)
+    if train.class_names != search["class_names"]:
+        raise SketchError(f"{data_dir}: its {train.num_classes} classes differ from the {len(search['class_names'])} "
+                          f"the experiment {store.experiment} was searched on")
+    test = read_test_table(data_dir)
+    specs = choose_models(store.read_parquet("trials.parquet"), metric=search["metric"], mode=search["mode"],
+                          searched=search["searched"], top_k=args.top_k, folds=args.folds, epochs=args.epochs,
+                          data_dir=data_dir)
+    resources = Resources(**search["resources"])
+    folder = "final/fit-" + time.strftime("%Y%m%d-%H%M%S")
+    started = time.time()
+
+    dashboard = start_ray(args.address, num_cpus=args.num_cpus)
+    try:
+        if dashboard:
+            print(f"Ray dashboard: {dashboard}", flush=True)
+        check_trial_fits(resources, store.uri("search.json"))
+        print(f"refitting {len(specs)} model(s) of {store.experiment}: "
+              + ", ".join(f"{s.model_id} (trial {s.source_trial}, {s.until_epoch} epochs)" for s in specs), flush=True)
+        fitted = fit_models(specs, store=store, folder=folder, resources=resources, tta=args.tta,
+                            max_failures=search["max_failures"], max_concurrent=args.max_concurrent or len(specs))
+    finally:
+        ray.shutdown()
+    failed = fitted[~fitted["done"]]
+    if len(failed):
+        raise SketchError(f"refit of {', '.join(failed['model_id'])} failed: {failed['error'].iloc[0]}; "
+                          f"see {store.uri(folder, 'tune')}")
+
+    member_probs = {s.model_id: load_npy(store.read_bytes(f"{folder}/probs-{s.model_id}.npy")) for s in specs}
+    ensemble = np.mean(list(member_probs.values()), axis=0)
+    store.write_bytes(f"{folder}/probs-ensemble.npy", npy_bytes(ensemble))
+    submission_name = unused_path("final/submission.csv", exists=store.exists)
+    store.write_bytes(submission_name, submission_frame(test.frame, ensemble).to_csv(index=False).encode())
+    scores = _score_against_answers(data_dir, test.frame, {**member_probs, "ensemble": ensemble})
+    log = {"experiment": store.experiment, "submission": store.uri(submission_name), "data_dir": data_dir,
+           "tta": args.tta, "top_k": args.top_k, "folds": args.folds, "wall_s": round(time.time() - started, 1),
+           "models": [{"model_id": s.model_id, "source_trial": s.source_trial, "epochs": s.until_epoch,
+                       "seed": s.config["seed"], "config": s.config,
+                       "val_acc": _number(fitted.loc[fitted["model_id"] == s.model_id, "val_acc"].iloc[0])}
+                      for s in specs],
+           "test_accuracy": scores}
+    store.write_json(f"{folder}/fit.json", log)
+    if scores:
+        print("accuracy against test_answers.csv: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    print(f"models and probabilities: {store.uri(folder)}")
+    print(f"submission: {store.uri(submission_name)}")
+
+
+def _score_against_answers(data_dir: str, test_frame, probs_by_model: dict) -> dict[str, float]:
+    """Accuracy of each model and the ensemble where the answers are known (the demo data set)."""
+    import pandas as pd
+
+    answers_file = Path(data_dir) / "test_answers.csv"
+    if not answers_file.is_file():
+        return {}
+    answers = pd.read_csv(answers_file).set_index("image_path")["target"]
+    truth = answers.loc[test_frame["image_path"]].to_numpy()
+    return {name: float((probs.argmax(1) == truth).mean()) for name, probs in probs_by_model.items()}
+
+
+def _number(value):
+    return None if value is None or value != value else float(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Refitting chosen configurations on all training data (or K folds) and predicting the test set.
+
+Each model is one Ray Train ``TorchTrainer`` run with a trial's resources; the runs are the trials
+of a small Ray Tune experiment so that they run side by side when the cluster has room, are
+retried from their checkpoints when a worker fails, and never resume an earlier refit (each
+refit has its own folder).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray
+import ray.train
+import torch
+from ray import tune
+
+from sketch_core.config import TrainConfig
+from sketch_core.data import read_test_table
+from sketch_core.errors import SketchError
+from sketch_core.predict import predict_probs
+from ray_jobs.results import ResultsStore, config_of
+from ray_jobs.space import Resources
+from ray_jobs.trial import make_trainable, report_epoch, resumed_run
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the final ensemble: a configuration, how long to train it, which fold."""
+
+    model_id: str
+    source_trial: str
+    config: dict[str, Any]
+    until_epoch: int
+
+
+def choose_models(trials: pd.DataFrame, *, metric: str, mode: str, searched: list[str], top_k: int, folds: int,
+                  epochs: int | None, data_dir: str) -> list[ModelSpec]:
+    """The ``top_k`` best distinct configurations, each on all data or on each of ``folds`` folds."""
+    column = f"best_{metric}"
+    scored = trials.dropna(subset=[column])
+    scored = scored[scored["best_epoch"] > 0].sort_values(column, ascending=mode == "min")
+    searched_columns = [f"config.{name}" for name in searched if f"config.{name}" in scored]
+    distinct = scored.drop_duplicates(subset=searched_columns or ["config.model"])
+    if len(distinct) < top_k:
+        raise SketchError(f"--top-k {top_k}: the search has only {len(distinct)} distinct configuration(s) with a result")
+    specs = []
+    for rank, (_, trial) in enumerate(distinct.head(top_k).iterrows()):
+        config = config_of(trial)
+        config["data_dir"] = data_dir
+        until = int(trial["best_epoch"])
+        if epochs:  # a whole schedule of the given length
+            config["epochs"], until = epochs, epochs
+        splits = [(k, {"folds": folds, "fold": k}) for k in range(folds)] if folds else [(None, {"val_fraction": 0.0, "folds": 0})]
+        for fold, split in splits:
+            model_id = f"top{rank + 1}" + (f"-fold{fold}" if fold is not None else "")
+            specs.append(ModelSpec(model_id=model_id, source_trial=str(trial["trial_id"]),
+                                   config=TrainConfig.from_dict({**config, **split}).to_dict(), until_epoch=until))
+    return specs
+
+
+def refit_worker(config: dict[str, Any]) -> None:
+    """Train one model to its epoch, predict the test set with every rank, save it (rank 0)."""
+    job = config["job"]
+    run = resumed_run(TrainConfig.from_dict(job["config"], source="refit config"))
+    metrics: dict[str, Any] = {}
+    for metrics in run.epochs(until=job["until_epoch"]):
+        report_epoch(metrics, run)
+    test = read_test_table(run.config.data_dir)
+    probs = predict_probs(run.eval_model, test.paths, image_size=run.config.image_size,
+                          mean=run.normalisation["mean"], std=run.normalisation["std"], device=run.device,
+                          tta=job["tta"], batch_size=run.config.batch_size * 2, num_workers=run.config.num_workers,
+                          cached=run.config.decode_cache, amp=run.config.amp)
+    if ray.train.get_context().get_world_rank() == 0:
+        store = ResultsStore(job["results"], job["experiment"])
+        weights = io.BytesIO()
+        torch.save({"model": run.eval_model.state_dict(), "config": run.config.to_dict(),
+                    "class_names": run.table.class_names, "epoch": run.epoch}, weights)
+        store.write_bytes(f"{job['folder']}/{job['model_id']}.pt", weights.getvalue())
+        store.write_bytes(f"{job['folder']}/probs-{job['model_id']}.npy", npy_bytes(probs))
+    ray.train.report({"epoch": run.epoch, "predicted": len(test.paths),
+                      **({"val_acc": metrics["val_acc"]} if "val_acc" in metrics else {})})
+
+
+def fit_models(specs: list[ModelSpec], *, store: ResultsStore, folder: str, resources: Resources, tta: bool,
+               max_failures: int, max_concurrent: int) -> pd.DataFrame:
+    """Run every refit, side by side as far as ``max_concurrent`` and the cluster allow.
+
+    Returns one row per model: model_id, status, epoch, val_acc (fold models), error.
+    """
+    jobs = [{"model_id": s.model_id, "config": s.config, "until_epoch": s.until_epoch, "tta": tta,
+             "results": store.root, "experiment": store.experiment, "folder": folder} for s in specs]
+    trainable = make_trainable(refit_worker, resources=resources, max_failures=max_failures, keep_checkpoints=1,
+                               metric="epoch", mode="max")
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"job": tune.grid_search(jobs)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
+        run_config=tune.RunConfig(name="tune", storage_path=store.uri(folder),
+                                  storage_filesystem=store.fs if store.scheme else None),
+    )
+    rows = []
+    for result in tuner.fit():
+        metrics = result.metrics or {}
+        rows.append({"model_id": result.config["job"]["model_id"], "epoch": metrics.get("epoch"),
+                     "val_acc": metrics.get("val_acc"), "done": "predicted" in metrics,
+                     "error": str(result.error).strip().splitlines()[-1][:300] if result.error else ""})
+    return pd.DataFrame(rows)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data))

@@ -1,0 +1,274 @@
+"""The results contract (DESIGN.md section 5) and the storage it lives on.
+
+``results/<experiment>/`` may be a local folder, an NFS path or a cloud URI (``s3://``,
+``gs://``): every read and write goes through a pyarrow filesystem. Files users keep are
+written atomically (a temp object, then a move onto the final name).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.fs as pafs
+from ray.tune import Callback
+
+from sketch_core.config import TrainConfig
+from sketch_core.errors import SketchError
+
+SCHEMA_VERSION = 1
+METRIC_COLUMNS = ("val_acc", "val_loss", "train_loss", "lr", "images_per_s")
+TRIAL_COLUMNS = ("trial_id", "status", "epochs_run", "best_val_acc", "best_epoch", "wall_s", "gpu_hours", "node",
+                 "error")
+
+
+class ResultsStore:
+    """One experiment's folder, ``<root>/<experiment>``, on any pyarrow filesystem."""
+
+    def __init__(self, root: str, experiment: str):
+        self.root = root
+        self.experiment = experiment
+        self.fs, root_path = _filesystem(root)
+        self.scheme = root.split("://", 1)[0] + "://" if "://" in root else ""
+        self.path = f"{root_path.rstrip('/')}/{experiment}"
+
+    def uri(self, *parts: str) -> str:
+        """What Ray's ``storage_path`` and users are given: a local path or a full URI."""
+        return self.scheme + "/".join([self.path, *parts])
+
+    def exists(self, name: str) -> bool:
+        return self.fs.get_file_info(f"{self.path}/{name}").type != pafs.FileType.NotFound
+
+    def write_bytes(self, name: str, data: bytes) -> str:
+        target = f"{self.path}/{name}"
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        partial = f"{target.rsplit('/', 1)[0]}/.{target.rsplit('/', 1)[1]}.partial-{os.getpid()}"
+        with self.fs.open_output_stream(partial) as stream:
+            stream.write(data)
+        self.fs.move(partial, target)
+        return self.uri(name)
+
+    def read_bytes(self, name: str) -> bytes:
+        try:
+            with self.fs.open_input_stream(f"{self.path}/{name}") as stream:
+                return stream.read()
+        except FileNotFoundError:
+            raise SketchError(f"{self.uri(name)}: not found") from None
+
+    def write_json(self, name: str, value: Any) -> str:
+        return self.write_bytes(name, (json.dumps(value, indent=2, default=_json_default) + "\n").encode())
+
+    def read_json(self, name: str) -> Any:
+        try:
+            return json.loads(self.read_bytes(name))
+        except json.JSONDecodeError as exc:
+            raise SketchError(f"{self.uri(name)}: not valid JSON ({exc})") from None
+
+    def write_parquet(self, name: str, frame: pd.DataFrame) -> str:
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        return self.write_bytes(name, buffer.getvalue())
+
+    def read_parquet(self, name: str) -> pd.DataFrame:
+        return pd.read_parquet(io.BytesIO(self.read_bytes(name)))
+
+    def list_names(self, folder: str) -> list[str]:
+        selector = pafs.FileSelector(f"{self.path}/{folder}", allow_not_found=True)
+        return sorted(info.base_name for info in self.fs.get_file_info(selector))
+
+
+def latest_experiment(root: str) -> str:
+    """The experiment under ``root`` whose search ran most recently (by its search.json)."""
+    fs, root_path = _filesystem(root)
+    candidates = []
+    for info in fs.get_file_info(pafs.FileSelector(root_path, allow_not_found=True)):
+        if info.type == pafs.FileType.Directory:
+            marker = fs.get_file_info(f"{info.path}/search.json")
+            if marker.type == pafs.FileType.File:
+                candidates.append((marker.mtime_ns or 0, info.base_name))
+    if not candidates:
+        raise SketchError(f"{root}: no experiment found; run ray_jobs/tune.py first")
+    return max(candidates)[1]
+
+
+def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in root:
+        try:
+            return pafs.FileSystem.from_uri(root)
+        except (ValueError, OSError, NotImplementedError) as exc:  # pyarrow's errors derive from these
+            raise SketchError(f"--results {root}: cannot open this storage ({exc})") from None
+    return pafs.LocalFileSystem(), str(Path(root).resolve())
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+class ExperimentTables:
+    """The per-epoch rows of every trial, and the tables and best trial derived from them."""
+
+    def __init__(self, *, metric: str, mode: str, max_epochs: int, gpus_per_trial: float):
+        self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
+        self.gpus_per_trial = gpus_per_trial
+        self.rows: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def add_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if "epoch" not in result:
+            return
+        row = {"trial_id": trial_id, "epoch": int(result["epoch"])}
+        row.update({name: float(result[name]) for name in METRIC_COLUMNS if name in result})
+        row.update({"time_total_s": float(result.get("time_total_s", math.nan)),
+                    "checkpoint_path": result.get("checkpoint_path"), "nodes": result.get("nodes"),
+                    "timestamp": float(result.get("timestamp", time.time()))})
+        self.rows[(trial_id, row["epoch"])] = row  # a trial retried from a checkpoint re-reports epochs
+
+    def add_rows(self, frame: pd.DataFrame) -> None:
+        for row in frame.to_dict("records"):
+            self.rows[(row["trial_id"], int(row["epoch"]))] = row
+
+    def epochs_frame(self) -> pd.DataFrame:
+        columns = ["trial_id", "epoch", *METRIC_COLUMNS, "time_total_s", "checkpoint_path", "nodes", "timestamp"]
+        frame = pd.DataFrame(list(self.rows.values()), columns=columns)
+        return frame.sort_values(["trial_id", "epoch"], ignore_index=True)
+
+    def trials_frame(self, trials: list["TrialState"]) -> pd.DataFrame:
+        epochs = self.epochs_frame()
+        records = []
+        for trial in trials:
+            mine = epochs[epochs["trial_id"] == trial.trial_id]
+            scored = mine.dropna(subset=[self.metric])
+            best = None
+            if len(scored):
+                best = scored.loc[scored[self.metric].idxmax() if self.mode == "max" else scored[self.metric].idxmin()]
+            wall_s = float(mine["time_total_s"].max()) if len(mine) else 0.0
+            epochs_run = int(mine["epoch"].max()) if len(mine) else 0
+            record = {
+                "trial_id": trial.trial_id,
+                "status": _status(trial.status, epochs_run, self.max_epochs),
+                "epochs_run": epochs_run,
+                "best_val_acc": float(scored["val_acc"].max()) if len(scored) and "val_acc" in scored else math.nan,
+                f"best_{self.metric}": float(best[self.metric]) if best is not None else math.nan,
+                "best_epoch": int(best["epoch"]) if best is not None else 0,
+                "wall_s": wall_s,
+                "gpu_hours": wall_s * self.gpus_per_trial / 3600,
+                "node": str(mine["nodes"].dropna().iloc[-1]) if mine["nodes"].notna().any() else "",
+                "error": trial.error or "",
+            }
+            record.update({f"config.{key}": value for key, value in trial.config.items()
+                           if key in TrainConfig.field_names()})
+            records.append(record)
+        frame = pd.DataFrame(records)
+        return frame if len(frame) else pd.DataFrame(columns=list(TRIAL_COLUMNS))
+
+    def best(self, trials_frame: pd.DataFrame) -> dict[str, Any] | None:
+        column = f"best_{self.metric}"
+        scored = trials_frame.dropna(subset=[column]) if column in trials_frame else trials_frame.iloc[:0]
+        if not len(scored):
+            return None
+        row = scored.loc[scored[column].idxmax() if self.mode == "max" else scored[column].idxmin()]
+        epochs = self.epochs_frame()
+        at_best = epochs[(epochs["trial_id"] == row["trial_id"]) & (epochs["epoch"] == row["best_epoch"])]
+        config = config_of(row)
+        return {
+            "schema": SCHEMA_VERSION,
+            "trial_id": row["trial_id"],
+            "metric": self.metric,
+            "mode": self.mode,
+            self.metric: float(row[column]),
+            "val_acc": float(row["best_val_acc"]),
+            "epoch": int(row["best_epoch"]),
+            "epochs_run": int(row["epochs_run"]),
+            "status": row["status"],
+            "config": config,
+            "checkpoint": at_best["checkpoint_path"].iloc[0] if len(at_best) else None,
+        }
+
+
+class TrialState:
+    """What the tables need of a trial: from Ray Tune's live Trial objects, or rebuilt later."""
+
+    def __init__(self, trial_id: str, status: str, config: dict[str, Any], error: str | None = None):
+        self.trial_id, self.status, self.config, self.error = trial_id, status, config, error
+
+    @classmethod
+    def from_tune(cls, trial, status: str | None = None) -> "TrialState":
+        return cls(trial.trial_id, status or trial.status, dict(trial.config), _error_line(trial))
+
+
+def _error_line(trial) -> str | None:
+    """The last line of the trial's error (the exception and its message), if it failed."""
+    path = getattr(trial, "error_file", None)
+    if not path or not os.path.exists(path):
+        return None
+    lines = [line.strip() for line in Path(path).read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:500] if lines else None
+
+
+def _status(tune_status: str, epochs_run: int, max_epochs: int) -> str:
+    if tune_status == "TERMINATED":
+        return "finished" if epochs_run >= max_epochs else "stopped_early"
+    return {"ERROR": "error", "RUNNING": "running", "PENDING": "pending", "PAUSED": "paused"}.get(tune_status,
+                                                                                                 tune_status.lower())
+
+
+def config_of(trial_row: pd.Series) -> dict[str, Any]:
+    """The TrainConfig dict of a trials.parquet row (its ``config.*`` columns)."""
+    return {key.removeprefix("config."): plain(value) for key, value in trial_row.items()
+            if key.startswith("config.")}
+
+
+def plain(value: Any) -> Any:
+    """A numpy scalar as the Python value (for JSON and configs)."""
+    return value.item() if hasattr(value, "item") else value
+
+
+class ResultsRecorder(Callback):
+    """A Ray Tune callback on the driver that keeps trials.parquet, epochs.parquet and best.json
+    current while the search runs. On ``--resume`` it starts from the epochs.parquet already
+    written, so no row written before an interruption is lost."""
+
+    MIN_INTERVAL_S = 2.0
+
+    def __init__(self, store: ResultsStore, tables: ExperimentTables):
+        self.store, self.tables = store, tables
+        self._last_write = 0.0
+
+    def setup(self, **info):
+        # Runs at the start of every fit, including a restored one (whose callback was unpickled).
+        if self.store.exists("epochs.parquet"):
+            self.tables.add_rows(self.store.read_parquet("epochs.parquet"))
+
+    def write(self, trials: list, final_status: dict[str, str] | None = None) -> dict[str, Any] | None:
+        """Rewrite the tables; ``final_status`` gives trials whose Tune status is about to change."""
+        final_status = final_status or {}
+        states = [TrialState.from_tune(t, final_status.get(t.trial_id)) for t in trials]
+        trials_frame = self.tables.trials_frame(states)
+        self.store.write_parquet("epochs.parquet", self.tables.epochs_frame())
+        self.store.write_parquet("trials.parquet", trials_frame)
+        best = self.tables.best(trials_frame)
+        if best is not None:
+            self.store.write_json("best.json", best)
+        self._last_write = time.monotonic()
+        return best
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.tables.add_result(trial.trial_id, result)
+        if time.monotonic() - self._last_write >= self.MIN_INTERVAL_S:
+            self.write(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.write(trials, {trial.trial_id: "TERMINATED"})  # Tune sets the status after this call
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.write(trials, {trial.trial_id: "ERROR"})
+
+    def on_experiment_end(self, trials, **info):
+        self.write(trials)

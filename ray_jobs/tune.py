@@ -1,0 +1,111 @@
+"""Search hyperparameters: Ray Tune (ASHA + Optuna TPE) over Ray Train TorchTrainer trials.
+
+    python ray_jobs/tune.py --space search_spaces/demo.yaml          # local Ray, demo data, CPU
+    python ray_jobs/tune.py --space search_spaces/eva02.yaml --address auto --results s3://BUCKET/sketch-hpo
+    python ray_jobs/tune.py --space search_spaces/demo.yaml --resume # continue an interrupted search
+
+Writes results/<experiment>/: tune/ (Ray Tune's folder), trials.parquet, epochs.parquet,
+best.json, search.json, report/. Command-line values override the space file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from sketch_core.errors import SketchError  # noqa: E402
+from ray_jobs.cli import run_cli  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python ray_jobs/tune.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--space", required=True, help="search-space YAML (see search_spaces/)")
+    parser.add_argument("--data-dir", help="competition data folder (overrides data.dir)")
+    parser.add_argument("--results", default="results", help="results root: a path, NFS path or s3://, gs:// URI")
+    parser.add_argument("--name", help="experiment name (overrides experiment)")
+    parser.add_argument("--num-samples", type=int, help="number of trials (overrides search.num_samples)")
+    parser.add_argument("--max-concurrent", type=int, help="trials at once (overrides search.max_concurrent)")
+    parser.add_argument("--address", help="Ray cluster to join ('auto' on a cluster node); default: start local Ray")
+    parser.add_argument("--num-cpus", type=int, help="CPUs local Ray may use (default: all)")
+    parser.add_argument("--resume", action="store_true", help="continue the experiment after an interruption")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_cli(lambda: search(args))
+
+
+def search(args: argparse.Namespace) -> None:
+    from sketch_core.data import read_train_table, verify_images
+    from ray_jobs.cluster import check_trial_fits, start_ray
+    from ray_jobs.cli import ensure_data_dir
+    from ray_jobs.results import ResultsStore
+    from ray_jobs.space import load_space
+    from ray_jobs.tuning import TUNE_FOLDER, build_tuner
+
+    # Everything that can be checked is checked before Ray starts.
+    space = load_space(args.space).with_overrides(experiment=args.name, data_dir=args.data_dir,
+                                                  num_samples=args.num_samples, max_concurrent=args.max_concurrent)
+    data_dir = ensure_data_dir(space.data.dir, demo=space.data.demo)
+    table = read_train_table(data_dir)
+    verify_images(table.paths)
+    space = space.with_overrides(data_dir=data_dir)
+    store = ResultsStore(args.results, space.experiment)
+    started_before = store.exists(f"{TUNE_FOLDER}/tuner.pkl")
+    if args.resume and not started_before:
+        raise SketchError(f"{store.uri()}: no search to resume; run without --resume first")
+    if started_before and not args.resume:
+        raise SketchError(f"{store.uri()}: experiment already exists; pass --resume to continue it, "
+                          "or --name for a new one")
+
+    import ray
+
+    dashboard = start_ray(args.address, num_cpus=args.num_cpus)
+    try:
+        if dashboard:
+            print(f"Ray dashboard: {dashboard}", flush=True)
+        check_trial_fits(space.resources, space.source)
+        if not args.resume:
+            store.write_json("search.json", search_summary(space, table.class_names))
+        tuner = build_tuner(space, store, resume=args.resume)
+        tuner.fit()
+    finally:
+        ray.shutdown()
+    print_summary(store)
+
+
+def search_summary(space, class_names: list[str]) -> dict:
+    """search.json: what final_fit and report need to know of the search beyond the tables."""
+    from ray_jobs.results import SCHEMA_VERSION
+
+    return {"schema": SCHEMA_VERSION, "experiment": space.experiment, "space_file": space.source,
+            "data_dir": space.base["data_dir"], "class_names": class_names, "metric": space.search.metric,
+            "mode": space.search.mode, "max_epochs": space.scheduler.max_epochs,
+            "searched": sorted(space.params), "num_samples": space.search.num_samples,
+            "resources": {"workers": space.resources.workers, "cpus_per_worker": space.resources.cpus_per_worker,
+                          "gpus_per_worker": space.resources.gpus_per_worker},
+            "max_failures": space.search.max_failures}
+
+
+def print_summary(store) -> None:
+    trials = store.read_parquet("trials.parquet") if store.exists("trials.parquet") else None
+    if trials is None or not len(trials):
+        raise SketchError(f"{store.uri()}: the search reported no results")
+    counts = ", ".join(f"{n} {status}" for status, n in trials["status"].value_counts().items())
+    print(f"\n{len(trials)} trials: {counts}")
+    if not store.exists("best.json"):
+        raise SketchError(f"{store.uri()}: no trial reported a metric; see the error column of trials.parquet")
+    best = store.read_json("best.json")
+    print(f"best trial {best['trial_id']}: {best['metric']} {best[best['metric']]:.4f} at epoch {best['epoch']}")
+    print("  " + ", ".join(f"{k}={best['config'][k]}" for k in store.read_json("search.json")["searched"]))
+    for name in ("trials.parquet", "epochs.parquet", "best.json", "tune"):
+        print(f"  {name:15s} {store.uri(name)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""ray_jobs/final_fit.py --best after the shared demo search."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from conftest import run_script
+
+
+def read_fit_logs(experiment_dir):
+    return sorted(experiment_dir.glob("final/fit-*/fit.json"))
+
+
+def accuracy(submission, answers_file):
+    answers = pd.read_csv(answers_file).set_index("image_path")["target"]
+    return (submission["target"].to_numpy() == answers.loc[submission["image_path"]].to_numpy()).mean()
+
+
+@pytest.fixture(scope="module")
+def first_fit(finished_search):
+    result = run_script("final_fit.py", "--best", "--results", str(finished_search["results"]))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_best_refit_writes_a_valid_submission(finished_search, first_fit, demo_dir):
+    folder = finished_search["results"] / "e2e"
+    submission = pd.read_csv(folder / "final" / "submission.csv")
+    test = pd.read_csv(demo_dir / "test.csv")
+    assert list(submission.columns) == ["ID", "image_path", "target"]
+    assert submission["ID"].tolist() == list(range(len(test)))
+    assert submission["image_path"].tolist() == test["image_path"].tolist()
+    assert submission["target"].between(0, 7).all()
+    best = json.loads((folder / "best.json").read_text())
+    # Refit on all the data (train + validation) should score at least about as well on test.
+    assert accuracy(submission, demo_dir / "test_answers.csv") >= best["val_acc"] - 0.15
+    log = json.loads(read_fit_logs(folder)[0].read_text())
+    assert log["models"][0]["source_trial"] == best["trial_id"]
+    assert log["models"][0]["epochs"] == best["epoch"]
+    fit_folder = read_fit_logs(folder)[0].parent
+    assert (fit_folder / "top1.pt").is_file() and (fit_folder / "probs-top1.npy").is_file()
+    assert (fit_folder / "probs-ensemble.npy").is_file()
+    assert "submission: " in first_fit.stdout
+
+
+def test_top_k_and_folds_soft_vote_and_never_overwrite(finished_search, first_fit, demo_dir):
+    folder = finished_search["results"] / "e2e"
+    first_submission = (folder / "final" / "submission.csv").read_bytes()
+    result = run_script("final_fit.py", "--best", "--name", "e2e", "--results", str(finished_search["results"]),
+                        "--top-k", "2", "--folds", "2", "--no-tta")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (folder / "final" / "submission.csv").read_bytes() == first_submission
+    assert (folder / "final" / "submission-2.csv").is_file()
+    log = json.loads(read_fit_logs(folder)[-1].read_text())
+    assert [m["model_id"] for m in log["models"]] == ["top1-fold0", "top1-fold1", "top2-fold0", "top2-fold1"]
+    assert all(m["val_acc"] is not None for m in log["models"])  # each fold model has its held-out fold
+    scores = log["test_accuracy"]
+    assert scores["ensemble"] >= min(v for k, v in scores.items() if k != "ensemble")
+    assert "accuracy against test_answers.csv" in result.stdout
+
+
+def test_errors(finished_search, tmp_path, demo_dir):
+    def final_fit(*args):
+        result = run_script("final_fit.py", "--best", *args, timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        return result.stderr.strip()
+
+    assert "no experiment found" in final_fit("--results", str(tmp_path / "empty"))
+
+    copied = tmp_path / "copy"
+    shutil.copytree(finished_search["results"] / "e2e", copied / "e2e",
+                    ignore=shutil.ignore_patterns("tune", "final"))
+    (copied / "e2e" / "best.json").unlink()
+    assert "no finished trial yet" in final_fit("--results", str(copied))
+
+    search = json.loads((finished_search["results"] / "e2e" / "search.json").read_text())
+    shutil.copy(finished_search["results"] / "e2e" / "best.json", copied / "e2e" / "best.json")
+    (copied / "e2e" / "search.json").write_text(json.dumps({**search, "schema": 0}))
+    assert "results schema 0, this version reads 1" in final_fit("--results", str(copied))
+
+    (copied / "e2e" / "search.json").write_text(json.dumps(search))
+    other = tmp_path / "other-data"
+    from sketch_core.demo_data import generate
+    generate(other, classes=3, images_per_class=4, test_images=3, min_size=32, max_size=48)
+    assert "classes differ" in final_fit("--results", str(copied), "--data-dir", str(other))
+    assert "--top-k 50: the search has only" in final_fit("--results", str(copied), "--top-k", "50")
+    assert "--folds: expected 0 (no folds) or at least 2, got 1" in final_fit("--results", str(copied), "--folds", "1")

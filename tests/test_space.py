@@ -1,0 +1,102 @@
+"""Search-space files: the shipped ones load, and every invalid case is one line naming the field."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ray_jobs.space import load_space, parse_space
+from sketch_core.errors import SketchError
+
+SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+DEMO = yaml.safe_load((SPACES / "demo.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "eva02.yaml", "convnext.yaml"])
+def test_shipped_spaces_load(name):
+    space = load_space(SPACES / name)
+    assert space.params and space.base["epochs"] == space.scheduler.max_epochs
+    assert set(space.param_space()) >= set(space.base)
+
+
+def test_eva02_is_the_real_search():
+    space = load_space(SPACES / "eva02.yaml")
+    assert space.base["model"] == "eva02_large_patch14_448.mim_m38m_ft_in22k_in1k"
+    assert space.base["pretrained"] is True and space.base["image_size"] == 448
+    assert space.resources.workers == 4 and space.resources.gpus_per_worker == 1
+    assert {"lr", "freeze", "head", "weight_decay", "label_smoothing", "augment", "mixup_alpha",
+            "batch_size"} <= set(space.params)
+
+
+def changed(path: str, value):
+    document = copy.deepcopy(DEMO)
+    *parents, last = path.split(".")
+    target = document
+    for key in parents:
+        target = target.setdefault(key, {})
+    if value is None:
+        del target[last]
+    else:
+        target[last] = value
+    return document
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("bogus", 1, "bogus: unknown key"),
+    ("search.sercher", "optuna", "search.sercher: unknown key"),
+    ("experiment", None, "experiment: a name is required"),
+    ("experiment", "../up", "experiment: expected a folder name"),
+    ("model.name", "no_such_net", "model: unknown timm model 'no_such_net'"),
+    ("space.lr", {"lognormal": [1, 2]}, "space.lr: unknown distribution 'lognormal'"),
+    ("space.lr", {"loguniform": [0.1, 0.01]}, "space.lr: loguniform: low (0.1) must be below high (0.01)"),
+    ("space.lr", {"loguniform": [0, 0.01]}, "space.lr: loguniform: bounds must be > 0"),
+    ("space.lr", {"uniform": [0.1]}, "space.lr: uniform: expected [low, high]"),
+    ("space.lr", {"uniform": [-1.0, 0.1]}, "space.lr: lr: expected a value > 0.0, got -1.0"),
+    ("space.augment", {"choice": ["light", "psychedelic"]}, "space.augment: augment: expected one of"),
+    ("space.learning_rate", {"uniform": [0.1, 0.2]}, "space: unknown key 'learning_rate'"),
+    ("space.epochs", {"choice": [1, 2]}, "space.epochs: cannot be searched; set scheduler.max_epochs"),
+    ("fixed.epochs", 3, "fixed.epochs: set it as scheduler.max_epochs instead"),
+    ("fixed.lr", 0.1, "space.lr: also set in fixed"),
+    ("fixed.optimizer", "lion", "optimizer: expected one of adamw, sgd"),
+    ("search.searcher", "bayes", "search.searcher: expected one of optuna, random, grid"),
+    ("search.metric", "accuracy", "search.metric: expected one of val_acc, val_loss, train_loss"),
+    ("search.mode", "min", "search.mode: val_acc is best at max"),
+    ("search.num_samples", 0, "search.num_samples: expected at least 1"),
+    ("scheduler.grace_period", 10, "scheduler.grace_period: expected 1..max_epochs (6)"),
+    ("scheduler.reduction_factor", 1, "scheduler.reduction_factor: expected a value > 1"),
+    ("resources.workers", 0, "resources.workers: expected at least 1"),
+    ("resources.gpus_per_worker", "one", "resources.gpus_per_worker: expected float"),
+    ("space.head", {"grid": ["linear", "mlp"]}, "space: grid values need search.searcher grid or random"),
+])
+def test_invalid_spaces_are_one_line(path, value, message):
+    with pytest.raises(SketchError) as caught:
+        parse_space(changed(path, value), source="spaces/x.yaml")
+    text = str(caught.value)
+    assert text.startswith("spaces/x.yaml") and message in text and "\n" not in text
+
+
+def test_grid_searcher_turns_choices_into_a_grid():
+    space = parse_space(changed("search.searcher", "grid") | {"space": {"head": {"choice": ["linear", "mlp"]}}},
+                        source="x.yaml")
+    assert space.param_space()["head"] == {"grid_search": ["linear", "mlp"]}
+
+
+def test_files_that_are_not_spaces(tmp_path):
+    with pytest.raises(SketchError, match="search-space file not found"):
+        load_space(tmp_path / "missing.yaml")
+    (tmp_path / "broken.yaml").write_text("experiment: [unclosed\n")
+    with pytest.raises(SketchError, match=r"broken.yaml: not valid YAML at line \d"):
+        load_space(tmp_path / "broken.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(SketchError, match="list.yaml: expected a mapping"):
+        load_space(tmp_path / "list.yaml")
+
+
+def test_command_line_overrides():
+    space = parse_space(DEMO, source="demo.yaml").with_overrides(experiment="other", num_samples=3,
+                                                                  data_dir="/data/x")
+    assert space.experiment == "other" and space.search.num_samples == 3
+    assert space.base["data_dir"] == "/data/x" and space.data.demo is False
+    with pytest.raises(SketchError, match="--max-concurrent: expected at least 1, got 0"):
+        space.with_overrides(max_concurrent=0)

@@ -1,0 +1,132 @@
+"""ray_jobs/tune.py end to end on local Ray with demo data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pandas as pd
+import pytest
+
+from conftest import REPO_ROOT, run_script, write_space
+
+
+def test_results_exist_and_agree(finished_search):
+    folder = finished_search["results"] / "e2e"
+    trials = pd.read_parquet(folder / "trials.parquet")
+    epochs = pd.read_parquet(folder / "epochs.parquet")
+    best = json.loads((folder / "best.json").read_text())
+
+    assert len(trials) == 6 and trials["trial_id"].is_unique
+    assert {"status", "epochs_run", "best_val_acc", "best_epoch", "wall_s", "gpu_hours", "node", "error",
+            "config.lr", "config.head"} <= set(trials.columns)
+    assert set(trials["status"]) <= {"finished", "stopped_early"}
+    assert (trials["status"] == "stopped_early").any(), "ASHA stopped no trial"
+    assert (trials["status"] == "finished").any()
+    stopped = trials[trials["status"] == "stopped_early"]
+    assert (stopped["epochs_run"] < 3).all()
+
+    assert {"trial_id", "epoch", "val_acc", "val_loss", "train_loss", "lr", "images_per_s"} <= set(epochs.columns)
+    assert (epochs.groupby("trial_id")["epoch"].max().sort_index()
+            == trials.set_index("trial_id")["epochs_run"].sort_index()).all()
+    top = epochs.loc[epochs["val_acc"].idxmax()]
+    assert best["val_acc"] == pytest.approx(top["val_acc"]) == pytest.approx(trials["best_val_acc"].max())
+    assert best["trial_id"] == trials.loc[trials["best_val_acc"].idxmax(), "trial_id"]
+    assert best["epoch"] == trials.set_index("trial_id").loc[best["trial_id"], "best_epoch"]
+    assert best["config"]["lr"] == trials.set_index("trial_id").loc[best["trial_id"], "config.lr"]
+    assert os.path.isdir(best["checkpoint"]) and (folder / "tune").is_dir()
+    assert best["val_acc"] > 1 / 8, "the search learned nothing"
+
+
+def test_progress_and_summary_are_printed(finished_search):
+    output = finished_search["output"]
+    assert "Ray dashboard: http://127.0.0.1:" in output
+    assert "val_acc" in output and "images_per_s" in output
+    assert "best trial" in output and "trials.parquet" in output
+
+
+def test_existing_experiment_needs_resume(finished_search):
+    result = run_script("tune.py", "--space", str(finished_search["space"]), "--results",
+                        str(finished_search["results"]), timeout=120)
+    assert result.returncode == 2
+    assert "experiment already exists; pass --resume" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_infeasible_trial_fails_fast(tmp_path, demo_dir):
+    space = write_space(tmp_path / "space.yaml", demo_dir, resources={"workers": 4, "gpus_per_worker": 1})
+    started = time.monotonic()
+    result = run_script("tune.py", "--space", str(space), "--results", str(tmp_path / "results"), timeout=120)
+    assert time.monotonic() - started < 60
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "resources: one worker needs 1 CPU, 1 GPU, but no node of this cluster has that much" in result.stderr
+    assert not (tmp_path / "results" / "e2e" / "trials.parquet").exists()
+
+
+@pytest.mark.parametrize("space_change, args, message", [
+    ({"space": {"lr": {"loguniform": [0.1, 0.001]}}}, [], "space.lr: loguniform: low (0.1) must be below high"),
+    ({}, ["--num-samples", "0"], "--num-samples: expected at least 1, got 0"),
+    ({"data": {"dir": "/nonexistent/sketch"}}, [], "/nonexistent/sketch: data directory not found"),
+    ({}, ["--resume"], "no search to resume"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, demo_dir, space_change, args, message):
+    space = write_space(tmp_path / "space.yaml", demo_dir, **space_change)
+    result = run_script("tune.py", "--space", str(space), "--results", str(tmp_path / "results"), *args,
+                        timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def session_processes(marker: str) -> list[int]:
+    """PIDs whose command line mentions ``marker`` (a Ray session folder of this test)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as file:
+                    if marker.encode() in file.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def test_resume_after_the_driver_is_killed(tmp_path, demo_dir):
+    space = write_space(tmp_path / "space.yaml", demo_dir, experiment="killed", num_samples=4, max_epochs=2)
+    results = tmp_path / "results"
+    # This driver's own Ray folder, to find what it leaves behind (short: Ray's socket paths are limited).
+    temp_dir = tempfile.mkdtemp(prefix="ray-kill-", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": str(temp_dir)}
+    driver = subprocess.Popen([sys.executable, str(REPO_ROOT / "ray_jobs" / "tune.py"), "--space", str(space),
+                               "--results", str(results)], cwd=REPO_ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trials_file = results / "killed" / "trials.parquet"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if trials_file.exists() and (pd.read_parquet(trials_file)["epochs_run"] > 0).sum() >= 2:
+            break
+        time.sleep(1)
+    else:
+        driver.kill()
+        pytest.fail("the search never reported two trials")
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    before = pd.read_parquet(results / "killed" / "epochs.parquet")
+    for pid in session_processes(temp_dir):  # the killed driver's local Ray outlives it
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    resumed = run_script("tune.py", "--space", str(space), "--results", str(results), "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    trials = pd.read_parquet(trials_file)
+    epochs = pd.read_parquet(results / "killed" / "epochs.parquet")
+    assert len(trials) == 4 and trials["trial_id"].is_unique
+    assert set(trials["status"]) <= {"finished", "stopped_early"}
+    kept = before.merge(epochs, on=["trial_id", "epoch"], how="left", suffixes=("", "_after"))
+    assert kept["val_acc_after"].notna().all(), "rows written before the kill were lost"
