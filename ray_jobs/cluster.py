@@ -7,6 +7,7 @@ from pathlib import Path
 
 import ray
 import yaml
+from ray._private.services import find_gcs_addresses
 
 from sketch_core.errors import SketchError
 from ray_jobs.space import Resources
@@ -28,6 +29,12 @@ def start_ray(address: str | None, *, num_cpus: int | None = None) -> str | None
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return None
+    running = find_gcs_addresses()
+    if running:
+        # Ray Train's PlacementGroupCleaner finds "the" local instance through the State API and
+        # fails when there are two, so trials stopped by ASHA would keep their resources forever.
+        raise SketchError(f"another Ray instance is running on this machine ({', '.join(sorted(running))}); "
+                          "stop it (`ray stop`, or end the script that started it) or join it with --address auto")
     # The dashboard is required, not cosmetic: Ray Train frees the placement group of a trial
     # that ASHA stopped only through the State API it serves.
     context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=num_cpus,

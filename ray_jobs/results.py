@@ -126,16 +126,20 @@ class ExperimentTables:
         row = {"trial_id": trial_id, "epoch": int(result["epoch"])}
         row.update({name: float(result[name]) for name in METRIC_COLUMNS if name in result})
         row.update({"time_total_s": float(result.get("time_total_s", math.nan)),
+                    "started_at_epoch": int(result.get("started_at_epoch", 0)),
                     "checkpoint_path": result.get("checkpoint_path"), "nodes": result.get("nodes"),
-                    "timestamp": float(result.get("timestamp", time.time()))})
-        self.rows[(trial_id, row["epoch"])] = row  # a trial retried from a checkpoint re-reports epochs
+                    "pids": result.get("pids"), "timestamp": float(result.get("timestamp", time.time()))})
+        # A trial retried from a checkpoint re-reports epochs; keep what the new report lacks.
+        earlier = self.rows.get((trial_id, row["epoch"]), {})
+        self.rows[(trial_id, row["epoch"])] = {**earlier, **{k: v for k, v in row.items() if v is not None}}
 
     def add_rows(self, frame: pd.DataFrame) -> None:
         for row in frame.to_dict("records"):
             self.rows[(row["trial_id"], int(row["epoch"]))] = row
 
     def epochs_frame(self) -> pd.DataFrame:
-        columns = ["trial_id", "epoch", *METRIC_COLUMNS, "time_total_s", "checkpoint_path", "nodes", "timestamp"]
+        columns = ["trial_id", "epoch", *METRIC_COLUMNS, "time_total_s", "started_at_epoch", "checkpoint_path",
+                   "nodes", "pids", "timestamp"]
         frame = pd.DataFrame(list(self.rows.values()), columns=columns)
         return frame.sort_values(["trial_id", "epoch"], ignore_index=True)
 
@@ -159,7 +163,7 @@ class ExperimentTables:
                 "best_epoch": int(best["epoch"]) if best is not None else 0,
                 "wall_s": wall_s,
                 "gpu_hours": wall_s * self.gpus_per_trial / 3600,
-                "node": str(mine["nodes"].dropna().iloc[-1]) if mine["nodes"].notna().any() else "",
+                "node": ",".join(sorted({n for nodes in mine["nodes"].dropna() for n in str(nodes).split(",")})),
                 "error": trial.error or "",
             }
             record.update({f"config.{key}": value for key, value in trial.config.items()

@@ -30,10 +30,16 @@ TABLE_METRICS = ("epoch", "val_acc", "val_loss", "images_per_s")
 def train_worker(config: dict[str, Any]) -> None:
     """Train one configuration on this worker's shard, reporting every epoch (ASHA may stop it)."""
     run = resumed_run(TrainConfig.from_dict(config, source="trial config"))
-    nodes = worker_nodes()
+    started_at_epoch = run.epoch  # > 0 after a restart from a checkpoint
+    nodes, pids = worker_placement()
+    if run.epoch >= run.config.epochs and run.last_metrics:
+        # A trial that finished after the search's last saved state is rerun by a restore:
+        # report its final epoch again so Tune and the searcher see its real result.
+        ray.train.report({**run.last_metrics, "started_at_epoch": started_at_epoch, "nodes": nodes, "pids": pids})
+        return
     for epoch_metrics in run.epochs():
         metrics = {**{key: epoch_metrics[key] for key in TABLE_METRICS if key in epoch_metrics}, **epoch_metrics,
-                   "nodes": nodes}
+                   "started_at_epoch": started_at_epoch, "nodes": nodes, "pids": pids}
         report_epoch(metrics, run)
 
 
@@ -58,14 +64,15 @@ def report_epoch(metrics: dict[str, Any], run: TrainingRun) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def worker_nodes() -> str:
-    """The IP addresses of the nodes this trial's workers run on, comma-separated and sorted."""
-    ip = ray.util.get_node_ip_address()
-    ips = [ip]
+def worker_placement() -> tuple[str, str]:
+    """Where this trial's workers run: the nodes (``ip/node-id``, sorted, distinct) and the
+    process IDs by rank, each comma-separated."""
+    here = (f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}", os.getpid())
+    everyone = [here]
     if dist.is_initialized():
-        ips = [None] * dist.get_world_size()
-        dist.all_gather_object(ips, ip)
-    return ",".join(sorted(set(ips)))
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, here)
+    return ",".join(sorted({node for node, _ in everyone})), ",".join(str(pid) for _, pid in everyone)
 
 
 def make_trainable(train_loop: Callable[[dict], None], *, resources: Resources, max_failures: int,

@@ -44,6 +44,7 @@ def search(args: argparse.Namespace) -> None:
     from sketch_core.data import read_train_table, verify_images
     from ray_jobs.cluster import check_trial_fits, start_ray
     from ray_jobs.cli import ensure_data_dir
+    from ray_jobs.report import write_report
     from ray_jobs.results import ResultsStore
     from ray_jobs.space import load_space
     from ray_jobs.tuning import TUNE_FOLDER, build_tuner
@@ -76,6 +77,7 @@ def search(args: argparse.Namespace) -> None:
         tuner.fit()
     finally:
         ray.shutdown()
+    print(f"report: {write_report(store)}", flush=True)
     print_summary(store)
 
 

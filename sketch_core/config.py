@@ -73,6 +73,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     feature_cache: bool = field(default=True, metadata=_spec(help="head-only: train on cached features"))
+    feature_views: int = field(default=4, metadata=_spec(low=1, help="feature cache: augmented views per image"))
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -33,6 +33,8 @@ from sketch_core.config import TrainConfig
 from sketch_core.data import TrainTable, read_train_table, split_indices
 from sketch_core.dataset import AugmentedImages, image_source, subset
 from sketch_core.errors import SketchError
+from sketch_core.features import (PLAIN_VIEW, FeatureBatches, FeatureStore, encode_batches, training_views,
+                                  update_head_ema, uses_feature_cache)
 from sketch_core.models import SketchClassifier, create_classifier, data_config
 
 
@@ -87,13 +89,17 @@ class TrainingRun:
             warmup_epochs=config.warmup_epochs, step_on_epochs=False, updates_per_epoch=self.updates_per_epoch,
         )
         self.epoch = 0  # epochs completed
+        self.last_metrics: dict[str, float] = {}  # of the last completed epoch, kept in checkpoints
         if state is not None:
             self.load_state_dict(state)
+        if self.uses_feature_cache:  # after loading the state: features of the weights in use
+            self.train_loader, self.val_loader = self._feature_loaders()
 
-        self.train_model: nn.Module = self.model
+        # What a batch from the train loader goes through: the head alone on cached features.
+        self.train_model: nn.Module = self.model.head if self.uses_feature_cache else self.model
         if self.world_size > 1:
             self.train_model = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if config.compile:
             self.train_model = torch.compile(self.train_model)
         self.train_loss_fn = (SoftTargetCrossEntropy() if config.uses_mixup
@@ -104,22 +110,31 @@ class TrainingRun:
         """The weights to evaluate and predict with: the EMA copy when EMA is on."""
         return self.ema.module if self.ema is not None else self.model
 
+    @property
+    def uses_feature_cache(self) -> bool:
+        """Whether the head trains on cached backbone features (``sketch_core.features``)."""
+        return uses_feature_cache(self.config)
+
     def epochs(self, until: int | None = None) -> Iterator[dict[str, float]]:
         """Train from the next epoch up to ``until`` (default: the config's ``epochs``), yielding
-        ``epoch, train_loss, val_loss, val_acc, lr, images_per_s`` after each."""
+        ``epoch, train_loss, val_loss, val_acc, lr, images_per_s, feature_cache`` (1.0 when the head
+        trained on cached features, else 0.0) after each."""
         last = min(until or self.config.epochs, self.config.epochs)
         while self.epoch < last:
             seed_everything(self.config.seed * 100_003 + self.epoch * 101 + self.rank)
             train_loss, images_per_s = self._train_one_epoch()
             self.epoch += 1
             metrics = {"epoch": self.epoch, "train_loss": train_loss, "lr": self._lr(),
-                       "images_per_s": images_per_s}
+                       "images_per_s": images_per_s, "feature_cache": float(self.uses_feature_cache)}
             if self.val_loader is not None:
                 metrics.update(self.evaluate())
+            self.last_metrics = metrics
             yield metrics
 
     def evaluate(self) -> dict[str, float]:
         model = self.eval_model.eval()
+        if self.uses_feature_cache:
+            model = model.head
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
         loss_fn = nn.CrossEntropyLoss(reduction="sum")
         with torch.no_grad(), self._autocast():
@@ -138,6 +153,7 @@ class TrainingRun:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "metrics": self.last_metrics,
             "config": self.config.to_dict(),
             "class_names": self.table.class_names,
         }
@@ -151,6 +167,7 @@ class TrainingRun:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         self.epoch = int(state["epoch"])
+        self.last_metrics = dict(state.get("metrics") or {})
 
     def _train_one_epoch(self) -> tuple[float, float]:
         config = self.config
@@ -173,7 +190,9 @@ class TrainingRun:
                 self.optimizer.zero_grad(set_to_none=True)
                 update = self.epoch * self.updates_per_epoch + (step // config.grad_accum_steps) + 1
                 self.scheduler.step_update(num_updates=update)
-                if self.ema is not None:
+                if self.ema is not None and self.uses_feature_cache:
+                    update_head_ema(self.ema, self.model, step=update)
+                elif self.ema is not None:
                     self.ema.update(self.model, step=update)
             totals += torch.stack([loss.detach().double() * len(targets),
                                    torch.tensor(len(targets), dtype=torch.float64, device=self.device)])
@@ -191,6 +210,7 @@ class TrainingRun:
                                            fold=config.fold, seed=config.seed)
         images = image_source(table.paths, config.image_size, cached=config.decode_cache,
                               workers=config.num_workers)
+        self.images, self.split = images, (train_idx, val_idx)  # what the feature cache encodes
         train_set = AugmentedImages(subset(images, train_idx), table.targets[train_idx], config.augment,
                                     config.image_size)
         per_rank = len(train_set) // self.world_size
@@ -215,6 +235,30 @@ class TrainingRun:
                                                collate_fn=fast_collate, **self._loader_options()))
         return train_loader, val_loader
 
+    def _feature_loaders(self) -> tuple[FeatureBatches, FeatureBatches | None]:
+        """Batches of cached backbone features in place of the image loaders: the training batches
+        follow the image loader's sampler, validation reads the same strided shard."""
+        config, (train_idx, val_idx) = self.config, self.split
+        backbone = self.model.backbone.eval()
+
+        def encode(views) -> torch.Tensor:  # as the uncached model sees them: PrefetchLoader, autocast
+            loader = DataLoader(views, batch_size=config.batch_size * 2, collate_fn=fast_collate,
+                                num_workers=config.num_workers, pin_memory=self.device.type == "cuda")
+            return encode_batches(lambda images: backbone(self._prepare(images)), self._prefetch(loader),
+                                  self._autocast)
+
+        store = FeatureStore(backbone, self.images, encode, model=config.model, pretrained=config.pretrained,
+                             checkpoint_file=config.checkpoint_file, mean=self.normalisation["mean"],
+                             std=self.normalisation["std"], precision="bf16" if self._amp else "fp32")
+        train = FeatureBatches([store.features(*view) for view in training_views(config)], train_idx,
+                               self.table.targets[train_idx], batch_size=config.batch_size, device=self.device,
+                               sampler=self.train_loader.sampler, drop_last=True)
+        if self.val_loader is None:
+            return train, None
+        val_rows = val_idx[self.rank::self.world_size]
+        return train, FeatureBatches([store.features(*PLAIN_VIEW)], val_rows, self.table.targets[val_rows],
+                                     batch_size=config.batch_size * 2, device=self.device)
+
     def _loader_options(self) -> dict[str, Any]:
         workers = self.config.num_workers
         return {"num_workers": workers, "persistent_workers": workers > 0,
@@ -225,11 +269,16 @@ class TrainingRun:
                               device=self.device)
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
-        return images.contiguous(memory_format=torch.channels_last) if self.config.channels_last else images
+        if self.config.channels_last and images.ndim == 4:  # not cached features
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    @property
+    def _amp(self) -> bool:
+        return self.config.amp and self.device.type == "cuda"
 
     def _autocast(self):
-        enabled = self.config.amp and self.device.type == "cuda"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp)
 
     def _fused_adamw(self) -> bool:
         return self.config.optimizer == "adamw" and self.device.type == "cuda"

@@ -1,0 +1,538 @@
+"""Plots and a summary of one search: results/<experiment>/report/.
+
+    python ray_jobs/report.py                                   # the latest experiment under results/
+    python ray_jobs/report.py --name eva02_large_448 --results s3://BUCKET/sketch-hpo
+
+Writes report/: summary.md (best trial, top trials, status counts, errors, time and cost,
+hyperparameter importance) and the PNGs it embeds: learning curves, each searched
+hyperparameter against the metric, parallel coordinates, importance, cost. Safe to run while
+the search goes on: it reports what the tables hold so far. tune.py runs it after every search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import numpy as np  # noqa: E402
+import optuna  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib import colormaps  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+from ray_jobs.cli import run_cli  # noqa: E402
+from ray_jobs.results import TRIAL_COLUMNS, ResultsStore, latest_experiment, plain  # noqa: E402
+from sketch_core.errors import SketchError  # noqa: E402
+
+REPORT_FOLDER = "report"
+ENDED = ("finished", "stopped_early")
+TOP_TRIALS = 10
+CURVE_STYLES = {
+    "finished": dict(linestyle="-", linewidth=1.2, alpha=0.9),
+    "stopped_early": dict(color="0.6", linestyle="--", linewidth=1.0, alpha=0.8),
+    "error": dict(color="tab:red", linestyle=":", linewidth=1.2, marker="x", markevery=[-1]),
+}
+UNFINISHED_STYLE = dict(linestyle="-.", linewidth=1.0, alpha=0.9)  # running, pending, paused
+BEST_STYLE = dict(color="black", linestyle="-", linewidth=2.5, zorder=5)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python ray_jobs/report.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", help="experiment (default: the latest under --results)")
+    parser.add_argument("--results", default="results", help="results root: a path, NFS path or s3://, gs:// URI")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_cli(lambda: print(f"report: {write_report(open_store(args.results, args.name))}"))
+
+
+def open_store(results: str, name: str | None) -> ResultsStore:
+    store = ResultsStore(results, name or latest_experiment(results))
+    if not store.exists("search.json"):
+        raise SketchError(f"{store.uri()}: no search found (no search.json); run ray_jobs/tune.py first")
+    return store
+
+
+@dataclass
+class SearchResults:
+    """What the report reads of an experiment; the tables may be partial while the search runs."""
+
+    experiment: str
+    search: dict[str, Any]
+    trials: pd.DataFrame
+    epochs: pd.DataFrame
+    best: dict[str, Any] | None
+
+    @property
+    def metric(self) -> str:
+        return self.search["metric"]
+
+    @property
+    def maximize(self) -> bool:
+        return self.search["mode"] == "max"
+
+    @property
+    def score(self) -> str:
+        """The trials.parquet column of each trial's best metric."""
+        return f"best_{self.metric}"
+
+    @cached_property
+    def params(self) -> list[str]:
+        """The searched hyperparameters that the trials table has a ``config.`` column for."""
+        return [name for name in self.search["searched"] if f"config.{name}" in self.trials]
+
+    @cached_property
+    def scored(self) -> pd.DataFrame:
+        """Trials that reported the metric, best first."""
+        scored = self.trials.dropna(subset=[self.score])
+        return scored.sort_values(self.score, ascending=not self.maximize, kind="stable")
+
+    @property
+    def best_trial_id(self) -> str | None:
+        return self.best["trial_id"] if self.best else None
+
+
+def load_results(store: ResultsStore) -> SearchResults:
+    search = store.read_json("search.json")
+    metric = search["metric"]
+    trials = store.read_parquet("trials.parquet") if store.exists("trials.parquet") else pd.DataFrame(
+        columns=list(TRIAL_COLUMNS))
+    if f"best_{metric}" not in trials:
+        trials[f"best_{metric}"] = np.nan
+    epochs = store.read_parquet("epochs.parquet") if store.exists("epochs.parquet") else pd.DataFrame(
+        columns=["trial_id", "epoch", metric])
+    best = store.read_json("best.json") if store.exists("best.json") else None
+    return SearchResults(store.experiment, search, trials, epochs, best)
+
+
+def write_report(store: ResultsStore) -> str:
+    """Write ``report/`` of the experiment in ``store``; returns the report folder's URI."""
+    results = load_results(store)
+    importance = param_importance(results)
+    cost = search_cost(results) if len(results.trials) else None
+    figures = report_figures(results, importance, cost)
+    for name, figure in figures.items():
+        store.write_bytes(f"{REPORT_FOLDER}/{name}", png_bytes(figure))
+    # Last, so that every image summary.md links to is there once it is.
+    summary = summary_markdown(results, importance, cost, list(figures))
+    store.write_bytes(f"{REPORT_FOLDER}/summary.md", summary.encode())
+    return store.uri(REPORT_FOLDER)
+
+
+def report_figures(results: SearchResults, importance: Importance, cost: SearchCost | None) -> dict[str, Figure]:
+    """The report's figures by file name; a figure with nothing to show is left out."""
+    figures = {}
+    if len(results.epochs):
+        figures["learning_curves.png"] = learning_curves_figure(results)
+    if len(results.scored):
+        figures.update({param_file(name): param_figure(results, name) for name in results.params})
+        if results.params:
+            figures["parallel_coordinates.png"] = parallel_coordinates_figure(results)
+    if importance.values:
+        figures["importance.png"] = importance_figure(importance)
+    if cost:
+        figures["cost.png"] = cost_figure(results, cost)
+    return figures
+
+
+def param_file(name: str) -> str:
+    return f"param-{name}.png"
+
+
+def new_figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def png_bytes(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def is_categorical(values: pd.Series) -> bool:
+    return pd.api.types.is_bool_dtype(values) or not pd.api.types.is_numeric_dtype(values)
+
+
+def spans_decades(values: pd.Series) -> bool:
+    """Whether positive values span more than two decades: worth a log scale."""
+    low, high = values.min(), values.max()
+    return bool(low > 0 and high / low > 100)
+
+
+# Learning curves ---------------------------------------------------------------------------------
+
+def learning_curves_figure(results: SearchResults) -> Figure:
+    figure = new_figure(9, 5.5)
+    axes = figure.subplots()
+    status_of = results.trials.set_index("trial_id")["status"].to_dict()
+    drawn = set()
+    for trial_id, epochs in results.epochs.dropna(subset=[results.metric]).groupby("trial_id", sort=True):
+        status = status_of.get(trial_id, "")
+        axes.plot(epochs["epoch"], epochs[results.metric],
+                  **(BEST_STYLE if trial_id == results.best_trial_id else curve_style(status)))
+        drawn.add(status)
+    if results.best:
+        axes.plot([results.best["epoch"]], [results.best[results.metric]], marker="*", markersize=16,
+                  color="gold", markeredgecolor="black", zorder=6, linestyle="none")
+    axes.legend(handles=curve_legend(results, drawn), loc="best", fontsize="small")
+    axes.set(xlabel="epoch", ylabel=results.metric, title=f"{results.experiment}: {results.metric} per epoch")
+    axes.grid(alpha=0.3)
+    return figure
+
+
+def curve_style(status: str) -> dict[str, Any]:
+    return CURVE_STYLES.get(status, UNFINISHED_STYLE)
+
+
+def curve_legend(results: SearchResults, statuses: set[str]) -> list[Line2D]:
+    handles = [Line2D([], [], label=status, **{"color": "tab:blue", **curve_style(status)})
+               for status in sorted(statuses) if status]
+    if results.best:
+        handles.append(Line2D([], [], marker="*", markersize=12, markerfacecolor="gold", markeredgecolor="black",
+                              label=f"best: {results.best_trial_id}", **BEST_STYLE))
+    return handles
+
+
+# Hyperparameters against the metric --------------------------------------------------------------
+
+def param_figure(results: SearchResults, name: str) -> Figure:
+    figure = new_figure(6, 4.5)
+    axes = figure.subplots()
+    scored = results.scored.dropna(subset=[f"config.{name}"])
+    values, scores = scored[f"config.{name}"], scored[results.score]
+    is_best = (scored["trial_id"] == results.best_trial_id).to_numpy()
+    if is_categorical(values):
+        choices = sorted(values.astype(str).unique())
+        groups = [scores[values.astype(str) == choice].to_numpy() for choice in choices]
+        axes.boxplot(groups, positions=range(len(choices)), widths=0.5, showfliers=False)
+        jitter = np.random.default_rng(0).uniform(-0.12, 0.12, len(scored))
+        x = values.astype(str).map({choice: i for i, choice in enumerate(choices)}).to_numpy() + jitter
+        axes.set_xticks(range(len(choices)), choices)
+    else:
+        x = values.to_numpy(dtype=float)
+        if spans_decades(values):
+            axes.set_xscale("log")
+    axes.scatter(x[~is_best], scores[~is_best], alpha=0.7, color="tab:blue", zorder=3)
+    axes.scatter(x[is_best], scores[is_best], marker="*", s=250, color="gold", edgecolor="black", zorder=4,
+                 label="best trial")
+    if is_best.any():
+        axes.legend(loc="best", fontsize="small")
+    axes.set(xlabel=name, ylabel=f"best {results.metric}", title=f"{name} ({len(scored)} trials)")
+    axes.grid(alpha=0.3)
+    return figure
+
+
+def parallel_coordinates_figure(results: SearchResults) -> Figure:
+    columns = [f"config.{name}" for name in results.params] + [results.score]
+    labels = results.params + [f"best {results.metric}"]
+    scored = results.scored.iloc[::-1]  # the best drawn last, on top
+    figure = new_figure(max(6.0, 1.8 * len(columns)), 5)
+    axes = figure.subplots()
+    colour = Normalize(scored[results.score].min(), scored[results.score].max())
+    cmap = colormaps["viridis"] if results.maximize else colormaps["viridis_r"]
+    positions = []
+    for i, column in enumerate(columns):
+        position, ticks = axis_positions(scored[column])
+        positions.append(position.to_numpy(dtype=float))
+        axes.axvline(i, color="0.3", linewidth=0.8)
+        for y, text in ticks:
+            axes.text(i + 0.04, y, text, fontsize="small", va="center")
+    for row, score in zip(np.column_stack(positions), scored[results.score]):
+        axes.plot(range(len(columns)), row, color=cmap(colour(score)), alpha=0.8, linewidth=1.2)
+    axes.set_xticks(range(len(columns)), labels, rotation=20)
+    axes.set_yticks([])
+    axes.set_ylim(-0.05, 1.05)
+    axes.set_title(f"{results.experiment}: {len(scored)} trials, coloured by best {results.metric}")
+    figure.colorbar(ScalarMappable(colour, cmap), ax=axes, label=f"best {results.metric}")
+    return figure
+
+
+def axis_positions(values: pd.Series) -> tuple[pd.Series, list[tuple[float, str]]]:
+    """Each value's place on its 0..1 axis, and the axis's tick labels; missing values stay NaN."""
+    present = values.dropna()
+    if is_categorical(present):
+        choices = sorted(present.astype(str).unique())
+        place = {choice: i / (len(choices) - 1) if len(choices) > 1 else 0.5 for i, choice in enumerate(choices)}
+        return values.map(lambda value: place.get(str(value), np.nan)), [(y, c) for c, y in place.items()]
+    numbers = values.astype(float)
+    scaled = np.log10(numbers) if spans_decades(present) else numbers
+    low, high = scaled.min(), scaled.max()
+    if not high > low:
+        return scaled * 0 + 0.5, [(0.5, number_text(present.min()))]
+    return (scaled - low) / (high - low), [(0.0, number_text(present.min())), (1.0, number_text(present.max()))]
+
+
+# Importance --------------------------------------------------------------------------------------
+
+@dataclass
+class Importance:
+    values: dict[str, float]  # empty when skipped
+    note: str
+
+
+def param_importance(results: SearchResults) -> Importance:
+    """fANOVA importance of the searched hyperparameters over the trials that ended with a score.
+
+    Trials stopped early by ASHA count: they are most of a search, and leaving out the weak
+    configurations would hide what made them weak.
+    """
+    ended = results.scored[results.scored["status"].isin(ENDED)]
+    if len(ended) < 2:
+        return Importance({}, f"skipped: {len(ended)} trial(s) ended with a {results.metric}; at least 2 needed.")
+    varying = [name for name in results.params if ended[f"config.{name}"].nunique() > 1]
+    constant = [name for name in results.params if name not in varying]
+    constant_note = f" Constant over these trials, so left out: {', '.join(constant)}." if constant else ""
+    if len(varying) < 2:
+        return Importance({}, f"skipped: {len(varying)} searched hyperparameter(s) varied "
+                              f"({', '.join(varying) or 'none'}); at least 2 needed.{constant_note}")
+    if ended[results.score].nunique() < 2:
+        return Importance({}, f"skipped: every trial scored the same {results.metric}.{constant_note}")
+    study = importance_study(ended, varying, results.score, results.maximize)
+    values = optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(
+        seed=0))
+    return Importance(values, f"fANOVA (Optuna, seed 0) over {len(ended)} finished or early-stopped trials."
+                              f"{constant_note}")
+
+
+def importance_study(trials: pd.DataFrame, params: list[str], score: str, maximize: bool) -> optuna.Study:
+    """An in-memory Optuna study holding the trials, with distributions inferred from their values."""
+    distributions = {name: inferred_distribution(trials[f"config.{name}"].dropna()) for name in params}
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
+    try:
+        study = optuna.create_study(direction="maximize" if maximize else "minimize")
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    for _, row in trials.iterrows():
+        present = [name for name in params if pd.notna(row[f"config.{name}"])]
+        study.add_trial(optuna.trial.create_trial(
+            value=float(row[score]),
+            params={name: distribution_value(row[f"config.{name}"], distributions[name]) for name in present},
+            distributions={name: distributions[name] for name in present}))
+    return study
+
+
+def inferred_distribution(values: pd.Series) -> optuna.distributions.BaseDistribution:
+    if is_categorical(values):
+        return optuna.distributions.CategoricalDistribution(sorted({plain(v) for v in values}, key=str))
+    return optuna.distributions.FloatDistribution(float(values.min()), float(values.max()), log=spans_decades(values))
+
+
+def distribution_value(value: Any, distribution: optuna.distributions.BaseDistribution) -> Any:
+    return plain(value) if isinstance(distribution, optuna.distributions.CategoricalDistribution) else float(value)
+
+
+def importance_figure(importance: Importance) -> Figure:
+    names = list(importance.values)[::-1]  # the most important at the top
+    figure = new_figure(6, 1 + 0.45 * len(names))
+    axes = figure.subplots()
+    axes.barh(names, [importance.values[name] for name in names], color="tab:blue")
+    axes.set(xlabel="importance (fANOVA, sums to 1)", title="hyperparameter importance")
+    axes.grid(axis="x", alpha=0.3)
+    return figure
+
+
+# Time and cost -----------------------------------------------------------------------------------
+
+@dataclass
+class SearchCost:
+    gpu_hours: float
+    trial_hours: float  # wall-clock of every trial, added up
+    elapsed_hours: float | None  # first trial's start to the last result
+    epochs_run: int
+    epoch_budget: int  # every trial run to max_epochs
+    epochs_saved: int  # the epochs ASHA did not run of the trials it stopped
+
+    @property
+    def saved_fraction(self) -> float:
+        return self.epochs_saved / self.epoch_budget if self.epoch_budget else 0.0
+
+    @property
+    def epochs_not_run(self) -> int:
+        """Epochs missing for other reasons: errored trials, trials still running or pending."""
+        return self.epoch_budget - self.epochs_run - self.epochs_saved
+
+
+def search_cost(results: SearchResults) -> SearchCost:
+    trials, max_epochs = results.trials, int(results.search["max_epochs"])
+    return SearchCost(
+        gpu_hours=float(trials["gpu_hours"].sum()),
+        trial_hours=float(trials["wall_s"].sum()) / 3600,
+        elapsed_hours=elapsed_hours(results.epochs),
+        epochs_run=int(trials["epochs_run"].sum()),
+        epoch_budget=len(trials) * max_epochs,
+        epochs_saved=int(epochs_saved_per_trial(trials, max_epochs).sum()),
+    )
+
+
+def epochs_saved_per_trial(trials: pd.DataFrame, max_epochs: int) -> pd.Series:
+    return (max_epochs - trials["epochs_run"]).where(trials["status"] == "stopped_early", 0).clip(lower=0)
+
+
+def elapsed_hours(epochs: pd.DataFrame) -> float | None:
+    if "timestamp" not in epochs or "time_total_s" not in epochs:
+        return None
+    timed = epochs.dropna(subset=["timestamp", "time_total_s"])
+    if not len(timed):
+        return None
+    return float(timed["timestamp"].max() - (timed["timestamp"] - timed["time_total_s"]).min()) / 3600
+
+
+def cost_figure(results: SearchResults, cost: SearchCost) -> Figure:
+    trials, max_epochs = results.trials, int(results.search["max_epochs"])
+    figure = new_figure(max(6.0, 0.35 * len(trials) + 2), 6.5)
+    hours_axes, epochs_axes = figure.subplots(2, 1, sharex=True)
+    x = np.arange(len(trials))
+    if cost.gpu_hours > 0:
+        hours_axes.bar(x, trials["gpu_hours"], color="tab:green")
+        hours_axes.set(ylabel="GPU-hours", title=f"{cost.gpu_hours:.2f} GPU-hours in all")
+    else:
+        hours_axes.bar(x, trials["wall_s"] / 3600, color="tab:gray")
+        hours_axes.set(ylabel="wall-clock hours",
+                       title=f"CPU-only: 0 GPU-hours; {cost.trial_hours:.2f} trial wall-clock hours in all")
+    run = trials["epochs_run"].to_numpy()
+    epochs_axes.bar(x, run, color="tab:blue", label="epochs run")
+    epochs_axes.bar(x, epochs_saved_per_trial(trials, max_epochs), bottom=run, color="white", edgecolor="tab:blue",
+                    hatch="//", label="saved by ASHA")
+    epochs_axes.axhline(max_epochs, color="0.3", linewidth=0.8, linestyle="--")
+    epochs_axes.set_ylim(0, max_epochs * 1.3)  # room for the legend above the bars
+    epochs_axes.set(ylabel="epochs", title=f"ASHA saved {cost.epochs_saved} of {cost.epoch_budget} trial-epochs "
+                                           f"({cost.saved_fraction:.0%})")
+    epochs_axes.legend(loc="upper right", fontsize="small")
+    epochs_axes.set_xticks(x, trials["trial_id"], rotation=90, fontsize="small")
+    for axes in (hours_axes, epochs_axes):
+        axes.grid(axis="y", alpha=0.3)
+    return figure
+
+
+# summary.md --------------------------------------------------------------------------------------
+
+def summary_markdown(results: SearchResults, importance: Importance, cost: SearchCost | None,
+                     images: list[str]) -> str:
+    sections = [
+        overview_section(results),
+        best_section(results),
+        top_trials_section(results),
+        errors_section(results),
+        image_section("Learning curves", ["learning_curves.png"], images),
+        image_section("Hyperparameters", [param_file(name) for name in results.params] + ["parallel_coordinates.png"],
+                      images),
+        importance_section(importance, images),
+        cost_section(results, cost, images) if cost else "",
+    ]
+    return "\n\n".join(section for section in sections if section) + "\n"
+
+
+def overview_section(results: SearchResults) -> str:
+    counts = ", ".join(f"{n} {status}" for status, n in results.trials["status"].value_counts().items())
+    return (f"# Search report: {results.experiment}\n\n"
+            f"- metric: `{results.metric}` ({results.search['mode']})\n"
+            f"- searched: {', '.join(f'`{name}`' for name in results.search['searched'])}\n"
+            f"- trials: {len(results.trials)}{f' ({counts})' if counts else ''}, up to {results.search['max_epochs']} "
+            f"epochs each")
+
+
+def best_section(results: SearchResults) -> str:
+    if not results.best:
+        return f"## Best trial\n\nNo trial has reported `{results.metric}` yet (no best.json)."
+    best = results.best
+    values = [f"- trial: `{best['trial_id']}` ({best.get('status', 'unknown status')})",
+              f"- val_acc: {number_text(best['val_acc'])} at epoch {best['epoch']}"]
+    if results.metric != "val_acc":
+        values.insert(1, f"- {results.metric}: {number_text(best[results.metric])}")
+    values += [f"- `{name}` = {cell_text(best['config'].get(name))}" for name in results.search["searched"]]
+    return "## Best trial\n\n" + "\n".join(values)
+
+
+def top_trials_section(results: SearchResults) -> str:
+    if not len(results.scored):
+        return ""
+    top = results.scored.head(TOP_TRIALS)
+    header = ["trial", "status", f"best {results.metric}", "epoch", "epochs run", *results.params]
+    rows = [[f"`{row['trial_id']}`", row["status"], row[results.score], row["best_epoch"], row["epochs_run"],
+             *(row[f"config.{name}"] for name in results.params)] for _, row in top.iterrows()]
+    return f"## Top {len(top)} trials\n\n" + markdown_table(header, rows)
+
+
+def errors_section(results: SearchResults) -> str:
+    failed = results.trials[(results.trials["status"] == "error") | (results.trials["error"].fillna("") != "")]
+    if not len(failed):
+        return ""
+    lines = [f"- `{row['trial_id']}` ({row['status']}): {row['error'] or 'no error text recorded'}"
+             for _, row in failed.iterrows()]
+    return f"## Errors ({len(failed)} trials)\n\n" + "\n".join(lines)
+
+
+def image_section(title: str, wanted: list[str], images: list[str]) -> str:
+    present = [name for name in wanted if name in images]
+    if not present:
+        return ""
+    return f"## {title}\n\n" + "\n".join(f"![{name.removesuffix('.png')}]({name})" for name in present)
+
+
+def importance_section(importance: Importance, images: list[str]) -> str:
+    lines = ["## Hyperparameter importance", "", importance.note]
+    if importance.values:
+        lines += ["", markdown_table(["hyperparameter", "importance"], list(importance.values.items()))]
+    if "importance.png" in images:
+        lines += ["", "![importance](importance.png)"]
+    return "\n".join(lines)
+
+
+def cost_section(results: SearchResults, cost: SearchCost, images: list[str]) -> str:
+    trials = results.trials
+    if cost.gpu_hours > 0:
+        gpu = (f"- GPU-hours: {cost.gpu_hours:.3f} in all; per trial {trials['gpu_hours'].mean():.3f} on average, "
+               f"{trials['gpu_hours'].max():.3f} at most")
+    else:
+        gpu = "- GPU-hours: 0 (a CPU-only search: no GPU per trial); wall-clock hours below"
+    lines = ["## Time and cost", "", gpu,
+             f"- trial wall-clock: {cost.trial_hours:.3f} hours in all; per trial {trials['wall_s'].mean():.0f} s "
+             f"on average, {trials['wall_s'].max():.0f} s at most"]
+    if cost.elapsed_hours is not None:
+        lines.append(f"- search elapsed (first trial start to last result): {cost.elapsed_hours:.3f} hours")
+    lines.append(f"- trial-epochs: {cost.epochs_run} run of {cost.epoch_budget} ({len(trials)} trials x "
+                 f"{results.search['max_epochs']} epochs); ASHA's early stopping saved {cost.epochs_saved} "
+                 f"({cost.saved_fraction:.0%})")
+    if cost.epochs_not_run:
+        lines.append(f"- {cost.epochs_not_run} trial-epochs not run for other reasons (errored, running or "
+                     f"pending trials)")
+    if "cost.png" in images:
+        lines += ["", "![cost](cost.png)"]
+    return "\n".join(lines)
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell_text(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def cell_text(value: Any) -> str:
+    if isinstance(value, (float, np.floating)):
+        return number_text(value)
+    return str(plain(value)).replace("|", "\\|")
+
+
+def number_text(value: Any) -> str:
+    return "n/a" if pd.isna(value) else f"{float(value):.4g}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

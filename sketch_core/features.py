@@ -1,0 +1,232 @@
+"""The feature cache: train a head on a frozen backbone's features, computed once per node.
+
+Under the ``head`` freeze policy the backbone is a fixed function of the image (its weights never
+change and it stays in eval mode), so running it every epoch recomputes the same numbers. Here
+each *view* of every training image is encoded once and stored under the node-local cache dir;
+the head then trains on batches of those tensors.
+
+- A view is preset ``augment`` applied with a seed fixed by (view, image index). Without
+  augmentation there is one view, the plain image; with augmentation ``feature_views`` views are
+  encoded and epoch ``e`` trains on view ``e % feature_views``. Validation uses the plain view.
+- A cache file holds one view of all images of ``train.csv`` (whatever the split or fold), keyed
+  by everything its numbers depend on: model name, pretrained flag and checkpoint file, a digest
+  of the backbone's weights (another seed's random init or other weights never share a file),
+  normalisation, compute precision, the decoded images (the ``DecodeCache`` key: files with size
+  and mtime, image size, resize policy), the augmentation (its full definition) and the view.
+- Features are computed the way the uncached model computes them (``PrefetchLoader``
+  normalisation, eval mode, the run's autocast) and stored in the dtype the backbone produced, so
+  the head sees the same inputs either way.
+- Mixup/CutMix mix images, and a mix of two images' features is not the feature of the mixed
+  image: with those on, training falls back to images (see ``uses_feature_cache``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import os
+import random
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.utils.data import Dataset, Sampler
+
+from sketch_core.config import TrainConfig
+from sketch_core.dataset import DecodeCache, default_cache_dir
+from sketch_core.transforms import augmentation, to_chw
+
+# Bump when the way features are computed or stored changes, so older files are not reused.
+FEATURE_CACHE_VERSION = 1
+
+
+def uses_feature_cache(config: TrainConfig) -> bool:
+    """Whether a run with ``config`` trains its head on cached features rather than images."""
+    # Mixup/CutMix blend images (CutMix pastes patches): the features of a blended image are not a
+    # blend of features, so the cache cannot reproduce them; such runs train on images.
+    return config.freeze == "head" and config.feature_cache and not config.uses_mixup
+
+
+def training_views(config: TrainConfig) -> list[tuple[str, int]]:
+    """(augmentation preset, view index) of each view the head trains on, in epoch order."""
+    if config.augment == "none":
+        return [("none", 0)]
+    return [(config.augment, view) for view in range(config.feature_views)]
+
+
+PLAIN_VIEW = ("none", 0)  # what validation (and augment=none training) reads
+
+
+class AugmentedView(Dataset):
+    """(CHW uint8 image, 0) pairs: view ``view`` of preset ``augment`` of every image in ``images``.
+
+    The augmentation of image ``i`` is drawn from a generator seeded by (view, i), so a view is the
+    same images whichever process, loader worker or batch computes it.
+    """
+
+    def __init__(self, images: Dataset, augment: str, image_size: int, view: int):
+        self.images = images
+        self.augment = augmentation(augment, image_size)
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        seed = (self.view << 32) | index
+        # One generator shared by the pipeline (set_random_seed would give each transform the same draws).
+        self.augment.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        return to_chw(self.augment(image=np.asarray(self.images[index]))["image"]), 0
+
+
+def images_key(paths: Sequence[str], image_size: int) -> str:
+    """The ``DecodeCache`` key of these files at this size: changes with any file, size or resize policy."""
+    return DecodeCache.key(SimpleNamespace(paths=list(paths), image_size=image_size))
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 of every tensor of ``module.state_dict()`` with its name, dtype and shape."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def file_fingerprint(path: str) -> str:
+    if not path:
+        return ""
+    stat = os.stat(path)
+    return f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}"
+
+
+class FeatureStore:
+    """Cached features of one frozen ``backbone`` over the base images ``images`` (a ``DecodeCache``
+    or ``DecodedImages``: anything with ``paths`` and ``image_size``), one file per view.
+
+    ``encode(dataset)`` computes the features of a dataset of (CHW uint8 image, target) pairs, in
+    order, as an (N, num_features) tensor. Several processes may ask for the same view at once: one
+    computes it under a file lock, the others wait and then read it.
+    """
+
+    def __init__(self, backbone: nn.Module, images: Dataset, encode: Callable[[Dataset], torch.Tensor], *,
+                 model: str, pretrained: bool, checkpoint_file: str, mean: Sequence[float], std: Sequence[float],
+                 precision: str, cache_dir: str | Path | None = None):
+        self.images = images
+        self.image_size = images.image_size
+        self.encode = encode
+        self.dir = Path(cache_dir or default_cache_dir())
+        self.identity = {
+            "version": FEATURE_CACHE_VERSION, "model": model, "pretrained": pretrained,
+            "checkpoint_file": file_fingerprint(checkpoint_file), "weights": weights_digest(backbone),
+            "mean": [float(v) for v in mean], "std": [float(v) for v in std], "precision": precision,
+            "images": images_key(images.paths, images.image_size), "image_size": images.image_size,
+        }
+        self._loaded: dict[tuple[str, int], torch.Tensor] = {}
+
+    def key(self, augment: str, view: int) -> str:
+        identity = {**self.identity, "augment": repr(augmentation(augment, self.image_size)), "view": view}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+    def file(self, augment: str, view: int) -> Path:
+        return self.dir / f"features-{self.key(augment, view)}.pt"
+
+    def features(self, augment: str, view: int) -> torch.Tensor:
+        """(N, num_features) features of view ``view`` of preset ``augment`` of every image (CPU)."""
+        if (augment, view) not in self._loaded:
+            file = self.file(augment, view)
+            if not file.exists():
+                self._build(file, augment, view)
+            self._loaded[augment, view] = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        return self._loaded[augment, view]
+
+    def _build(self, file: Path, augment: str, view: int) -> None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with open(file.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if file.exists():  # another process built it while we waited
+                return
+            features = self.encode(AugmentedView(self.images, augment, self.image_size, view))
+            if len(features) != len(self.images):
+                raise RuntimeError(f"encode returned {len(features)} features for {len(self.images)} images")
+            partial = file.with_suffix(f".partial-{os.getpid()}")
+            try:
+                torch.save(features.contiguous(), partial)
+                os.replace(partial, file)  # readers only ever see a complete file
+            finally:
+                partial.unlink(missing_ok=True)
+
+
+@torch.no_grad()
+def encode_batches(forward: Callable[[torch.Tensor], torch.Tensor], batches, autocast) -> torch.Tensor:
+    """Concatenated ``forward(images)`` over ``(images, _)`` batches, under ``autocast()``, on the CPU.
+    The caller puts the backbone in eval mode."""
+    outputs = []
+    for images, _ in batches:
+        with autocast():
+            outputs.append(forward(images).detach().cpu())
+    return torch.cat(outputs)
+
+
+class FeatureBatches:
+    """Batches of cached features standing in for a loader of image batches.
+
+    Yields (features, targets) on ``device`` for the images ``rows`` (indices into the views):
+    in the order ``sampler`` gives positions in ``rows`` (the image loader's DistributedSampler,
+    so every rank trains on its shard, in the same order as with images), or in order without
+    one. Epoch ``e`` (the sampler's ``set_epoch``) reads ``views[e % len(views)]``.
+    """
+
+    def __init__(self, views: Sequence[torch.Tensor], rows: Sequence[int], targets: Sequence[int], *,
+                 batch_size: int, device: torch.device, sampler: Sampler | None = None, drop_last: bool = False):
+        self.views = list(views)
+        self.rows = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        self.targets = torch.as_tensor(np.asarray(targets, dtype=np.int64)).to(device)
+        self.batch_size = batch_size
+        self.device = device
+        self.sampler = sampler
+        self.drop_last = drop_last
+        self._current: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        count = len(self.sampler) if self.sampler is not None else len(self.rows)
+        return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        features = self._view(getattr(self.sampler, "epoch", 0) % len(self.views))
+        if self.sampler is not None:
+            order = torch.as_tensor(list(self.sampler), dtype=torch.int64, device=self.device)
+        else:
+            order = torch.arange(len(self.rows), device=self.device)
+        for batch in range(len(self)):
+            positions = order[batch * self.batch_size:(batch + 1) * self.batch_size]
+            yield features[positions], self.targets[positions]
+
+    def _view(self, index: int) -> torch.Tensor:
+        """This view's rows on the device (kept while consecutive epochs read the same view)."""
+        if self._current is None or self._current[0] != index:
+            self._current = None  # free the previous view first
+            self._current = (index, self.views[index][self.rows].to(self.device))
+        return self._current[1]
+
+
+@torch.no_grad()
+def update_head_ema(ema: ModelEmaV3, model: nn.Module, step: int) -> None:
+    """``ema.update(model, step)`` for a model whose only changing part is ``model.head``.
+
+    The frozen backbone's EMA copy equals the backbone (same weights, buffers untouched in eval
+    mode), so only the head is averaged; a full update would rewrite every backbone tensor per step.
+    """
+    decay = ema.get_decay(step)
+    for ema_value, value in zip(ema.module.head.state_dict().values(), model.head.state_dict().values()):
+        if ema_value.is_floating_point():
+            ema_value.lerp_(value.to(dtype=ema_value.dtype), weight=1.0 - decay)
+        else:
+            ema_value.copy_(value)

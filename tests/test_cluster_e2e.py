@@ -1,0 +1,86 @@
+"""Several Ray nodes on one machine (ray.cluster_utils.Cluster): placement across nodes, shared
+results, a node lost mid-search; and the dashboard of a local run."""
+
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import REPO_ROOT, write_space
+
+
+@pytest.fixture
+def three_node_cluster():
+    from ray.cluster_utils import Cluster
+
+    # 1 CPU each: a trial's two 0.9-CPU workers never fit on one node.
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1"})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    try:
+        yield cluster, workers
+    finally:
+        cluster.shutdown()
+
+
+def test_multi_node_search_survives_a_lost_node(tmp_path, demo_dir, three_node_cluster):
+    cluster, (doomed, _) = three_node_cluster
+    space = write_space(tmp_path / "space.yaml", demo_dir, experiment="multinode", num_samples=3, max_epochs=3,
+                        scheduler={"type": "none"})
+    shared_results = tmp_path / "shared-results"  # every node of this cluster reaches this folder
+    driver = subprocess.Popen([sys.executable, str(REPO_ROOT / "ray_jobs" / "tune.py"), "--space", str(space),
+                               "--results", str(shared_results), "--address", cluster.address], cwd=REPO_ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    epochs_file = shared_results / "multinode" / "epochs.parquet"
+    doomed_id = doomed.node_id[:8]
+    removed, deadline = False, time.monotonic() + 600
+    while not removed and time.monotonic() < deadline and driver.poll() is None:
+        if epochs_file.exists():
+            epochs = pd.read_parquet(epochs_file)
+            if epochs["nodes"].dropna().str.contains(doomed_id).any():
+                cluster.remove_node(doomed, allow_graceful=False)  # the node is lost mid-trial
+                removed = time.time()
+        time.sleep(0.5)
+    output, _ = driver.communicate(timeout=900)
+    assert removed, output[-3000:]
+    assert driver.returncode == 0, output[-3000:]
+
+    trials = pd.read_parquet(shared_results / "multinode" / "trials.parquet")
+    assert len(trials) == 3 and (trials["status"] == "finished").all(), trials[["status", "error"]]
+    nodes_used = {node for nodes in trials["node"] for node in nodes.split(",")}
+    assert len(nodes_used) >= 2, nodes_used  # workers were placed on more than one node
+    epochs = pd.read_parquet(epochs_file)
+    assert all(len(nodes.split(",")) == 2 for nodes in epochs["nodes"].dropna())
+    after = epochs[epochs["timestamp"] > removed + 1]
+    assert len(after) and not after["nodes"].str.contains(doomed_id).any()  # retried on the nodes left
+
+
+def test_local_dashboard_answers_on_localhost_with_token_auth(tmp_path, demo_dir):
+    space = write_space(tmp_path / "space.yaml", demo_dir, experiment="dashboard", num_samples=1, max_epochs=1)
+    driver = subprocess.Popen([sys.executable, str(REPO_ROOT / "ray_jobs" / "tune.py"), "--space", str(space),
+                               "--results", str(tmp_path / "results")], cwd=REPO_ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = None
+        for line in driver.stdout:
+            if line.startswith("Ray dashboard: "):
+                url = line.split(": ", 1)[1].strip()
+                break
+        assert url and url.startswith("http://127.0.0.1:"), url
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}/api/version", timeout=30)
+        assert refused.value.code in (401, 403)  # token authentication is on
+        token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+        request = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200 and "ray_version" in json.loads(response.read())
+    finally:
+        output, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, output[-3000:]

@@ -1,0 +1,100 @@
+"""Faults survived, nothing lost: a killed worker, a failing trial, an interrupted write."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import REPO_ROOT, run_script, write_space
+from sketch_core.engine import load_checkpoint
+from sketch_core.errors import SketchError
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_killed_worker_and_failing_trial(tmp_path, demo_dir):
+    """A worker killed from outside restarts from its trial's checkpoint; a configuration that
+    always fails is recorded as an error; the search completes; stopped trials free their workers."""
+    space = write_space(
+        tmp_path / "space.yaml", demo_dir, experiment="faults", num_samples=1, max_epochs=4,
+        search={"searcher": "grid", "max_failures": 1},
+        fixed={"freeze": "last_n_blocks"},
+        # test_resnet has 4 blocks: trainable_blocks 9 fails in every worker, every attempt.
+        space={"trainable_blocks": {"choice": [1, 9, 2]}},
+    )
+    results = tmp_path / "results"
+    driver = subprocess.Popen([sys.executable, str(REPO_ROOT / "ray_jobs" / "tune.py"), "--space", str(space),
+                               "--results", str(results)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    epochs_file = results / "faults" / "epochs.parquet"
+    killed_pid, deadline = None, time.monotonic() + 600
+    while killed_pid is None and time.monotonic() < deadline and driver.poll() is None:
+        if epochs_file.exists():
+            epochs = pd.read_parquet(epochs_file)
+            if len(epochs) and epochs["epoch"].max() >= 1:
+                killed_pid = int(str(epochs["pids"].iloc[0]).split(",")[-1])
+                os.kill(killed_pid, signal.SIGKILL)  # a training worker dies, as on a preempted node
+        time.sleep(0.5)
+    output, _ = driver.communicate(timeout=900)
+    assert killed_pid is not None, output[-3000:]
+    assert driver.returncode == 0, output[-3000:]
+
+    trials = pd.read_parquet(results / "faults" / "trials.parquet").set_index("config.trainable_blocks")
+    epochs = pd.read_parquet(epochs_file)
+    assert len(trials) == 3
+    assert trials.loc[9, "status"] == "error"
+    assert "trainable_blocks" in trials.loc[9, "error"] and "9" in trials.loc[9, "error"]
+    assert set(trials.loc[[1, 2], "status"]) <= {"finished", "stopped_early"}
+    restarted = epochs[epochs["trial_id"] == trials.loc[1, "trial_id"]]
+    assert (restarted["started_at_epoch"] > 0).any(), "the killed trial did not resume from a checkpoint"
+    assert restarted["epoch"].tolist() == list(range(1, len(restarted) + 1))
+    assert (results / "faults" / "best.json").is_file()
+    for pids in epochs["pids"].dropna():  # every worker of every trial has exited
+        assert not any(pid_alive(int(pid)) for pid in str(pids).split(","))
+
+
+PAYLOAD_SIZE = 20_000_000
+WRITER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from ray_jobs.results import ResultsStore
+store = ResultsStore(sys.argv[2], "exp")
+while True:
+    for fill in (b"a", b"b"):
+        store.write_bytes("table.bin", fill * int(sys.argv[3]))
+"""
+
+
+def test_a_killed_writer_leaves_a_whole_version(tmp_path):
+    from ray_jobs.results import ResultsStore
+
+    store = ResultsStore(str(tmp_path), "exp")
+    store.write_bytes("table.bin", b"a" * PAYLOAD_SIZE)
+    for delay in (0.7, 1.3, 2.1):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(REPO_ROOT), str(tmp_path), str(PAYLOAD_SIZE)])
+        time.sleep(delay)
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        content = store.read_bytes("table.bin")
+        assert content in (b"a" * PAYLOAD_SIZE, b"b" * PAYLOAD_SIZE), "a half-written file replaced the last one"
+
+
+def test_checkpoints_load_weights_only(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran while loading",))
+
+    torch.save({"model": {}, "trap": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(SketchError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
