@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import ray
 import ray.train
@@ -19,8 +19,10 @@ from ray import tune
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from sketch_core.config import TrainConfig
-from sketch_core.engine import TrainingRun, load_checkpoint, save_checkpoint
 from ray_jobs.space import Resources
+
+if TYPE_CHECKING:
+    from sketch_core.engine import TrainingRun
 
 CHECKPOINT_FILE = "state.pt"
 # Tune's progress table shows the first four reported metrics: report these first.
@@ -43,9 +45,12 @@ def train_worker(config: dict[str, Any]) -> None:
         report_epoch(metrics, run)
 
 
-def resumed_run(config: TrainConfig) -> TrainingRun:
+def resumed_run(config: TrainConfig) -> "TrainingRun":
     """A TrainingRun on this worker's device, continuing from the Train run's latest checkpoint if
     there is one (after a worker failure, or in a restored search)."""
+    # Imported here: the trial and controller processes, which never train, skip timm & co.
+    from sketch_core.engine import TrainingRun, load_checkpoint
+
     checkpoint = ray.train.get_checkpoint()
     state = None
     if checkpoint is not None:
@@ -54,8 +59,10 @@ def resumed_run(config: TrainConfig) -> TrainingRun:
     return TrainingRun(config, device=ray.train.torch.get_device(), state=state)
 
 
-def report_epoch(metrics: dict[str, Any], run: TrainingRun) -> None:
+def report_epoch(metrics: dict[str, Any], run: "TrainingRun") -> None:
     """Every rank reports each epoch; rank 0 attaches the checkpoint."""
+    from sketch_core.engine import save_checkpoint
+
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
         return

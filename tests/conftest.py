@@ -30,7 +30,7 @@ def demo_dir(tmp_path_factory) -> Path:
     return generate(tmp_path_factory.mktemp("demo") / "data", **LEARNABLE)
 
 
-def write_space(path: Path, data_dir: Path, *, experiment: str = "e2e", num_samples: int = 6, max_epochs: int = 3,
+def write_space(path: Path, data_dir: Path, *, experiment: str = "e2e", num_samples: int = 5, max_epochs: int = 3,
                 **sections) -> Path:
     """A small CPU search space over ``data_dir`` (the demo space, shrunk for 2 cores)."""
     import yaml
@@ -39,14 +39,15 @@ def write_space(path: Path, data_dir: Path, *, experiment: str = "e2e", num_samp
         "experiment": experiment,
         "data": {"dir": str(data_dir)},
         "model": {"name": "test_resnet", "pretrained": False, "image_size": 48},
-        "resources": {"workers": 2, "cpus_per_worker": 0.9, "gpus_per_worker": 0},
-        "search": {"searcher": "optuna", "num_samples": num_samples, "max_concurrent": 1, "seed": 0},
+        # One worker per trial and two trials at once: DDP itself is tested in test_engine.py.
+        "resources": {"workers": 1, "cpus_per_worker": 0.9, "gpus_per_worker": 0},
+        "search": {"searcher": "optuna", "num_samples": num_samples, "max_concurrent": 2, "seed": 0},
         "scheduler": {"type": "asha", "max_epochs": max_epochs, "grace_period": 1, "reduction_factor": 2},
         "fixed": {"batch_size": 16, "num_workers": 0, "weight_decay": 0.01, "augment": "light"},
         "space": {"lr": {"loguniform": [1.0e-3, 2.0e-2]}, "head": {"choice": ["linear", "mlp"]}},
     }
-    for name, values in sections.items():
-        document[name] = {**document.get(name, {}), **values} if isinstance(values, dict) else values
+    for name, values in sections.items():  # merged into the section, except `space`, which is replaced
+        document[name] = {**document.get(name, {}), **values} if name != "space" else values
     path.write_text(yaml.safe_dump(document))
     return path
 

@@ -33,7 +33,7 @@ def three_node_cluster():
 def test_multi_node_search_survives_a_lost_node(tmp_path, demo_dir, three_node_cluster):
     cluster, (doomed, _) = three_node_cluster
     space = write_space(tmp_path / "space.yaml", demo_dir, experiment="multinode", num_samples=3, max_epochs=3,
-                        scheduler={"type": "none"})
+                        scheduler={"type": "none"}, resources={"workers": 2}, search={"max_concurrent": 1})
     shared_results = tmp_path / "shared-results"  # every node of this cluster reaches this folder
     driver = subprocess.Popen([sys.executable, str(REPO_ROOT / "ray_jobs" / "tune.py"), "--space", str(space),
                                "--results", str(shared_results), "--address", cluster.address], cwd=REPO_ROOT,

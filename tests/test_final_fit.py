@@ -61,11 +61,14 @@ def test_top_k_and_folds_soft_vote_and_never_overwrite(finished_search, first_fi
     assert "accuracy against test_answers.csv" in result.stdout
 
 
-def test_errors(finished_search, tmp_path, demo_dir):
+def test_errors(finished_search, tmp_path, demo_dir, capsys):
+    from ray_jobs import final_fit as command
+
     def final_fit(*args):
-        result = run_script("final_fit.py", "--best", *args, timeout=120)
-        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-        return result.stderr.strip()
+        assert command.main(["--best", *args]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        return lines[0]
 
     assert "no experiment found" in final_fit("--results", str(tmp_path / "empty"))
 
