@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from albumentations.pytorch import ToTensorV2  # noqa: E402
 from timm.data.loader import PrefetchLoader, fast_collate  # noqa: E402
@@ -38,9 +38,13 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from sketch_core.data import load_rgb, read_train_table  # noqa: E402
 from sketch_core.dataset import AugmentedImages, DecodeCache  # noqa: E402
 from sketch_core.demo_data import generate  # noqa: E402
-from sketch_core.transforms import augmentation, base_transform  # noqa: E402
+from sketch_core.transforms import augmentation, base_transform, to_chw  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet, as most timm backbones
+BASELINE = "per-sample imread + albumentations + float"
+MIDDLE = "decode cache, still float per sample"
+OURS = "decode cache + uint8 + PrefetchLoader (ours)"
+UINT8_ONLY = "ours without normalising (as a GPU gets it)"
 
 
 class PerSampleImages(Dataset):
@@ -52,22 +56,75 @@ class PerSampleImages(Dataset):
                                     A.Normalize(mean=MEAN, std=STD), ToTensorV2()])
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.targets)
 
     def __getitem__(self, index):
         return self.transform(image=load_rgb(self.paths[index]))["image"], int(self.targets[index])
 
 
-def time_epochs(loader, epochs: int) -> list[float]:
-    """Seconds per full pass over ``loader`` (each batch's tensors touched, as training would)."""
-    seconds = []
+class DecodeCacheFloat(PerSampleImages):
+    """The middle way: images from the decode cache, but still normalised to float per sample."""
+
+    def __init__(self, cache, targets, augment: str, image_size: int):
+        self.images, self.targets = cache, targets
+        self.transform = A.Compose([*augmentation(augment, image_size).transforms, A.Normalize(mean=MEAN, std=STD),
+                                    ToTensorV2()])
+
+    def __getitem__(self, index):
+        return self.transform(image=self.images[index])["image"], int(self.targets[index])
+
+
+def one_epoch(loader) -> float:
+    """Seconds for a full pass over ``loader`` (each batch's tensors touched, as training would)."""
+    started = time.perf_counter()
+    checksum = 0.0
+    for images, targets in loader:
+        checksum += float(images[0, 0, 0, 0]) + int(targets[0])
+    return time.perf_counter() - started
+
+
+def interleaved_epochs(loaders: dict, epochs: int) -> dict[str, list[float]]:
+    """Epoch times of every loader, taking turns epoch by epoch so that a change in the machine's
+    load (other jobs on a shared node) hits all of them alike."""
+    seconds = {name: [] for name in loaders}
     for _ in range(epochs):
-        started = time.perf_counter()
-        checksum = 0.0
-        for images, targets in loader:
-            checksum += float(images[0, 0, 0, 0]) + int(targets[0])
-        seconds.append(time.perf_counter() - started)
+        for name, loader in loaders.items():
+            seconds[name].append(one_epoch(loader))
     return seconds
+
+
+def time_split(paths, cache, augment: str, image_size: int, samples: int = 40) -> dict[str, float]:
+    """Milliseconds per image of each stage, in this process (one core): where the time goes."""
+    letterbox, augmenter = base_transform(image_size), augmentation(augment, image_size)
+    to_float = A.Compose([A.Normalize(mean=MEAN, std=STD), ToTensorV2()])
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
+    stages = {
+        "imread": lambda i: load_rgb(paths[i]),
+        "imread+letterbox": lambda i: letterbox(image=load_rgb(paths[i]))["image"],
+        "cache read": lambda i: np.array(cache[i]),
+        "augment (uint8)": lambda i: augmenter(image=cache[i])["image"],
+        "normalise+ToTensor per sample": lambda i: to_float(image=cache[i])["image"],
+        "uint8 CHW + normalise in batch": lambda i: torch.from_numpy(to_chw(cache[i]))[None].float().sub_(mean).div_(std),
+    }
+    split = {}
+    for name, stage in stages.items():
+        started = time.perf_counter()
+        for index in range(samples):
+            stage(index % len(paths))
+        split[name] = (time.perf_counter() - started) / samples * 1e3
+    return split
+
+
+def normalise_batch_ms(batch_size: int, image_size: int, repeats: int = 5) -> float:
+    """Milliseconds PrefetchLoader takes to normalise one uint8 batch on the CPU (in the main process)."""
+    batch = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
+    started = time.perf_counter()
+    for _ in range(repeats):
+        batch.to(torch.float32).sub_(mean).div_(std)
+    return (time.perf_counter() - started) / repeats * 1e3
 
 
 def main(argv=None) -> int:
@@ -82,7 +139,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.epochs = 200, 3
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     with tempfile.TemporaryDirectory(prefix="bench-dataloader-") as tmp:
         started = time.perf_counter()
@@ -97,38 +153,54 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         cache = DecodeCache(table.paths, args.image_size, cache_dir=Path(tmp) / "cache", build_workers=args.workers)
         cache_build_s = time.perf_counter() - started
-        ours = PrefetchLoader(DataLoader(AugmentedImages(cache, table.targets, args.augment, args.image_size),
-                                         collate_fn=fast_collate, **options),
-                              mean=MEAN, std=STD, device=torch.device("cpu"))
-        ours_s = time_epochs(ours, args.epochs)
-        del ours
-
-        baseline = DataLoader(PerSampleImages(table.paths, table.targets, args.augment, args.image_size), **options)
-        baseline_s = time_epochs(baseline, args.epochs)
-        del baseline
+        loaders = {
+            BASELINE: DataLoader(PerSampleImages(table.paths, table.targets, args.augment, args.image_size), **options),
+            MIDDLE: DataLoader(DecodeCacheFloat(cache, table.targets, args.augment, args.image_size), **options),
+            OURS: PrefetchLoader(DataLoader(AugmentedImages(cache, table.targets, args.augment, args.image_size),
+                                            collate_fn=fast_collate, **options),
+                                 mean=MEAN, std=STD, device=torch.device("cpu")),
+            UINT8_ONLY: DataLoader(AugmentedImages(cache, table.targets, args.augment, args.image_size),
+                                   collate_fn=fast_collate, **options),
+        }
+        load_before = os.getloadavg()[0]
+        seconds = interleaved_epochs(loaders, args.epochs)
+        load_after = os.getloadavg()[0]
+        del loaders
+        split = time_split(table.paths, cache, args.augment, args.image_size)
+        batch_normalise_ms = normalise_batch_ms(args.batch_size, args.image_size)
 
     count = len(table.paths)
-    ours_rate = count / statistics.median(ours_s[1:])
-    baseline_rate = count / statistics.median(baseline_s[1:])
-    ratio = ours_rate / baseline_rate
+    rates = {name: count / statistics.median(times[1:]) for name, times in seconds.items()}
+    ratio = rates[OURS] / rates[BASELINE]
     print(f"{count} JPEGs of 400-800 px -> {args.image_size} px, augment={args.augment!r}, "
-          f"{args.workers} workers, batch {args.batch_size}, {os.cpu_count()} CPUs, no GPU "
-          f"(data generated in {generate_s:.1f}s)")
-    print(f"{'loader':<44}{'epoch s (1, 2, ...)':<34}{'images/s (epochs 2+)':>20}")
-    print(f"{'per-sample imread + albumentations + float':<44}{', '.join(f'{s:.2f}' for s in baseline_s):<34}"
-          f"{baseline_rate:>20.0f}")
-    print(f"{'decode cache + uint8 + PrefetchLoader':<44}{', '.join(f'{s:.2f}' for s in ours_s):<34}{ours_rate:>20.0f}")
+          f"{args.workers} workers, batch {args.batch_size}, {len(os.sched_getaffinity(0))} CPUs, normalised on the CPU; "
+          f"load average {load_before:.1f} -> {load_after:.1f} (data generated in {generate_s:.1f}s)")
+    print(f"{'loader':<46}{'epoch s (1, 2, ...)':<36}{'images/s (2+)':>14}{'ratio':>8}")
+    for name, times in seconds.items():
+        print(f"{name:<46}{', '.join(f'{s:.2f}' for s in times):<36}{rates[name]:>14.0f}"
+              f"{rates[name] / rates[BASELINE]:>8.2f}")
     print(f"decode cache build (once per node and image size): {cache_build_s:.2f}s "
           f"= {count / cache_build_s:.0f} images/s; steady-state ratio {ratio:.2f}x (target >= 3x)")
-    ours_first_epoch_ratio = (count / (cache_build_s + ours_s[0])) / (count / baseline_s[0])
-    print(f"first epoch including the cache build: {ours_first_epoch_ratio:.2f}x the baseline's first epoch")
+    first_epoch_ratio = (count / (cache_build_s + seconds[OURS][0])) / (count / seconds[BASELINE][0])
+    print(f"first epoch including the cache build: {first_epoch_ratio:.2f}x the baseline's first epoch")
+    print("time split, ms per image in one process: "
+          + "; ".join(f"{name} {ms:.2f}" for name, ms in split.items()))
+    ceiling = args.batch_size / batch_normalise_ms * 1e3
+    print(f"PrefetchLoader normalises a batch of {args.batch_size} in {batch_normalise_ms:.1f} ms in the main process: "
+          f"a ceiling of {ceiling:.0f} images/s however many workers decode and augment, when the device is the CPU")
     print(json.dumps({
-        "ratio": round(ratio, 3), "ours_images_per_s": round(ours_rate, 1),
-        "baseline_images_per_s": round(baseline_rate, 1), "cache_build_s": round(cache_build_s, 3),
-        "ours_epoch_s": [round(s, 3) for s in ours_s], "baseline_epoch_s": [round(s, 3) for s in baseline_s],
-        "first_epoch_ratio_with_build": round(ours_first_epoch_ratio, 3), "images": count,
+        "ratio": round(ratio, 3), "ours_images_per_s": round(rates[OURS], 1),
+        "baseline_images_per_s": round(rates[BASELINE], 1), "cache_build_s": round(cache_build_s, 3),
+        "cache_float_per_sample_images_per_s": round(rates[MIDDLE], 1),
+        "ours_epoch_s": [round(s, 3) for s in seconds[OURS]],
+        "baseline_epoch_s": [round(s, 3) for s in seconds[BASELINE]],
+        "first_epoch_ratio_with_build": round(first_epoch_ratio, 3), "images": count,
+        "time_split_ms_per_image": {name: round(ms, 3) for name, ms in split.items()},
+        "load_average": [round(load_before, 2), round(load_after, 2)],
+        "uint8_only_images_per_s": round(rates[UINT8_ONLY], 1),
+        "normalise_batch_ms": round(batch_normalise_ms, 2), "normalise_ceiling_images_per_s": round(ceiling, 1),
         "image_size": args.image_size, "augment": args.augment, "workers": args.workers,
-        "batch_size": args.batch_size, "cpus": os.cpu_count(), "device": "cpu", "target_ratio": 3.0,
+        "batch_size": args.batch_size, "cpus": len(os.sched_getaffinity(0)), "device": "cpu", "target_ratio": 3.0,
     }))
     return 0
 

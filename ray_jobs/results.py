@@ -25,7 +25,7 @@ from sketch_core.errors import SketchError
 SCHEMA_VERSION = 1
 METRIC_COLUMNS = ("val_acc", "val_loss", "train_loss", "lr", "images_per_s")
 TRIAL_COLUMNS = ("trial_id", "status", "epochs_run", "best_val_acc", "best_epoch", "wall_s", "gpu_hours", "node",
-                 "error")
+                 "error", "feature_cache")
 
 
 class ResultsStore:
@@ -127,6 +127,7 @@ class ExperimentTables:
         row.update({name: float(result[name]) for name in METRIC_COLUMNS if name in result})
         row.update({"time_total_s": float(result.get("time_total_s", math.nan)),
                     "started_at_epoch": int(result.get("started_at_epoch", 0)),
+                    "feature_cache": float(result.get("feature_cache", 0.0)),
                     "checkpoint_path": result.get("checkpoint_path"), "nodes": result.get("nodes"),
                     "pids": result.get("pids"), "timestamp": float(result.get("timestamp", time.time()))})
         # A trial retried from a checkpoint re-reports epochs; keep what the new report lacks.
@@ -138,7 +139,8 @@ class ExperimentTables:
             self.rows[(row["trial_id"], int(row["epoch"]))] = row
 
     def epochs_frame(self) -> pd.DataFrame:
-        columns = ["trial_id", "epoch", *METRIC_COLUMNS, "time_total_s", "started_at_epoch", "checkpoint_path",
+        columns = ["trial_id", "epoch", *METRIC_COLUMNS, "time_total_s", "started_at_epoch", "feature_cache",
+                   "checkpoint_path",
                    "nodes", "pids", "timestamp"]
         frame = pd.DataFrame(list(self.rows.values()), columns=columns)
         return frame.sort_values(["trial_id", "epoch"], ignore_index=True)
@@ -165,6 +167,8 @@ class ExperimentTables:
                 "gpu_hours": wall_s * self.gpus_per_trial / 3600,
                 "node": ",".join(sorted({n for nodes in mine["nodes"].dropna() for n in str(nodes).split(",")})),
                 "error": trial.error or "",
+                # 1 when the head trained on cached backbone features (freeze: head)
+                "feature_cache": int(mine["feature_cache"].max()) if mine["feature_cache"].notna().any() else 0,
             }
             record.update({f"config.{key}": value for key, value in trial.config.items()
                            if key in TrainConfig.field_names()})

@@ -227,6 +227,6 @@ def update_head_ema(ema: ModelEmaV3, model: nn.Module, step: int) -> None:
     decay = ema.get_decay(step)
     for ema_value, value in zip(ema.module.head.state_dict().values(), model.head.state_dict().values()):
         if ema_value.is_floating_point():
-            ema_value.lerp_(value.to(dtype=ema_value.dtype), weight=1.0 - decay)
+            ema_value.lerp_(value.to(device=ema_value.device, dtype=ema_value.dtype), weight=1.0 - decay)
         else:
             ema_value.copy_(value)

@@ -16,7 +16,7 @@ from sketch_core.engine import TrainingRun, load_checkpoint, save_checkpoint
 from sketch_core.errors import SketchError
 from sketch_core.predict import predict_probs, write_submission
 
-METRICS = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_s"}
+METRICS = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_s", "feature_cache"}
 
 
 def quick_config(demo_dir, **changes):

@@ -22,7 +22,8 @@ def test_results_exist_and_agree(finished_search):
 
     assert len(trials) == 5 and trials["trial_id"].is_unique
     assert {"status", "epochs_run", "best_val_acc", "best_epoch", "wall_s", "gpu_hours", "node", "error",
-            "config.lr", "config.head"} <= set(trials.columns)
+            "feature_cache", "config.lr", "config.head"} <= set(trials.columns)
+    assert (trials["feature_cache"] == 0).all()  # every trial trains its whole model
     assert set(trials["status"]) <= {"finished", "stopped_early"}
     assert (trials["status"] == "stopped_early").any(), "ASHA stopped no trial"
     assert (trials["status"] == "finished").any()
