@@ -45,6 +45,17 @@ class DecodedImages(Dataset):
         return self._base(image=load_rgb(self.paths[index]))["image"]
 
 
+def images_key(paths: Sequence[str], image_size: int) -> str:
+    """A digest of the base images of ``paths`` at ``image_size``: changes with any file (path,
+    size, modification time), the size or the base-transform version."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([BASE_TRANSFORM_VERSION, image_size]).encode())
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
 class DecodeCache(Dataset):
     """The same images as ``DecodedImages``, read from a node-local memory map built once.
 
@@ -64,12 +75,7 @@ class DecodeCache(Dataset):
             self._build(build_workers)
 
     def key(self) -> str:
-        digest = hashlib.sha256()
-        digest.update(json.dumps([BASE_TRANSFORM_VERSION, self.image_size]).encode())
-        for path in self.paths:
-            stat = os.stat(path)
-            digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        return digest.hexdigest()[:24]
+        return images_key(self.paths, self.image_size)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:

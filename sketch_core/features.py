@@ -29,7 +29,6 @@ import math
 import os
 import random
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -39,7 +38,7 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler
 
 from sketch_core.config import TrainConfig
-from sketch_core.dataset import DecodeCache, default_cache_dir
+from sketch_core.dataset import default_cache_dir, images_key
 from sketch_core.transforms import augmentation, to_chw
 
 # Bump when the way features are computed or stored changes, so older files are not reused.
@@ -83,11 +82,6 @@ class AugmentedView(Dataset):
         # One generator shared by the pipeline (set_random_seed would give each transform the same draws).
         self.augment.set_random_state(np.random.default_rng(seed), random.Random(seed))
         return to_chw(self.augment(image=np.asarray(self.images[index]))["image"]), 0
-
-
-def images_key(paths: Sequence[str], image_size: int) -> str:
-    """The ``DecodeCache`` key of these files at this size: changes with any file, size or resize policy."""
-    return DecodeCache.key(SimpleNamespace(paths=list(paths), image_size=image_size))
 
 
 def weights_digest(module: nn.Module) -> str:

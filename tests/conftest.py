@@ -1,6 +1,7 @@
 """Shared fixtures: small real data sets made by the demo generator, and a private decode cache."""
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,13 @@ def private_cache_dir(tmp_path_factory):
 def demo_dir(tmp_path_factory) -> Path:
     """A read-only demo data set shared by every test that does not modify data."""
     return generate(tmp_path_factory.mktemp("demo") / "data", **LEARNABLE)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for a test's own process group)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def write_space(path: Path, data_dir: Path, *, experiment: str = "e2e", num_samples: int = 5, max_epochs: int = 3,

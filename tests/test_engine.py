@@ -1,7 +1,5 @@
 """The train loop on real demo files: learning, prediction, resume, DDP."""
 
-import socket
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import QUICK_TRAINING
+from conftest import QUICK_TRAINING, free_port
 from sketch_core.config import TrainConfig
 from sketch_core.data import read_test_table
 from sketch_core.engine import TrainingRun, load_checkpoint, save_checkpoint
@@ -86,12 +84,6 @@ def test_training_options_run(demo_dir, changes):
 def test_batch_larger_than_the_data_is_refused(demo_dir):
     with pytest.raises(SketchError, match="batch_size: 1000 per worker exceeds"):
         TrainingRun(quick_config(demo_dir, batch_size=1000))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _ddp_worker(rank, world_size, port, data_dir, results):

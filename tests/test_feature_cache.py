@@ -3,8 +3,6 @@ training results as without it, and the cases where it must not be used."""
 
 import os
 import shutil
-import socket
-
 import numpy as np
 import pytest
 import torch
@@ -12,7 +10,7 @@ import torch.multiprocessing as mp
 from timm.data.loader import PrefetchLoader, fast_collate
 from torch.utils.data import DataLoader
 
-from conftest import QUICK_TRAINING
+from conftest import QUICK_TRAINING, free_port
 from sketch_core.config import TrainConfig
 from sketch_core.data import read_train_table
 from sketch_core.dataset import DecodeCache
@@ -176,12 +174,6 @@ def test_mixup_with_a_frozen_backbone_trains_on_images(demo_dir):
     assert metrics["feature_cache"] == 0.0 and np.isfinite(metrics["train_loss"])
     assert not TrainingRun(head_config(demo_dir, feature_cache=False, epochs=1)).uses_feature_cache
     assert not TrainingRun(head_config(demo_dir, freeze="none", epochs=1)).uses_feature_cache
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _ddp_worker(rank, world_size, port, data_dir, results):
