@@ -50,7 +50,8 @@ def _searcher(space: SearchSpace):
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(seed=space.search.seed)
-    return BasicVariantGenerator(random_state=space.search.seed)
+    # Tune applies max_concurrent_trials to Searchers only: a generator passed in must carry it.
+    return BasicVariantGenerator(random_state=space.search.seed, max_concurrent=space.search.max_concurrent)
 
 
 def _scheduler(space: SearchSpace):

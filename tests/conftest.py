@@ -1,7 +1,12 @@
 """Shared fixtures: small real data sets made by the demo generator, and a private decode cache."""
 
 import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -62,9 +67,6 @@ def write_space(path: Path, data_dir: Path, *, experiment: str = "e2e", num_samp
 
 def run_script(script: str, *args: str, timeout: float = 900, **kwargs):
     """Run ray_jobs/<script> as a user would, with this test session's environment."""
-    import subprocess
-    import sys
-
     return subprocess.run([sys.executable, str(REPO_ROOT / "ray_jobs" / script), *args], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
@@ -77,3 +79,48 @@ def finished_search(tmp_path_factory, demo_dir):
     completed = run_script("tune.py", "--space", str(space), "--results", str(root / "results"))
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return {"results": root / "results", "experiment": "e2e", "space": space, "output": completed.stdout}
+
+
+def session_processes(marker: str) -> list[int]:
+    """PIDs whose command line mentions ``marker`` (a Ray session folder of this test)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as file:
+                    if marker.encode() in file.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def kill_session(ray_tmpdir: str) -> None:
+    """SIGKILL what is left of a local Ray started under ``ray_tmpdir`` (a killed driver's Ray outlives it)."""
+    for pid in session_processes(ray_tmpdir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@contextmanager
+def started_script(script: str, *args: str, **kwargs):
+    """ray_jobs/<script> running in the background, with its own Ray folder (``process.ray_tmpdir``).
+    However the test ends, the script and any local Ray it started are stopped, so a failed test
+    never leaves a Ray instance that the next test's local Ray would refuse to run beside."""
+    ray_tmpdir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths are limited
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "ray_jobs" / script), *args], cwd=REPO_ROOT,
+                               env={**os.environ, "RAY_TMPDIR": ray_tmpdir}, **kwargs)
+    process.ray_tmpdir = ray_tmpdir
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)  # tune.py stops its trials and Ray on Ctrl-C
+            try:
+                process.communicate(timeout=60)  # drains its pipes, so it can finish writing
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+        kill_session(ray_tmpdir)

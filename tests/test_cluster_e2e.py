@@ -3,7 +3,6 @@ results, a node lost mid-search; and the dashboard of a local run."""
 
 import json
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -12,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO_ROOT, write_space
+from conftest import started_script, write_space
 
 
 @pytest.fixture
@@ -35,20 +34,20 @@ def test_multi_node_search_survives_a_lost_node(tmp_path, demo_dir, three_node_c
     space = write_space(tmp_path / "space.yaml", demo_dir, experiment="multinode", num_samples=2, max_epochs=3,
                         scheduler={"type": "none"}, resources={"workers": 2}, search={"max_concurrent": 1})
     shared_results = tmp_path / "shared-results"  # every node of this cluster reaches this folder
-    driver = subprocess.Popen([sys.executable, str(REPO_ROOT / "ray_jobs" / "tune.py"), "--space", str(space),
-                               "--results", str(shared_results), "--address", cluster.address], cwd=REPO_ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    epochs_file = shared_results / "multinode" / "epochs.parquet"
-    doomed_id = doomed.node_id[:8]
-    removed, deadline = False, time.monotonic() + 600
-    while not removed and time.monotonic() < deadline and driver.poll() is None:
-        if epochs_file.exists():
-            epochs = pd.read_parquet(epochs_file)
-            if epochs["nodes"].dropna().str.contains(doomed_id).any():
-                cluster.remove_node(doomed, allow_graceful=False)  # the node is lost mid-trial
-                removed = time.time()
-        time.sleep(0.5)
-    output, _ = driver.communicate(timeout=900)
+    with started_script("tune.py", "--space", str(space), "--results", str(shared_results),
+                        "--address", cluster.address, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        text=True) as driver:
+        epochs_file = shared_results / "multinode" / "epochs.parquet"
+        doomed_id = doomed.node_id[:8]
+        removed, deadline = False, time.monotonic() + 600
+        while not removed and time.monotonic() < deadline and driver.poll() is None:
+            if epochs_file.exists():
+                epochs = pd.read_parquet(epochs_file)
+                if epochs["nodes"].dropna().str.contains(doomed_id).any():
+                    cluster.remove_node(doomed, allow_graceful=False)  # the node is lost mid-trial
+                    removed = time.time()
+            time.sleep(0.5)
+        output, _ = driver.communicate(timeout=900)
     assert removed, output[-3000:]
     assert driver.returncode == 0, output[-3000:]
 
@@ -64,10 +63,8 @@ def test_multi_node_search_survives_a_lost_node(tmp_path, demo_dir, three_node_c
 
 def test_local_dashboard_answers_on_localhost_with_token_auth(tmp_path, demo_dir):
     space = write_space(tmp_path / "space.yaml", demo_dir, experiment="dashboard", num_samples=1, max_epochs=1)
-    driver = subprocess.Popen([sys.executable, str(REPO_ROOT / "ray_jobs" / "tune.py"), "--space", str(space),
-                               "--results", str(tmp_path / "results")], cwd=REPO_ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    with started_script("tune.py", "--space", str(space), "--results", str(tmp_path / "results"),
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as driver:
         url = None
         for line in driver.stdout:
             if line.startswith("Ray dashboard: "):
@@ -81,6 +78,5 @@ def test_local_dashboard_answers_on_localhost_with_token_auth(tmp_path, demo_dir
         request = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
         with urllib.request.urlopen(request, timeout=30) as response:
             assert response.status == 200 and "ray_version" in json.loads(response.read())
-    finally:
         output, _ = driver.communicate(timeout=600)
     assert driver.returncode == 0, output[-3000:]

@@ -3,7 +3,6 @@ import sys
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pandas as pd
 import pytest
 

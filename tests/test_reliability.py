@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO_ROOT, run_script, write_space
+from conftest import REPO_ROOT, started_script, write_space
 from sketch_core.engine import load_checkpoint
 from sketch_core.errors import SketchError
 
@@ -34,34 +34,34 @@ def test_killed_worker_and_failing_trial(tmp_path, demo_dir):
         space={"trainable_blocks": {"choice": [1, 9, 2]}},
     )
     results = tmp_path / "results"
-    driver = subprocess.Popen([sys.executable, str(REPO_ROOT / "ray_jobs" / "tune.py"), "--space", str(space),
-                               "--results", str(results)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    epochs_file = results / "faults" / "epochs.parquet"
-    killed_pid, deadline = None, time.monotonic() + 600
-    while killed_pid is None and time.monotonic() < deadline and driver.poll() is None:
-        if epochs_file.exists():
-            epochs = pd.read_parquet(epochs_file)
-            if len(epochs) and epochs["epoch"].max() >= 1:
-                killed_pid = int(str(epochs["pids"].iloc[0]).split(",")[-1])
-                os.kill(killed_pid, signal.SIGKILL)  # a training worker dies, as on a preempted node
-        time.sleep(0.5)
-    # Once the last configuration trains, the earlier trials have ended: their workers must be gone
-    # while the search still runs (a leaked worker group would hold its CPUs forever).
-    checked_release = False
-    while not checked_release and time.monotonic() < deadline and driver.poll() is None:
-        trials_file = results / "faults" / "trials.parquet"
-        if trials_file.exists():
-            trials = pd.read_parquet(trials_file).set_index("config.trainable_blocks")
-            if 2 in trials.index and trials.loc[2, "epochs_run"] >= 1:
+    with started_script("tune.py", "--space", str(space), "--results", str(results),
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as driver:
+        epochs_file = results / "faults" / "epochs.parquet"
+        killed_pid, deadline = None, time.monotonic() + 900
+        while killed_pid is None and time.monotonic() < deadline and driver.poll() is None:
+            if epochs_file.exists():
                 epochs = pd.read_parquet(epochs_file)
-                ended = epochs[epochs["trial_id"] == trials.loc[1, "trial_id"]]
-                time.sleep(10)  # Ray Train tears a finished group down asynchronously
-                leftovers = [int(pid) for pid in ",".join(ended["pids"].dropna()).split(",") if pid_alive(int(pid))]
-                assert not leftovers or driver.poll() is not None, f"workers {leftovers} outlived their trial"
-                checked_release = True
-        time.sleep(0.5)
-    output, _ = driver.communicate(timeout=900)
+                if len(epochs) and epochs["epoch"].max() >= 1:
+                    killed_pid = int(str(epochs["pids"].iloc[0]).split(",")[-1])
+                    os.kill(killed_pid, signal.SIGKILL)  # a training worker dies, as on a preempted node
+            time.sleep(0.5)
+        # Once the last configuration trains, the earlier trials have ended: their workers must be gone
+        # while the search still runs (a leaked worker group would hold its CPUs forever).
+        checked_release = False
+        while not checked_release and time.monotonic() < deadline and driver.poll() is None:
+            trials_file = results / "faults" / "trials.parquet"
+            if trials_file.exists():
+                trials = pd.read_parquet(trials_file).set_index("config.trainable_blocks")
+                if 2 in trials.index and trials.loc[2, "epochs_run"] >= 1:
+                    epochs = pd.read_parquet(epochs_file)
+                    ended = epochs[epochs["trial_id"] == trials.loc[1, "trial_id"]]
+                    time.sleep(10)  # Ray Train tears a finished group down asynchronously
+                    pids = [int(pid) for pid in ",".join(ended["pids"].dropna()).split(",")]
+                    leftovers = [pid for pid in pids if pid_alive(pid)]
+                    assert not leftovers or driver.poll() is not None, f"workers {leftovers} outlived their trial"
+                    checked_release = True
+            time.sleep(0.5)
+        output, _ = driver.communicate(timeout=900)
     assert killed_pid is not None and checked_release, output[-3000:]
     assert driver.returncode == 0, output[-3000:]
 
@@ -72,7 +72,7 @@ def test_killed_worker_and_failing_trial(tmp_path, demo_dir):
     assert "trainable_blocks" in trials.loc[9, "error"] and "9" in trials.loc[9, "error"]
     assert set(trials.loc[[1, 2], "status"]) <= {"finished", "stopped_early"}
     restarted = epochs[epochs["trial_id"] == trials.loc[1, "trial_id"]]
-    assert (restarted["started_at_epoch"] > 0).any(), "the killed trial did not resume from a checkpoint"
+    assert (restarted["started_at_epoch"] > 0).any(), f"the killed trial did not resume from a checkpoint\n{output[-6000:]}"
     assert restarted["epoch"].tolist() == list(range(1, len(restarted) + 1))
     assert (results / "faults" / "best.json").is_file()
 

@@ -2,7 +2,6 @@
 Ray), and the report a real demo search leaves behind."""
 
 import io
-import json
 import re
 from dataclasses import dataclass, field
 

@@ -82,6 +82,22 @@ def test_grid_searcher_turns_choices_into_a_grid():
     assert space.param_space()["head"] == {"grid_search": ["linear", "mlp"]}
 
 
+@pytest.mark.parametrize("searcher", ["optuna", "random", "grid"])
+def test_every_searcher_keeps_max_concurrent(searcher):
+    from ray.tune.search import Searcher
+
+    from ray_jobs.tuning import _searcher
+
+    document = changed("search.max_concurrent", 3)
+    document["search"]["searcher"] = searcher
+    document["space"] = {"head": {"choice": ["linear", "mlp"]}}  # a grid takes choices only
+    space = parse_space(document, source="x.yaml")
+    made = _searcher(space)
+    # Tune wraps a Searcher in a ConcurrencyLimiter of max_concurrent_trials, but ignores that
+    # setting for a variant generator passed in: the generator itself must hold the limit.
+    assert isinstance(made, Searcher) or made.max_concurrent == 3
+
+
 def test_files_that_are_not_spaces(tmp_path):
     with pytest.raises(SketchError, match="search-space file not found"):
         load_space(tmp_path / "missing.yaml")
