@@ -49,6 +49,7 @@ def final_fit(args: argparse.Namespace) -> None:
 
     from sketch_core.data import read_test_table, read_train_table
     from sketch_core.io import unused_path
+    from sketch_core.models import check_pretrained_weights
     from sketch_core.predict import submission_frame
     from ray_jobs.cluster import check_trial_fits, start_ray
     from ray_jobs.refit import choose_models, fit_models, load_npy, npy_bytes
@@ -80,6 +81,10 @@ def final_fit(args: argparse.Namespace) -> None:
     specs = choose_models(store.read_parquet("trials.parquet"), metric=search["metric"], mode=search["mode"],
                           searched=search["searched"], top_k=args.top_k, folds=args.folds, epochs=args.epochs,
                           data_dir=data_dir)
+    weights = {(spec.config["model"], spec.config.get("checkpoint_file", "")) for spec in specs
+               if spec.config.get("pretrained") or spec.config.get("checkpoint_file")}
+    for model, checkpoint_file in sorted(weights):
+        check_pretrained_weights(model, checkpoint_file=checkpoint_file)
     resources = Resources(**search["resources"])
     folder = "final/fit-" + time.strftime("%Y%m%d-%H%M%S")
     started = time.time()

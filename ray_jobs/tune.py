@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def search(args: argparse.Namespace) -> None:
     from sketch_core.data import read_train_table, verify_images
+    from sketch_core.models import check_pretrained_weights
     from ray_jobs.cluster import check_trial_fits, start_ray
     from ray_jobs.cli import ensure_data_dir
     from ray_jobs.report import write_report
@@ -56,6 +57,8 @@ def search(args: argparse.Namespace) -> None:
     table = read_train_table(data_dir)
     verify_images(table.paths)
     space = space.with_overrides(data_dir=data_dir)
+    if space.base.get("pretrained") or space.base.get("checkpoint_file"):
+        check_pretrained_weights(space.base["model"], checkpoint_file=space.base.get("checkpoint_file", ""))
     store = ResultsStore(args.results, space.experiment)
     started_before = store.exists(f"{TUNE_FOLDER}/tuner.pkl")
     if args.resume and not started_before:

@@ -1,8 +1,9 @@
 import pytest
+import timm
 import torch
 
 from sketch_core.errors import SketchError
-from sketch_core.models import create_classifier
+from sketch_core.models import check_pretrained_weights, create_classifier
 
 
 def trainable(model):
@@ -48,3 +49,30 @@ def test_local_checkpoint_file_replaces_the_hub(tmp_path):
         assert torch.equal(tensor, loaded.backbone.state_dict()[name]), name
     with pytest.raises(SketchError, match="checkpoint_file: .*missing.pth not found"):
         create_classifier("test_resnet", num_classes=3, checkpoint_file=str(tmp_path / "missing.pth"))
+
+
+def test_weights_are_checked_without_loading_them(monkeypatch, tmp_path):
+    """The check tune.py and final_fit.py run before starting Ray: unreachable weights fail it with
+    create_classifier's message; weights in a pre-filled Hugging Face cache pass it, offline, and load."""
+    import huggingface_hub.constants
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(SketchError, match=r"^model test_resnet.r160_in1k: pretrained weights could not be fetched "
+                                          r"\(OfflineModeIsEnabled.*pre-fill the Hugging Face cache"):
+        check_pretrained_weights("test_resnet.r160_in1k")
+    with pytest.raises(SketchError, match="checkpoint_file: .*missing.pth not found"):
+        check_pretrained_weights("test_resnet", checkpoint_file=str(tmp_path / "missing.pth"))
+
+    # The cache layout huggingface_hub writes: refs/main names the snapshot holding the files.
+    repo = tmp_path / "hub" / "models--timm--test_resnet.r160_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    weights = timm.create_model("test_resnet", num_classes=1000).state_dict()
+    save_file({name: tensor.contiguous() for name, tensor in weights.items()},
+              str(repo / "snapshots" / ("0" * 40) / "model.safetensors"))
+    check_pretrained_weights("test_resnet.r160_in1k")
+    model = create_classifier("test_resnet.r160_in1k", num_classes=3, pretrained=True)
+    assert torch.equal(model.backbone.conv1[0].weight, weights["conv1.0.weight"])
