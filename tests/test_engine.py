@@ -1,5 +1,7 @@
 """The train loop on real demo files: learning, prediction, resume, DDP."""
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -79,6 +81,15 @@ def test_checkpoint_errors(tmp_path):
 def test_training_options_run(demo_dir, changes):
     history = list(TrainingRun(quick_config(demo_dir, epochs=2, **changes)).epochs())
     assert len(history) == 2 and all(np.isfinite(m["train_loss"]) for m in history)
+
+
+def test_compiled_model_trains_like_the_eager_one(demo_dir):
+    """torch.compile (on in search_spaces/eva02.yaml) changes speed, not the training or its checkpoints."""
+    config = quick_config(demo_dir, epochs=1, augment="none")
+    eager, compiled = TrainingRun(config), TrainingRun(dataclasses.replace(config, compile=True))
+    [eager_metrics], [compiled_metrics] = list(eager.epochs()), list(compiled.epochs())
+    assert compiled_metrics["train_loss"] == pytest.approx(eager_metrics["train_loss"], rel=1e-3)
+    assert compiled.state_dict()["model"].keys() == eager.state_dict()["model"].keys()
 
 
 def test_batch_larger_than_the_data_is_refused(demo_dir):
