@@ -2,7 +2,9 @@
 results, a node lost mid-search; and the dashboard of a local run."""
 
 import json
+import os
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -11,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import started_script, write_space
+from conftest import session_processes, started_script, write_space
 
 
 @pytest.fixture
@@ -61,7 +63,7 @@ def test_multi_node_search_survives_a_lost_node(tmp_path, demo_dir, three_node_c
     assert len(after) and not after["nodes"].str.contains(doomed_id).any()  # retried on the nodes left
 
 
-def test_local_dashboard_answers_on_localhost_with_token_auth(tmp_path, demo_dir):
+def test_local_dashboard_on_localhost_and_ray_ports_need_the_token(tmp_path, demo_dir):
     space = write_space(tmp_path / "space.yaml", demo_dir, experiment="dashboard", num_samples=1, max_epochs=1)
     with started_script("tune.py", "--space", str(space), "--results", str(tmp_path / "results"),
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as driver:
@@ -78,5 +80,24 @@ def test_local_dashboard_answers_on_localhost_with_token_auth(tmp_path, demo_dir
         request = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
         with urllib.request.urlopen(request, timeout=30) as response:
             assert response.status == 200 and "ray_version" in json.loads(response.read())
+        # Ray's own ports bind the node's address (ray.init turns 127.0.0.1 into it): the token guards them.
+        gcs_address = session_gcs_address(driver.ray_tmpdir)
+        intruder = subprocess.run(
+            [sys.executable, "-c", f"import ray; ray.init(address={gcs_address!r})"], capture_output=True, text=True,
+            timeout=120, env={**os.environ, "HOME": str(tmp_path), "RAY_AUTH_TOKEN": "0" * 32})
+        assert intruder.returncode != 0 and "InvalidAuthToken" in intruder.stderr, intruder.stderr[-2000:]
         output, _ = driver.communicate(timeout=600)
     assert driver.returncode == 0, output[-3000:]
+
+
+def session_gcs_address(ray_tmpdir: str) -> str:
+    """The GCS address of the local Ray started under ``ray_tmpdir``, from its processes' arguments."""
+    for pid in session_processes(ray_tmpdir):
+        try:
+            arguments = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        for argument in arguments:
+            if argument.startswith("--gcs-address="):
+                return argument.split("=", 1)[1]
+    raise AssertionError(f"no process of {ray_tmpdir} names its GCS address")
