@@ -32,8 +32,11 @@ def test_too_many_trainable_blocks():
 
 
 def test_unavailable_pretrained_weights_name_the_model_and_the_way_out(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    import huggingface_hub.constants
+
+    # huggingface_hub reads its environment once, at import: set what it read.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(SketchError) as caught:
         create_classifier("test_resnet.r160_in1k", num_classes=3, pretrained=True)
     message = str(caught.value)
