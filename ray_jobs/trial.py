@@ -89,6 +89,8 @@ def make_trainable(train_loop: Callable[[dict], None], *, resources: Resources, 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     def run_trial(config: dict[str, Any]) -> None:
+        # Read where the TorchTrainer is built: the dashboard's Train tab lists only tracked runs.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
         # The Train run lives in the trial's own folder under a fixed name, so a restored
         # trial finds its checkpoints. (get_trial_dir() is session-local and changes on restore.)
         storage = tune.get_context().get_storage()

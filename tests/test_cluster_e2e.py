@@ -77,15 +77,27 @@ def test_local_dashboard_on_localhost_and_ray_ports_need_the_token(tmp_path, dem
             urllib.request.urlopen(f"{url}/api/version", timeout=30)
         assert refused.value.code in (401, 403)  # token authentication is on
         token = (Path.home() / ".ray" / "auth_token").read_text().strip()
-        request = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            assert response.status == 200 and "ray_version" in json.loads(response.read())
+
+        def dashboard_api(path: str):
+            request = urllib.request.Request(f"{url}{path}", headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+
+        assert "ray_version" in dashboard_api("/api/version")
         # Ray's own ports bind the node's address (ray.init turns 127.0.0.1 into it): the token guards them.
         gcs_address = session_gcs_address(driver.ray_tmpdir)
         intruder = subprocess.run(
             [sys.executable, "-c", f"import ray; ray.init(address={gcs_address!r})"], capture_output=True, text=True,
             timeout=120, env={**os.environ, "HOME": str(tmp_path), "RAY_AUTH_TOKEN": "0" * 32})
         assert intruder.returncode != 0 and "InvalidAuthToken" in intruder.stderr, intruder.stderr[-2000:]
+        runs, deadline = [], time.monotonic() + 300
+        while not runs and time.monotonic() < deadline and driver.poll() is None:
+            try:  # the Train tab's source: an error until the first trial starts its Train run
+                runs = dashboard_api("/api/train/v2/runs/v1")["train_runs"]
+            except urllib.error.HTTPError:
+                pass
+            time.sleep(2)
+        assert runs and runs[0]["name"] == "train", runs
         output, _ = driver.communicate(timeout=600)
     assert driver.returncode == 0, output[-3000:]
 
