@@ -81,10 +81,10 @@ def final_fit(args: argparse.Namespace) -> None:
     specs = choose_models(store.read_parquet("trials.parquet"), metric=search["metric"], mode=search["mode"],
                           searched=search["searched"], top_k=args.top_k, folds=args.folds, epochs=args.epochs,
                           data_dir=data_dir)
-    weights = {(spec.config["model"], spec.config.get("checkpoint_file", "")) for spec in specs
-               if spec.config.get("pretrained") or spec.config.get("checkpoint_file")}
-    for model, checkpoint_file in sorted(weights):
-        check_pretrained_weights(model, checkpoint_file=checkpoint_file)
+    weights = {(spec.config["model"], spec.config.get("pretrained", False), spec.config.get("checkpoint_file", ""))
+               for spec in specs}  # folds and top-k configurations mostly share them: check each once
+    for model, pretrained, checkpoint_file in sorted(weights):
+        check_pretrained_weights(model, pretrained=pretrained, checkpoint_file=checkpoint_file)
     resources = Resources(**search["resources"])
     folder = "final/fit-" + time.strftime("%Y%m%d-%H%M%S")
     started = time.time()

@@ -57,8 +57,8 @@ def search(args: argparse.Namespace) -> None:
     table = read_train_table(data_dir)
     verify_images(table.paths)
     space = space.with_overrides(data_dir=data_dir)
-    if space.base.get("pretrained") or space.base.get("checkpoint_file"):
-        check_pretrained_weights(space.base["model"], checkpoint_file=space.base.get("checkpoint_file", ""))
+    check_pretrained_weights(space.base["model"], pretrained=space.base.get("pretrained", False),
+                             checkpoint_file=space.base.get("checkpoint_file", ""))
     store = ResultsStore(args.results, space.experiment)
     started_before = store.exists(f"{TUNE_FOLDER}/tuner.pkl")
     if args.resume and not started_before:

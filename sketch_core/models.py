@@ -99,8 +99,7 @@ def _create_backbone(name: str, *, pretrained: bool, checkpoint_file: str, drop_
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
     if checkpoint_file:
-        if not Path(checkpoint_file).is_file():
-            raise SketchError(f"checkpoint_file: {checkpoint_file} not found")
+        _require_checkpoint_file(checkpoint_file)
         # timm drops the checkpoint's classifier weights for num_classes=0 when given through
         # pretrained_cfg_overlay; a plain checkpoint_path would refuse the shape mismatch.
         kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint_file)}
@@ -113,17 +112,18 @@ def _create_backbone(name: str, *, pretrained: bool, checkpoint_file: str, drop_
         raise _weights_error(name, "could not be loaded", exc) from None
 
 
-def check_pretrained_weights(name: str, *, checkpoint_file: str = "") -> None:
-    """Raise the error ``create_classifier(name, pretrained=True)`` would, without loading anything:
-    the weights must be in the local cache or reachable on the hub. A search checks this before it
-    starts its cluster, instead of every trial failing on it (EVA02-L's weights are 1.2 GB)."""
+def check_pretrained_weights(name: str, *, pretrained: bool, checkpoint_file: str = "") -> None:
+    """Raise the error ``create_classifier`` would for these arguments' weights, without loading
+    anything: they must be in the local cache or reachable on the hub. A search checks this before
+    it starts its cluster, instead of every trial failing on it (EVA02-L's weights are 1.2 GB)."""
     from huggingface_hub import file_exists, try_to_load_from_cache
     from timm.models._builder import _resolve_pretrained_source
     from timm.models._hub import _get_safe_alternatives, hf_split
 
     if checkpoint_file:
-        if not Path(checkpoint_file).is_file():
-            raise SketchError(f"checkpoint_file: {checkpoint_file} not found")
+        _require_checkpoint_file(checkpoint_file)
+        return
+    if not pretrained:
         return
     pretrained_cfg = timm.models.get_pretrained_cfg(name)
     source, location = _resolve_pretrained_source(pretrained_cfg.to_dict()) if pretrained_cfg else ("", "")
@@ -142,6 +142,11 @@ def check_pretrained_weights(name: str, *, checkpoint_file: str = "") -> None:
     except Exception as exc:  # offline, no network, hub errors: all mean the same to the user
         raise _weights_error(name, "could not be fetched", exc) from None
     raise _weights_error(name, "could not be fetched", f"none of {', '.join(filenames)} in {repo_id}")
+
+
+def _require_checkpoint_file(checkpoint_file: str) -> None:
+    if not Path(checkpoint_file).is_file():
+        raise SketchError(f"checkpoint_file: {checkpoint_file} not found")
 
 
 def _weights_error(name: str, what: str, cause: Exception | str) -> SketchError:

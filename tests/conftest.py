@@ -81,18 +81,20 @@ def finished_search(tmp_path_factory, demo_dir):
     return {"results": root / "results", "experiment": "e2e", "space": space, "output": completed.stdout}
 
 
-def session_processes(marker: str) -> list[int]:
-    """PIDs whose command line mentions ``marker`` (a Ray session folder of this test)."""
-    pids = []
+def session_processes(marker: str) -> dict[int, list[str]]:
+    """The processes whose command line mentions ``marker`` (a Ray session folder of this test):
+    PID to arguments."""
+    processes = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as file:
-                    if marker.encode() in file.read():
-                        pids.append(int(entry))
+                    cmdline = file.read()
             except OSError:
-                pass
-    return pids
+                continue
+            if marker.encode() in cmdline:
+                processes[int(entry)] = cmdline.decode(errors="replace").split("\0")
+    return processes
 
 
 def kill_session(ray_tmpdir: str) -> None:

@@ -104,11 +104,7 @@ def test_local_dashboard_on_localhost_and_ray_ports_need_the_token(tmp_path, dem
 
 def session_gcs_address(ray_tmpdir: str) -> str:
     """The GCS address of the local Ray started under ``ray_tmpdir``, from its processes' arguments."""
-    for pid in session_processes(ray_tmpdir):
-        try:
-            arguments = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-        except OSError:
-            continue
+    for arguments in session_processes(ray_tmpdir).values():
         for argument in arguments:
             if argument.startswith("--gcs-address="):
                 return argument.split("=", 1)[1]

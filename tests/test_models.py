@@ -64,9 +64,9 @@ def test_weights_are_checked_without_loading_them(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(SketchError, match=r"^model test_resnet.r160_in1k: pretrained weights could not be fetched "
                                           r"\(OfflineModeIsEnabled.*pre-fill the Hugging Face cache"):
-        check_pretrained_weights("test_resnet.r160_in1k")
+        check_pretrained_weights("test_resnet.r160_in1k", pretrained=True)
     with pytest.raises(SketchError, match="checkpoint_file: .*missing.pth not found"):
-        check_pretrained_weights("test_resnet", checkpoint_file=str(tmp_path / "missing.pth"))
+        check_pretrained_weights("test_resnet", pretrained=False, checkpoint_file=str(tmp_path / "missing.pth"))
 
     # The cache layout huggingface_hub writes: refs/main names the snapshot holding the files.
     repo = tmp_path / "hub" / "models--timm--test_resnet.r160_in1k"
@@ -76,6 +76,6 @@ def test_weights_are_checked_without_loading_them(monkeypatch, tmp_path):
     weights = timm.create_model("test_resnet", num_classes=1000).state_dict()
     save_file({name: tensor.contiguous() for name, tensor in weights.items()},
               str(repo / "snapshots" / ("0" * 40) / "model.safetensors"))
-    check_pretrained_weights("test_resnet.r160_in1k")
+    check_pretrained_weights("test_resnet.r160_in1k", pretrained=True)
     model = create_classifier("test_resnet.r160_in1k", num_classes=3, pretrained=True)
     assert torch.equal(model.backbone.conv1[0].weight, weights["conv1.0.weight"])
