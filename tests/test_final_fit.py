@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -16,6 +17,23 @@ def read_fit_logs(experiment_dir):
 def accuracy(submission, answers_file):
     answers = pd.read_csv(answers_file).set_index("image_path")["target"]
     return (submission["target"].to_numpy() == answers.loc[submission["image_path"]].to_numpy()).mean()
+
+
+def best_trial_test_accuracy(best: dict, demo_dir) -> float:
+    """Test accuracy of the best trial's checkpoint at its best epoch, predicted as final_fit does."""
+    from sketch_core.config import TrainConfig
+    from sketch_core.data import read_test_table
+    from sketch_core.engine import TrainingRun, load_checkpoint
+    from sketch_core.predict import predict_probs, submission_frame
+    from ray_jobs.trial import CHECKPOINT_FILE
+
+    run = TrainingRun(TrainConfig.from_dict(best["config"]),
+                      state=load_checkpoint(Path(best["checkpoint"]) / CHECKPOINT_FILE))
+    test = read_test_table(str(demo_dir))
+    probs = predict_probs(run.eval_model, test.paths, image_size=run.config.image_size,
+                          mean=run.normalisation["mean"], std=run.normalisation["std"], device=run.device,
+                          num_workers=0)
+    return accuracy(submission_frame(test.frame, probs), demo_dir / "test_answers.csv")
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +52,10 @@ def test_best_refit_writes_a_valid_submission(finished_search, first_fit, demo_d
     assert submission["image_path"].tolist() == test["image_path"].tolist()
     assert submission["target"].between(0, 7).all()
     best = json.loads((folder / "best.json").read_text())
-    # Refit on all the data (train + validation) should score at least about as well on test.
-    assert accuracy(submission, demo_dir / "test_answers.csv") >= best["val_acc"] - 0.15
+    # Refit on all the data (train + validation) should score at least about as well on test as
+    # the best trial's own model does on the same test images (its val_acc is the maximum over
+    # trials on other images: biased upwards and noisier than this comparison).
+    assert accuracy(submission, demo_dir / "test_answers.csv") >= best_trial_test_accuracy(best, demo_dir) - 0.15
     log = json.loads(read_fit_logs(folder)[0].read_text())
     assert log["models"][0]["source_trial"] == best["trial_id"]
     assert log["models"][0]["epochs"] == best["epoch"]
