@@ -43,7 +43,8 @@ def choose_models(trials: pd.DataFrame, *, metric: str, mode: str, searched: lis
     """The ``top_k`` best distinct configurations, each on all data or on each of ``folds`` folds."""
     column = f"best_{metric}"
     scored = trials.dropna(subset=[column])
-    scored = scored[scored["best_epoch"] > 0].sort_values(column, ascending=mode == "min")
+    # Stable, so that among tied scores the first trial wins, as in best.json.
+    scored = scored[scored["best_epoch"] > 0].sort_values(column, ascending=mode == "min", kind="stable")
     searched_columns = [f"config.{name}" for name in searched if f"config.{name}" in scored]
     distinct = scored.drop_duplicates(subset=searched_columns or ["config.model"])
     if len(distinct) < top_k:
