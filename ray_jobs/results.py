@@ -251,6 +251,7 @@ class ResultsRecorder(Callback):
 
     def setup(self, **info):
         # Runs at the start of every fit, including a restored one (whose callback was unpickled).
+        self._unended: set[str] = set()
         if self.store.exists("epochs.parquet"):
             self.tables.add_rows(self.store.read_parquet("epochs.parquet"))
 
@@ -278,5 +279,10 @@ class ResultsRecorder(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self.write(trials, {trial.trial_id: "ERROR"})
 
+    def on_step_end(self, iteration, trials, **info):
+        # On Ctrl-C Tune ends its loop, saves the experiment, then stops the running trials as
+        # TERMINATED without telling callbacks: the last step's statuses tell them from finished ones.
+        self._unended = {t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")}
+
     def on_experiment_end(self, trials, **info):
-        self.write(trials)
+        self.write(trials, {trial_id: "INTERRUPTED" for trial_id in self._unended})

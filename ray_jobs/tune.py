@@ -103,6 +103,8 @@ def print_summary(store) -> None:
         raise SketchError(f"{store.uri()}: the search reported no results")
     counts = ", ".join(f"{n} {status}" for status, n in trials["status"].value_counts().items())
     print(f"\n{len(trials)} trials: {counts}")
+    if (trials["status"] == "interrupted").any():
+        raise KeyboardInterrupt  # Ray Tune took the Ctrl-C and saved the search: say so, exit 130
     if not store.exists("best.json"):
         raise SketchError(f"{store.uri()}: no trial reported a metric; see the error column of trials.parquet")
     best = store.read_json("best.json")

@@ -3,6 +3,7 @@ results, a node lost mid-search; and the dashboard of a local run."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import session_processes, started_script, write_space
+from conftest import run_script, session_processes, started_script, write_space
 
 
 @pytest.fixture
@@ -32,40 +33,41 @@ def three_node_cluster():
 
 
 def test_multi_node_search_survives_a_lost_node(tmp_path, demo_dir, three_node_cluster):
-    cluster, (doomed, _) = three_node_cluster
-    space = write_space(tmp_path / "space.yaml", demo_dir, experiment="multinode", num_samples=2, max_epochs=3,
-                        scheduler={"type": "none"}, resources={"workers": 2}, search={"max_concurrent": 1})
+    cluster, workers = three_node_cluster
+    space = write_space(tmp_path / "space.yaml", demo_dir, experiment="multinode", num_samples=1, max_epochs=3,
+                        scheduler={"type": "none"}, resources={"workers": 2})
     shared_results = tmp_path / "shared-results"  # every node of this cluster reaches this folder
     with started_script("tune.py", "--space", str(space), "--results", str(shared_results),
                         "--address", cluster.address, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                         text=True) as driver:
         epochs_file = shared_results / "multinode" / "epochs.parquet"
-        doomed_id = doomed.node_id[:8]
         removed, deadline = False, time.monotonic() + 600
         while not removed and time.monotonic() < deadline and driver.poll() is None:
-            if epochs_file.exists():
-                epochs = pd.read_parquet(epochs_file)
-                if epochs["nodes"].dropna().str.contains(doomed_id).any():
-                    cluster.remove_node(doomed, allow_graceful=False)  # the node is lost mid-trial
-                    removed = time.time()
+            if epochs_file.exists() and len(nodes := pd.read_parquet(epochs_file)["nodes"].dropna()):
+                # The two workers sit on two of the three nodes, so at least one non-head node trains.
+                doomed = next(node for node in workers if node.node_id[:8] in nodes.iloc[0])
+                cluster.remove_node(doomed, allow_graceful=False)  # the node is lost mid-trial
+                removed = time.time()
             time.sleep(0.5)
         output, _ = driver.communicate(timeout=900)
     assert removed, output[-3000:]
     assert driver.returncode == 0, output[-3000:]
 
     trials = pd.read_parquet(shared_results / "multinode" / "trials.parquet")
-    assert len(trials) == 2 and (trials["status"] == "finished").all(), trials[["status", "error"]]
+    assert len(trials) == 1 and (trials["status"] == "finished").all(), trials[["status", "error"]]
     nodes_used = {node for nodes in trials["node"] for node in nodes.split(",")}
     assert len(nodes_used) >= 2, nodes_used  # workers were placed on more than one node
     epochs = pd.read_parquet(epochs_file)
     assert all(len(nodes.split(",")) == 2 for nodes in epochs["nodes"].dropna())
     after = epochs[epochs["timestamp"] > removed + 1]
-    assert len(after) and not after["nodes"].str.contains(doomed_id).any()  # retried on the nodes left
+    assert len(after) and not after["nodes"].str.contains(doomed.node_id[:8]).any()  # retried on the nodes left
 
 
-def test_local_dashboard_on_localhost_and_ray_ports_need_the_token(tmp_path, demo_dir):
-    space = write_space(tmp_path / "space.yaml", demo_dir, experiment="dashboard", num_samples=1, max_epochs=1)
-    with started_script("tune.py", "--space", str(space), "--results", str(tmp_path / "results"),
+def test_local_dashboard_on_localhost_and_ray_ports_need_the_token_then_ctrl_c_and_resume(tmp_path, demo_dir):
+    space = write_space(tmp_path / "space.yaml", demo_dir, experiment="dashboard", num_samples=1, max_epochs=2,
+                        scheduler={"type": "none"})
+    results = tmp_path / "results"
+    with started_script("tune.py", "--space", str(space), "--results", str(results),
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as driver:
         url = None
         for line in driver.stdout:
@@ -98,8 +100,17 @@ def test_local_dashboard_on_localhost_and_ray_ports_need_the_token(tmp_path, dem
                 pass
             time.sleep(2)
         assert runs and runs[0]["name"] == "train", runs
-        output, _ = driver.communicate(timeout=600)
-    assert driver.returncode == 0, output[-3000:]
+        # The trial is still starting (two epochs to go): Ctrl-C saves the search for --resume.
+        driver.send_signal(signal.SIGINT)
+        output, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 130 and "interrupted; continue with --resume" in output, output[-3000:]
+    assert "no trial reported" not in output and "Traceback" not in output, output[-3000:]
+    assert pd.read_parquet(results / "dashboard" / "trials.parquet")["status"].tolist() == ["interrupted"]
+
+    resumed = run_script("tune.py", "--space", str(space), "--results", str(results), "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert pd.read_parquet(results / "dashboard" / "trials.parquet")["status"].tolist() == ["finished"]
+    assert pd.read_parquet(results / "dashboard" / "epochs.parquet")["epoch"].tolist() == [1, 2]
 
 
 def session_gcs_address(ray_tmpdir: str) -> str:
