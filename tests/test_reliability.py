@@ -31,7 +31,7 @@ def test_killed_worker_and_failing_trial(tmp_path, demo_dir):
         search={"searcher": "grid", "max_failures": 1, "max_concurrent": 1},
         fixed={"freeze": "last_n_blocks"},
         # test_resnet has 4 blocks: trainable_blocks 9 fails in every worker, every attempt.
-        space={"trainable_blocks": {"choice": [1, 9, 2]}},
+        space={"trainable_blocks": {"choice": [1, 9]}},
     )
     results = tmp_path / "results"
     with started_script("tune.py", "--space", str(space), "--results", str(results),
@@ -45,20 +45,21 @@ def test_killed_worker_and_failing_trial(tmp_path, demo_dir):
                     killed_pid = int(str(epochs["pids"].iloc[0]).split(",")[-1])
                     os.kill(killed_pid, signal.SIGKILL)  # a training worker dies, as on a preempted node
             time.sleep(0.5)
-        # Once the last configuration trains, the earlier trials have ended: their workers must be gone
-        # while the search still runs (a leaked worker group would hold its CPUs forever).
+        # Once the first trial has ended, its workers must be gone while the failing configuration is
+        # still tried (a leaked worker group would hold its CPUs forever).
         checked_release = False
         while not checked_release and time.monotonic() < deadline and driver.poll() is None:
             trials_file = results / "faults" / "trials.parquet"
             if trials_file.exists():
                 trials = pd.read_parquet(trials_file).set_index("config.trainable_blocks")
-                if 2 in trials.index and trials.loc[2, "epochs_run"] >= 1:
+                if 1 in trials.index and trials.loc[1, "status"] in ("finished", "stopped_early"):
                     epochs = pd.read_parquet(epochs_file)
                     ended = epochs[epochs["trial_id"] == trials.loc[1, "trial_id"]]
                     time.sleep(10)  # Ray Train tears a finished group down asynchronously
                     pids = [int(pid) for pid in ",".join(ended["pids"].dropna()).split(",")]
                     leftovers = [pid for pid in pids if pid_alive(pid)]
-                    assert not leftovers or driver.poll() is not None, f"workers {leftovers} outlived their trial"
+                    assert driver.poll() is None, "the search ended before the check: it proves nothing"
+                    assert not leftovers, f"workers {leftovers} outlived their trial"
                     checked_release = True
             time.sleep(0.5)
         output, _ = driver.communicate(timeout=900)
@@ -67,10 +68,10 @@ def test_killed_worker_and_failing_trial(tmp_path, demo_dir):
 
     trials = pd.read_parquet(results / "faults" / "trials.parquet").set_index("config.trainable_blocks")
     epochs = pd.read_parquet(epochs_file)
-    assert len(trials) == 3
+    assert len(trials) == 2
     assert trials.loc[9, "status"] == "error"
     assert "trainable_blocks" in trials.loc[9, "error"] and "9" in trials.loc[9, "error"]
-    assert set(trials.loc[[1, 2], "status"]) <= {"finished", "stopped_early"}
+    assert trials.loc[1, "status"] == "finished"  # all 4 epochs, despite the kill
     restarted = epochs[epochs["trial_id"] == trials.loc[1, "trial_id"]]
     assert (restarted["started_at_epoch"] > 0).any(), f"the killed trial did not resume from a checkpoint\n{output[-6000:]}"
     assert restarted["epoch"].tolist() == list(range(1, len(restarted) + 1))
