@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -73,12 +74,65 @@ def run_script(script: str, *args: str, timeout: float = 900, **kwargs):
 
 @pytest.fixture(scope="session")
 def finished_search(tmp_path_factory, demo_dir):
-    """One finished demo search, shared by every test that only reads its results."""
+    """One finished demo search, shared by every test that only reads its results, and what its
+    local Ray dashboard and ports answered while it ran (``dashboard``, see ``probe_dashboard``)."""
     root = tmp_path_factory.mktemp("search")
     space = write_space(root / "space.yaml", demo_dir)
-    completed = run_script("tune.py", "--space", str(space), "--results", str(root / "results"))
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    return {"results": root / "results", "experiment": "e2e", "space": space, "output": completed.stdout}
+    log = root / "tune.log"
+    with log.open("w") as output, started_script("tune.py", "--space", str(space), "--results", str(root / "results"),
+                                                 stdout=output, stderr=subprocess.STDOUT) as driver:
+        dashboard = probe_dashboard(driver, log, root)
+        returncode = driver.wait(timeout=900)
+    assert returncode == 0, log.read_text()[-6000:]
+    return {"results": root / "results", "experiment": "e2e", "space": space, "output": log.read_text(),
+            "dashboard": dashboard}
+
+
+def probe_dashboard(driver, log: Path, home: Path) -> dict:
+    """While ``driver`` (tune.py on local Ray) runs: its dashboard URL; the HTTP status of a request
+    without the token; /api/version with it; what a client with a wrong token got from the GCS port;
+    and the Train runs the dashboard's Train tab lists once the first trial runs."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    def wait_for(probe, what: str, timeout: float = 300):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and driver.poll() is None:
+            if (found := probe()) is not None:
+                return found
+            time.sleep(1)
+        raise AssertionError(f"{what} never came\n{log.read_text()[-3000:]}")
+
+    url = wait_for(lambda: next((line.split(": ", 1)[1].strip() for line in log.read_text().splitlines()
+                                 if line.startswith("Ray dashboard: ")), None), "the dashboard line")
+    try:
+        urllib.request.urlopen(f"{url}/api/version", timeout=30)
+        without_token = 200
+    except urllib.error.HTTPError as refused:
+        without_token = refused.code
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+
+    def dashboard_api(path: str):
+        request = urllib.request.Request(f"{url}{path}", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    gcs_address = wait_for(lambda: next((argument.split("=", 1)[1] for arguments in
+                                         session_processes(driver.ray_tmpdir).values() for argument in arguments
+                                         if argument.startswith("--gcs-address=")), None), "the GCS address")
+    intruder = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={gcs_address!r})"],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "HOME": str(home), "RAY_AUTH_TOKEN": "0" * 32})
+
+    def train_runs():
+        try:  # the Train tab's source: an error until the first trial starts its Train run
+            return dashboard_api("/api/train/v2/runs/v1")["train_runs"] or None
+        except urllib.error.HTTPError:
+            return None
+
+    return {"url": url, "without_token": without_token, "version": dashboard_api("/api/version"),
+            "intruder": intruder, "train_runs": wait_for(train_runs, "a Train run on the dashboard")}
 
 
 def session_processes(marker: str) -> dict[int, list[str]]:

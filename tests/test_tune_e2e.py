@@ -87,29 +87,44 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, demo_dir, capsys, mo
     assert not (tmp_path / "results").exists()
 
 
-def test_resume_after_the_driver_is_killed(tmp_path, demo_dir):
-    space = write_space(tmp_path / "space.yaml", demo_dir, experiment="killed", num_samples=3, max_epochs=2)
+def wait_until(condition, what: str, driver, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline or driver.poll() is not None:
+            pytest.fail(f"{what} never happened")
+        time.sleep(1)
+
+
+def test_resume_after_the_driver_is_killed_and_after_ctrl_c(tmp_path, demo_dir):
+    space = write_space(tmp_path / "space.yaml", demo_dir, experiment="stopped", num_samples=3, max_epochs=2)
     results = tmp_path / "results"
-    trials_file = results / "killed" / "trials.parquet"
-    with started_script("tune.py", "--space", str(space), "--results", str(results),
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as driver:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if trials_file.exists() and (pd.read_parquet(trials_file)["epochs_run"] > 0).sum() >= 2:
-                break
-            time.sleep(1)
-        else:
-            pytest.fail("the search never reported two trials")
-        driver.send_signal(signal.SIGKILL)
+    trials_file, epochs_file = results / "stopped" / "trials.parquet", results / "stopped" / "epochs.parquet"
+    command = ("tune.py", "--space", str(space), "--results", str(results))
+    with started_script(*command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as driver:
+        wait_until(lambda: trials_file.exists() and (pd.read_parquet(trials_file)["epochs_run"] > 0).sum() >= 2,
+                   "two trials reporting", driver)
+        driver.send_signal(signal.SIGKILL)  # kill -9, a lost SSH session
         driver.wait()
-        before = pd.read_parquet(results / "killed" / "epochs.parquet")
+        before_kill = pd.read_parquet(epochs_file)
     # Leaving the block stopped what the killed driver left of its local Ray, which outlives it.
 
-    resumed = run_script("tune.py", "--space", str(space), "--results", str(results), "--resume")
+    with started_script(*command, "--resume", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as driver:
+        wait_until(lambda: len(pd.read_parquet(epochs_file)) > len(before_kill), "an epoch after --resume", driver)
+        driver.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the search and stops its trials
+        output, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 130 and "interrupted; continue with --resume" in output, output[-3000:]
+    assert "no trial reported" not in output and "Traceback" not in output, output[-3000:]
+    assert "interrupted" in set(pd.read_parquet(trials_file)["status"])
+    before_ctrl_c = pd.read_parquet(epochs_file)
+
+    resumed = run_script(*command, "--resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     trials = pd.read_parquet(trials_file)
-    epochs = pd.read_parquet(results / "killed" / "epochs.parquet")
+    epochs = pd.read_parquet(epochs_file)
     assert len(trials) == 3 and trials["trial_id"].is_unique
     assert set(trials["status"]) <= {"finished", "stopped_early"}
-    kept = before.merge(epochs, on=["trial_id", "epoch"], how="left", suffixes=("", "_after"))
-    assert kept["val_acc_after"].notna().all(), "rows written before the kill were lost"
+    for before in (before_kill, before_ctrl_c):
+        kept = before.merge(epochs, on=["trial_id", "epoch"], how="left", suffixes=("", "_after"))
+        assert kept["val_acc_after"].notna().all(), "rows written before the stop were lost"
+    assert (epochs.groupby("trial_id")["epoch"].max().sort_index()
+            == trials.set_index("trial_id")["epochs_run"].sort_index()).all()
