@@ -48,10 +48,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
-    from sketch_core.engine import TrainingRun, load_checkpoint, save_checkpoint  # after --help, not before
-
     values = {name: getattr(args, name) for name in TrainConfig.field_names() if getattr(args, name) is not None}
     config = TrainConfig.from_dict(values, source="command line")
+    # torch and timm take seconds to import: after --help and the option checks, not before.
+    from sketch_core.engine import TrainingRun, load_checkpoint, save_checkpoint
     out = Path(args.out)
     checkpoint = out / "last.pt"
     state = load_checkpoint(checkpoint) if args.resume else None
