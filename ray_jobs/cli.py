@@ -13,15 +13,16 @@ from sketch_core.errors import SketchError
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 
 
-def run_cli(body: Callable[[], None]) -> int:
-    """Run a command: bad input is one ``error:`` line on stderr and exit status 2, no traceback."""
+def run_cli(body: Callable[[], None], *, after_interrupt: str) -> int:
+    """Run a command: bad input is one ``error:`` line on stderr and exit status 2, no traceback;
+    Ctrl-C is one line saying what to do next (``after_interrupt``) and exit status 130."""
     try:
         body()
     except SketchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; continue with --resume", file=sys.stderr)
+        print(f"interrupted; {after_interrupt}", file=sys.stderr)
         return 130
     return 0
 

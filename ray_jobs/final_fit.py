@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli(lambda: final_fit(args))
+    return run_cli(lambda: final_fit(args), after_interrupt="run final_fit.py again for a new fit")
 
 
 def final_fit(args: argparse.Namespace) -> None:
@@ -101,6 +101,8 @@ def final_fit(args: argparse.Namespace) -> None:
     finally:
         ray.shutdown()
     failed = fitted[~fitted["done"]]
+    if len(failed) and not failed["error"].any():
+        raise KeyboardInterrupt  # Ray Tune took the Ctrl-C and stopped the refits it was running
     if len(failed):
         raise SketchError(f"refit of {', '.join(failed['model_id'])} failed: {failed['error'].iloc[0]}; "
                           f"see {store.uri(folder, 'tune')}")

@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli(lambda: print(f"report: {write_report(open_store(args.results, args.name))}"))
+    return run_cli(lambda: print(f"report: {write_report(open_store(args.results, args.name))}"),
+                   after_interrupt="run report.py again")
 
 
 def open_store(results: str, name: str | None) -> ResultsStore:

@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli(lambda: search(args))
+    return run_cli(lambda: search(args), after_interrupt="continue with --resume")
 
 
 def search(args: argparse.Namespace) -> None:
