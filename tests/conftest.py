@@ -82,10 +82,44 @@ def finished_search(tmp_path_factory, demo_dir):
     with log.open("w") as output, started_script("tune.py", "--space", str(space), "--results", str(root / "results"),
                                                  stdout=output, stderr=subprocess.STDOUT) as driver:
         dashboard = probe_dashboard(driver, log, root)
-        returncode = driver.wait(timeout=900)
-    assert returncode == 0, log.read_text()[-6000:]
+        released = watch_worker_release(driver, root / "results" / "e2e")
+    assert driver.returncode == 0, log.read_text()[-6000:]
     return {"results": root / "results", "experiment": "e2e", "space": space, "output": log.read_text(),
-            "dashboard": dashboard}
+            "dashboard": dashboard, "released": released}
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def watch_worker_release(driver, experiment_dir: Path, *, grace_s: float = 30) -> dict[str, dict]:
+    """Until ``driver`` (tune.py) ends: for each trial that ended while the search went on, its
+    status and how many seconds its training workers outlived it (None: more than ``grace_s``)."""
+    import pandas as pd
+
+    trials_file, epochs_file = experiment_dir / "trials.parquet", experiment_dir / "epochs.parquet"
+    ended_at, released = {}, {}
+    while driver.poll() is None:
+        if trials_file.exists() and epochs_file.exists():
+            trials, epochs = pd.read_parquet(trials_file), pd.read_parquet(epochs_file)
+            for trial in trials[trials["status"].isin(["finished", "stopped_early"])].itertuples():
+                if trial.trial_id in released:
+                    continue
+                waited = time.monotonic() - ended_at.setdefault(trial.trial_id, time.monotonic())
+                pids = [int(pid) for pids in epochs.loc[epochs["trial_id"] == trial.trial_id, "pids"].dropna()
+                        for pid in str(pids).split(",")]
+                if driver.poll() is not None:
+                    break  # the search ended: Ray's shutdown ends every worker, which proves nothing
+                if not any(pid_alive(pid) for pid in pids):
+                    released[trial.trial_id] = {"status": trial.status, "after_s": waited}
+                elif waited > grace_s:
+                    released[trial.trial_id] = {"status": trial.status, "after_s": None, "pids": pids}
+        time.sleep(0.5)
+    return released
 
 
 def probe_dashboard(driver, log: Path, home: Path) -> dict:

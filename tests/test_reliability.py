@@ -10,17 +10,15 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO_ROOT, started_script, write_space
+from conftest import REPO_ROOT, pid_alive, started_script, write_space
 from sketch_core.engine import load_checkpoint
 from sketch_core.errors import SketchError
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+def test_trials_asha_stopped_free_their_workers_while_the_search_goes_on(finished_search):
+    released = finished_search["released"]  # watched while the shared search ran
+    assert any(trial["status"] == "stopped_early" for trial in released.values()), released
+    assert all(trial["after_s"] is not None for trial in released.values()), f"workers outlived their trial: {released}"
 
 
 def test_killed_worker_and_failing_trial(tmp_path, demo_dir):
