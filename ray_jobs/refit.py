@@ -104,13 +104,17 @@ def fit_models(specs: list[ModelSpec], *, store: ResultsStore, folder: str, reso
         run_config=tune.RunConfig(name="tune", storage_path=store.uri(folder),
                                   storage_filesystem=store.fs if store.scheme else None),
     )
-    rows = []
+    # A refit that Ctrl-C stopped before it started has no result config: it stays not done, no error.
+    rows = {job["model_id"]: {"model_id": job["model_id"], "epoch": None, "val_acc": None, "done": False,
+                              "error": ""} for job in jobs}
     for result in tuner.fit():
+        if result.config is None:
+            continue
         metrics = result.metrics or {}
-        rows.append({"model_id": result.config["job"]["model_id"], "epoch": metrics.get("epoch"),
-                     "val_acc": metrics.get("val_acc"), "done": "predicted" in metrics,
-                     "error": str(result.error).strip().splitlines()[-1][:300] if result.error else ""})
-    return pd.DataFrame(rows)
+        rows[result.config["job"]["model_id"]].update(
+            epoch=metrics.get("epoch"), val_acc=metrics.get("val_acc"), done="predicted" in metrics,
+            error=str(result.error).strip().splitlines()[-1][:300] if result.error else "")
+    return pd.DataFrame(list(rows.values()))
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

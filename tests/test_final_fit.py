@@ -2,13 +2,16 @@
 
 import json
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import run_script
+from conftest import run_script, started_script
 
 
 def read_fit_logs(experiment_dir):
@@ -156,3 +159,26 @@ def test_errors(finished_search, tmp_path, demo_dir, capsys):
     assert "classes differ" in final_fit("--results", str(copied), "--data-dir", str(other))
     assert "--top-k 50: the search has only" in final_fit("--results", str(copied), "--top-k", "50")
     assert "--folds: expected 0 (no folds) or at least 2, got 1" in final_fit("--results", str(copied), "--folds", "1")
+
+
+def test_ctrl_c_during_the_refit_writes_no_submission(finished_search, first_fit, tmp_path):
+    folder = finished_search["results"] / "e2e"
+    submissions = sorted(path.name for path in (folder / "final").glob("submission*.csv"))
+    fits, fit_folders = set(read_fit_logs(folder)), set(folder.glob("final/fit-*"))
+    log = tmp_path / "final_fit.log"
+    with log.open("w") as output, started_script("final_fit.py", "--best", "--results", str(finished_search["results"]),
+                                                 stdout=output, stderr=subprocess.STDOUT) as driver:
+        deadline = time.monotonic() + 300
+        def refit_running():  # Ray Tune has started this fit's experiment: it is Tune that takes the Ctrl-C
+            return any(list(path.glob("tune/*")) for path in set(folder.glob("final/fit-*")) - fit_folders)
+
+        while not refit_running() and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        driver.send_signal(signal.SIGINT)
+        driver.wait(timeout=300)
+    output = log.read_text()
+    assert "Stop signal received" in output, output[-3000:]  # Ray Tune's own line: it caught the signal
+    assert driver.returncode == 130 and "interrupted; run final_fit.py again for a new fit" in output, output[-3000:]
+    assert "Traceback" not in output and "error:" not in output, output[-3000:]
+    assert sorted(path.name for path in (folder / "final").glob("submission*.csv")) == submissions
+    assert set(read_fit_logs(folder)) == fits  # the interrupted fit has no fit.json to mistake for a good one
