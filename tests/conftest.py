@@ -82,7 +82,7 @@ def finished_search(tmp_path_factory, demo_dir):
     with log.open("w") as output, started_script("tune.py", "--space", str(space), "--results", str(root / "results"),
                                                  stdout=output, stderr=subprocess.STDOUT) as driver:
         dashboard = probe_dashboard(driver, log, root)
-        released = watch_worker_release(driver, root / "results" / "e2e")
+        released = watch_worker_release(driver, root / "results" / "e2e", timeout=900)
     assert driver.returncode == 0, log.read_text()[-6000:]
     return {"results": root / "results", "experiment": "e2e", "space": space, "output": log.read_text(),
             "dashboard": dashboard, "released": released}
@@ -96,22 +96,42 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def watch_worker_release(driver, experiment_dir: Path, *, grace_s: float = 30) -> dict[str, dict]:
+def wait_for(probe, what: str, driver, *, timeout: float = 300, interval: float = 1, log: Path | None = None):
+    """The first truthy value ``probe()`` returns while ``driver`` runs; the test fails if none
+    comes within ``timeout`` seconds or the driver ends first (with the tail of ``log``, if given)."""
+    deadline = time.monotonic() + timeout
+    while driver.poll() is None and time.monotonic() < deadline:
+        if found := probe():
+            return found
+        time.sleep(interval)
+    pytest.fail(f"{what} never came" + (f"\n{log.read_text()[-3000:]}" if log else ""))
+
+
+def trial_pids(epochs, trial_id: str) -> list[int]:
+    """The training-worker PIDs a trial reported in epochs.parquet, over all its attempts."""
+    return [int(pid) for pids in epochs.loc[epochs["trial_id"] == trial_id, "pids"].dropna()
+            for pid in str(pids).split(",")]
+
+
+def watch_worker_release(driver, experiment_dir: Path, *, timeout: float, grace_s: float = 30) -> dict[str, dict]:
     """Until ``driver`` (tune.py) ends: for each trial that ended while the search went on, its
-    status and how many seconds its training workers outlived it (None: more than ``grace_s``)."""
+    status and how many seconds its training workers outlived it (None: more than ``grace_s``).
+    The test fails if the driver runs longer than ``timeout`` seconds."""
     import pandas as pd
 
     trials_file, epochs_file = experiment_dir / "trials.parquet", experiment_dir / "epochs.parquet"
     ended_at, released = {}, {}
+    deadline = time.monotonic() + timeout
     while driver.poll() is None:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the search did not end within {timeout} s")
         if trials_file.exists() and epochs_file.exists():
             trials, epochs = pd.read_parquet(trials_file), pd.read_parquet(epochs_file)
             for trial in trials[trials["status"].isin(["finished", "stopped_early"])].itertuples():
                 if trial.trial_id in released:
                     continue
                 waited = time.monotonic() - ended_at.setdefault(trial.trial_id, time.monotonic())
-                pids = [int(pid) for pids in epochs.loc[epochs["trial_id"] == trial.trial_id, "pids"].dropna()
-                        for pid in str(pids).split(",")]
+                pids = trial_pids(epochs, trial.trial_id)
                 if driver.poll() is not None:
                     break  # the search ended: Ray's shutdown ends every worker, which proves nothing
                 if not any(pid_alive(pid) for pid in pids):
@@ -130,16 +150,8 @@ def probe_dashboard(driver, log: Path, home: Path) -> dict:
     import urllib.error
     import urllib.request
 
-    def wait_for(probe, what: str, timeout: float = 300):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and driver.poll() is None:
-            if (found := probe()) is not None:
-                return found
-            time.sleep(1)
-        raise AssertionError(f"{what} never came\n{log.read_text()[-3000:]}")
-
     url = wait_for(lambda: next((line.split(": ", 1)[1].strip() for line in log.read_text().splitlines()
-                                 if line.startswith("Ray dashboard: ")), None), "the dashboard line")
+                                 if line.startswith("Ray dashboard: ")), None), "the dashboard line", driver, log=log)
     try:
         urllib.request.urlopen(f"{url}/api/version", timeout=30)
         without_token = 200
@@ -154,7 +166,8 @@ def probe_dashboard(driver, log: Path, home: Path) -> dict:
 
     gcs_address = wait_for(lambda: next((argument.split("=", 1)[1] for arguments in
                                          session_processes(driver.ray_tmpdir).values() for argument in arguments
-                                         if argument.startswith("--gcs-address=")), None), "the GCS address")
+                                         if argument.startswith("--gcs-address=")), None), "the GCS address",
+                           driver, log=log)
     intruder = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={gcs_address!r})"],
                               capture_output=True, text=True, timeout=120,
                               env={**os.environ, "HOME": str(home), "RAY_AUTH_TOKEN": "0" * 32})
@@ -166,7 +179,7 @@ def probe_dashboard(driver, log: Path, home: Path) -> dict:
             return None
 
     return {"url": url, "without_token": without_token, "version": dashboard_api("/api/version"),
-            "intruder": intruder, "train_runs": wait_for(train_runs, "a Train run on the dashboard")}
+            "intruder": intruder, "train_runs": wait_for(train_runs, "a Train run on the dashboard", driver, log=log)}
 
 
 def session_processes(marker: str) -> dict[int, list[str]]:

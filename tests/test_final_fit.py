@@ -4,14 +4,13 @@ import json
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import run_script, started_script
+from conftest import run_script, started_script, wait_for
 
 
 def read_fit_logs(experiment_dir):
@@ -168,12 +167,10 @@ def test_ctrl_c_during_the_refit_writes_no_submission(finished_search, first_fit
     log = tmp_path / "final_fit.log"
     with log.open("w") as output, started_script("final_fit.py", "--best", "--results", str(finished_search["results"]),
                                                  stdout=output, stderr=subprocess.STDOUT) as driver:
-        deadline = time.monotonic() + 300
         def refit_running():  # Ray Tune has started this fit's experiment: it is Tune that takes the Ctrl-C
             return any(list(path.glob("tune/*")) for path in set(folder.glob("final/fit-*")) - fit_folders)
 
-        while not refit_running() and driver.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
+        wait_for(refit_running, "the refit under Ray Tune", driver, interval=0.5, log=log)
         driver.send_signal(signal.SIGINT)
         driver.wait(timeout=300)
     output = log.read_text()

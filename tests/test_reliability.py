@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO_ROOT, pid_alive, started_script, write_space
+from conftest import REPO_ROOT, started_script, wait_for, watch_worker_release, write_space
 from sketch_core.engine import load_checkpoint
 from sketch_core.errors import SketchError
 
@@ -32,36 +32,24 @@ def test_killed_worker_and_failing_trial(tmp_path, demo_dir):
         space={"trainable_blocks": {"choice": [1, 9]}},
     )
     results = tmp_path / "results"
-    with started_script("tune.py", "--space", str(space), "--results", str(results),
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as driver:
+    log = tmp_path / "tune.log"
+    with log.open("w") as output, started_script("tune.py", "--space", str(space), "--results", str(results),
+                                                 stdout=output, stderr=subprocess.STDOUT) as driver:
         epochs_file = results / "faults" / "epochs.parquet"
-        killed_pid, deadline = None, time.monotonic() + 900
-        while killed_pid is None and time.monotonic() < deadline and driver.poll() is None:
-            if epochs_file.exists():
-                epochs = pd.read_parquet(epochs_file)
-                if len(epochs) and epochs["epoch"].max() >= 1:
-                    killed_pid = int(str(epochs["pids"].iloc[0]).split(",")[-1])
-                    os.kill(killed_pid, signal.SIGKILL)  # a training worker dies, as on a preempted node
-            time.sleep(0.5)
+
+        def first_epoch_pids():
+            epochs = pd.read_parquet(epochs_file) if epochs_file.exists() else None
+            reported = epochs is not None and len(epochs) and epochs["epoch"].max() >= 1
+            return str(epochs["pids"].iloc[0]) if reported else None
+
+        killed_pid = int(wait_for(first_epoch_pids, "a first epoch", driver, timeout=900, interval=0.5, log=log)
+                         .split(",")[-1])
+        os.kill(killed_pid, signal.SIGKILL)  # a training worker dies, as on a preempted node
         # Once the first trial has ended, its workers must be gone while the failing configuration is
-        # still tried (a leaked worker group would hold its CPUs forever).
-        checked_release = False
-        while not checked_release and time.monotonic() < deadline and driver.poll() is None:
-            trials_file = results / "faults" / "trials.parquet"
-            if trials_file.exists():
-                trials = pd.read_parquet(trials_file).set_index("config.trainable_blocks")
-                if 1 in trials.index and trials.loc[1, "status"] in ("finished", "stopped_early"):
-                    epochs = pd.read_parquet(epochs_file)
-                    ended = epochs[epochs["trial_id"] == trials.loc[1, "trial_id"]]
-                    time.sleep(10)  # Ray Train tears a finished group down asynchronously
-                    pids = [int(pid) for pid in ",".join(ended["pids"].dropna()).split(",")]
-                    leftovers = [pid for pid in pids if pid_alive(pid)]
-                    assert driver.poll() is None, "the search ended before the check: it proves nothing"
-                    assert not leftovers, f"workers {leftovers} outlived their trial"
-                    checked_release = True
-            time.sleep(0.5)
-        output, _ = driver.communicate(timeout=900)
-    assert killed_pid is not None and checked_release, output[-3000:]
+        # still tried (a leaked worker group would hold its CPUs forever); Ray Train tears a finished
+        # group down asynchronously, within seconds.
+        released = watch_worker_release(driver, results / "faults", timeout=900, grace_s=10)
+    output = log.read_text()
     assert driver.returncode == 0, output[-3000:]
 
     trials = pd.read_parquet(results / "faults" / "trials.parquet").set_index("config.trainable_blocks")
@@ -70,6 +58,9 @@ def test_killed_worker_and_failing_trial(tmp_path, demo_dir):
     assert trials.loc[9, "status"] == "error"
     assert "trainable_blocks" in trials.loc[9, "error"] and "9" in trials.loc[9, "error"]
     assert trials.loc[1, "status"] == "finished"  # all 4 epochs, despite the kill
+    released_first = released.get(trials.loc[1, "trial_id"])
+    assert released_first, f"the search ended before the first trial's workers were checked: {released}"
+    assert released_first["after_s"] is not None, f"workers {released_first['pids']} outlived their trial"
     restarted = epochs[epochs["trial_id"] == trials.loc[1, "trial_id"]]
     assert (restarted["started_at_epoch"] > 0).any(), f"the killed trial did not resume from a checkpoint\n{output[-6000:]}"
     assert restarted["epoch"].tolist() == list(range(1, len(restarted) + 1))

@@ -9,7 +9,7 @@ import time
 import pandas as pd
 import pytest
 
-from conftest import run_script, started_script, write_space
+from conftest import run_script, started_script, wait_for, write_space
 
 
 def test_results_exist_and_agree(finished_search):
@@ -87,29 +87,22 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, demo_dir, capsys, mo
     assert not (tmp_path / "results").exists()
 
 
-def wait_until(condition, what: str, driver, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline or driver.poll() is not None:
-            pytest.fail(f"{what} never happened")
-        time.sleep(1)
-
-
 def test_resume_after_the_driver_is_killed_and_after_ctrl_c(tmp_path, demo_dir):
     space = write_space(tmp_path / "space.yaml", demo_dir, experiment="stopped", num_samples=3, max_epochs=2)
     results = tmp_path / "results"
     trials_file, epochs_file = results / "stopped" / "trials.parquet", results / "stopped" / "epochs.parquet"
     command = ("tune.py", "--space", str(space), "--results", str(results))
     with started_script(*command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as driver:
-        wait_until(lambda: trials_file.exists() and (pd.read_parquet(trials_file)["epochs_run"] > 0).sum() >= 2,
-                   "two trials reporting", driver)
+        wait_for(lambda: trials_file.exists() and (pd.read_parquet(trials_file)["epochs_run"] > 0).sum() >= 2,
+                 "two trials reporting", driver, timeout=600)
         driver.send_signal(signal.SIGKILL)  # kill -9, a lost SSH session
         driver.wait()
         before_kill = pd.read_parquet(epochs_file)
     # Leaving the block stopped what the killed driver left of its local Ray, which outlives it.
 
     with started_script(*command, "--resume", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as driver:
-        wait_until(lambda: len(pd.read_parquet(epochs_file)) > len(before_kill), "an epoch after --resume", driver)
+        wait_for(lambda: len(pd.read_parquet(epochs_file)) > len(before_kill), "an epoch after --resume", driver,
+                 timeout=600)
         driver.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the search and stops its trials
         output, _ = driver.communicate(timeout=300)
     assert driver.returncode == 130 and "interrupted; continue with --resume" in output, output[-3000:]
