@@ -12,15 +12,15 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from sketch_core.data import load_rgb
 from sketch_core.io import progress
-from sketch_core.transforms import augmentation, base_transform, to_chw
+from sketch_core.transforms import augmentation, base_transform, seed_pipeline, to_chw
 
 # Bump when base_transform changes, so caches built by older code are not reused.
 BASE_TRANSFORM_VERSION = 1
@@ -112,19 +112,49 @@ class DecodeCache(Dataset):
 
 
 class AugmentedImages(Dataset):
-    """(CHW uint8 image, target) pairs: base images from ``images`` with preset ``augment`` applied."""
+    """(CHW uint8 image, target) pairs: base images from ``images`` with preset ``augment`` applied.
 
-    def __init__(self, images: Dataset, targets: Sequence[int], augment: str, image_size: int):
+    Item ``i`` is augmented with draws fixed by (``seed``, epoch, ``i``); the epoch comes with the
+    index from an ``EpochSampler`` (a plain integer index means epoch 0). So the draws differ across
+    images and epochs, and the same seed gives the same draws in any loader worker, on any rank, in
+    a second run and after a resume.
+    """
+
+    def __init__(self, images: Dataset, targets: Sequence[int], augment: str, image_size: int, *, seed: int = 0):
         self.images = images
         self.targets = np.asarray(targets, dtype=np.int64)
         self.augment = augmentation(augment, image_size)
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[np.ndarray, int]:
+        index, epoch = index if isinstance(index, tuple) else (index, 0)
+        if self.augment.transforms:
+            seed_pipeline(self.augment, self.seed, epoch, index)
         image = self.augment(image=np.asarray(self.images[index]))["image"]
         return to_chw(image), int(self.targets[index])
+
+
+class EpochSampler(Sampler):
+    """``sampler``'s indices paired with its current epoch, ``(index, epoch)``.
+
+    The pairs travel to the loader workers with each index, so a dataset can seed per epoch even in
+    persistent workers, which keep the copy of the dataset they started with."""
+
+    def __init__(self, sampler: DistributedSampler):
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.sampler.epoch
+        return ((index, epoch) for index in self.sampler)
 
 
 def image_source(paths: Sequence[str], image_size: int, *, cached: bool, workers: int = 2) -> Dataset:

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-from timm.data import FastCollateMixup
+from timm.data import Mixup
 from timm.data.loader import PrefetchLoader, fast_collate
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from sketch_core.config import TrainConfig
 from sketch_core.data import TrainTable, read_train_table, split_indices
-from sketch_core.dataset import AugmentedImages, image_source, subset
+from sketch_core.dataset import AugmentedImages, EpochSampler, image_source, subset
 from sketch_core.errors import SketchError
 from sketch_core.features import (PLAIN_VIEW, FeatureBatches, FeatureStore, encode_batches, training_views,
                                   update_head_ema, uses_feature_cache)
@@ -104,6 +104,11 @@ class TrainingRun:
             self.train_model = torch.compile(self.train_model)
         self.train_loss_fn = (SoftTargetCrossEntropy() if config.uses_mixup
                               else nn.CrossEntropyLoss(label_smoothing=config.label_smoothing))
+        # On the device in this process, not in the loader's collate: its draws then follow the
+        # per-epoch seed, so a resumed run mixes what the uninterrupted one would have.
+        self.mixup = (Mixup(mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha, prob=config.mixup_prob,
+                            label_smoothing=config.label_smoothing, num_classes=self.table.num_classes)
+                      if config.uses_mixup else None)
 
     @property
     def eval_model(self) -> SketchClassifier:
@@ -172,12 +177,14 @@ class TrainingRun:
     def _train_one_epoch(self) -> tuple[float, float]:
         config = self.config
         self.train_model.train()
-        self.train_loader.sampler.set_epoch(self.epoch)
+        self.train_sampler.set_epoch(self.epoch)  # the order of the image and the feature batches
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, images
         started = time.perf_counter()
         batches = len(self.train_loader)
         self.optimizer.zero_grad(set_to_none=True)
         for step, (images, targets) in enumerate(self.train_loader):
+            if self.mixup is not None:
+                images, targets = self.mixup(images, targets)
             updates_now = (step + 1) % config.grad_accum_steps == 0 or step + 1 == batches
             sync = nullcontext() if updates_now or self.world_size == 1 else self.train_model.no_sync()
             with sync, self._autocast():
@@ -212,20 +219,16 @@ class TrainingRun:
                               workers=config.num_workers)
         self.images, self.split = images, (train_idx, val_idx)  # what the feature cache encodes
         train_set = AugmentedImages(subset(images, train_idx), table.targets[train_idx], config.augment,
-                                    config.image_size)
+                                    config.image_size, seed=config.seed)
         per_rank = len(train_set) // self.world_size
         if per_rank < config.batch_size:
             raise SketchError(f"batch_size: {config.batch_size} per worker exceeds the {per_rank} training "
                               f"images each of {self.world_size} worker(s) gets")
-        sampler = DistributedSampler(train_set, num_replicas=self.world_size, rank=self.rank, shuffle=True,
-                                     seed=config.seed, drop_last=True)
-        collate = fast_collate
-        if config.uses_mixup:
-            collate = FastCollateMixup(mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
-                                       prob=config.mixup_prob, label_smoothing=config.label_smoothing,
-                                       num_classes=table.num_classes)
-        train_loader = self._prefetch(DataLoader(train_set, batch_size=config.batch_size, sampler=sampler,
-                                                 drop_last=True, collate_fn=collate, **self._loader_options()))
+        self.train_sampler = DistributedSampler(train_set, num_replicas=self.world_size, rank=self.rank,
+                                                shuffle=True, seed=config.seed, drop_last=True)
+        train_loader = self._prefetch(DataLoader(train_set, batch_size=config.batch_size,
+                                                 sampler=EpochSampler(self.train_sampler), drop_last=True,
+                                                 collate_fn=fast_collate, **self._loader_options()))
         if len(val_idx) == 0:
             return train_loader, None
         val_set = AugmentedImages(subset(images, val_idx), table.targets[val_idx], "none", config.image_size)
@@ -252,7 +255,7 @@ class TrainingRun:
                              std=self.normalisation["std"], precision="bf16" if self._amp else "fp32")
         train = FeatureBatches([store.features(*view) for view in training_views(config)], train_idx,
                                self.table.targets[train_idx], batch_size=config.batch_size, device=self.device,
-                               sampler=self.train_loader.sampler, drop_last=True)
+                               sampler=self.train_sampler, drop_last=True)
         if self.val_loader is None:
             return train, None
         val_rows = val_idx[self.rank::self.world_size]

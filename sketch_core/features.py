@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import random
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -39,10 +38,10 @@ from torch.utils.data import Dataset, Sampler
 
 from sketch_core.config import TrainConfig
 from sketch_core.dataset import default_cache_dir, images_key
-from sketch_core.transforms import augmentation, to_chw
+from sketch_core.transforms import augmentation, seed_pipeline, to_chw
 
 # Bump when the way features are computed or stored changes, so older files are not reused.
-FEATURE_CACHE_VERSION = 1
+FEATURE_CACHE_VERSION = 2
 
 
 def uses_feature_cache(config: TrainConfig) -> bool:
@@ -78,9 +77,7 @@ class AugmentedView(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        seed = (self.view << 32) | index
-        # One generator shared by the pipeline (set_random_seed would give each transform the same draws).
-        self.augment.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        seed_pipeline(self.augment, self.view, index)
         return to_chw(self.augment(image=np.asarray(self.images[index]))["image"]), 0
 
 

@@ -46,7 +46,9 @@ def test_learns_well_above_chance_and_predictions_agree_with_answers(demo_dir, t
 
 
 def test_resume_continues_exactly_where_it_stopped(demo_dir, tmp_path):
-    config = quick_config(demo_dir, epochs=3, augment="none", ema=True)
+    """As the shipped GPU spaces train (loader workers, augmentation, Mixup, EMA): the same seed
+    gives the same run, and a resumed run draws what the uninterrupted one would have."""
+    config = quick_config(demo_dir, epochs=3, augment="sketch", num_workers=2, mixup_alpha=0.2, ema=True)
     straight = TrainingRun(config)
     straight_history = list(straight.epochs())
 
@@ -72,15 +74,85 @@ def test_checkpoint_errors(tmp_path):
         load_checkpoint(tmp_path / "bad.pt")
 
 
-@pytest.mark.parametrize("changes", [
-    dict(mixup_alpha=0.4, cutmix_alpha=1.0, grad_accum_steps=2, grad_clip=1.0, lr_schedule="step",
-         decay_epochs=1, optimizer="sgd", warmup_epochs=1),
-    dict(freeze="last_n_blocks", trainable_blocks=1, head="mlp", head_hidden=32, head_dropout=0.1,
-         augment="heavy", drop_path_rate=0.1),
-])
-def test_training_options_run(demo_dir, changes):
-    history = list(TrainingRun(quick_config(demo_dir, epochs=2, **changes)).epochs())
-    assert len(history) == 2 and all(np.isfinite(m["train_loss"]) for m in history)
+def test_step_schedule_gives_the_lr_it_names_at_each_epoch(demo_dir):
+    history = list(TrainingRun(quick_config(demo_dir, epochs=3, lr_schedule="step", decay_epochs=1,
+                                            decay_rate=0.1, lr=1e-2)).epochs())
+    assert [m["lr"] for m in history] == pytest.approx([1e-3, 1e-4, 1e-5])
+    warm = TrainingRun(quick_config(demo_dir, epochs=3, warmup_epochs=1, lr=1e-2))
+    assert warm._lr() == pytest.approx(1e-4)  # warmup starts at 1% of lr
+    # then the cosine over all 3 epochs (timm's warmup overlaps it): lr * (1 + cos(pi / 3)) / 2 after epoch 1
+    assert next(warm.epochs())["lr"] == pytest.approx(7.5e-3)
+
+
+def gradient_norms(run: TrainingRun) -> list[float]:
+    """The norm of the gradients each optimiser step of ``run`` applies, recorded as it trains."""
+    norms, step = [], run.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads = [p.grad for p in run.model.parameters() if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return step(*args, **kwargs)
+
+    run.optimizer.step = recording_step
+    return norms
+
+
+def test_gradient_clipping_bounds_every_step(demo_dir):
+    clipped, free = (TrainingRun(quick_config(demo_dir, epochs=1, grad_clip=clip)) for clip in (0.05, 0.0))
+    clipped_norms, free_norms = gradient_norms(clipped), gradient_norms(free)
+    list(clipped.epochs()), list(free.epochs())
+    assert len(clipped_norms) == len(free_norms) == len(clipped.train_loader)
+    assert max(clipped_norms) <= 0.05 * (1 + 1e-4)
+    assert min(free_norms) > 0.05  # so the bound above is clipping's doing
+
+
+def test_accumulating_k_batches_of_b_equals_one_batch_of_k_times_b(demo_dir):
+    """Gradient accumulation (K=2 batches of 8) against one batch of 16, same data order and
+    updates: with SGD and a model without batch statistics (ConvNeXt's LayerNorm) the weights agree."""
+    common = dict(model="test_convnext", optimizer="sgd", augment="none", epochs=1, lr=5e-2, weight_decay=0.0)
+    accumulated = TrainingRun(quick_config(demo_dir, batch_size=8, grad_accum_steps=2, **common))
+    single = TrainingRun(quick_config(demo_dir, batch_size=16, **common))
+    assert accumulated.updates_per_epoch == single.updates_per_epoch == len(single.train_loader)
+    assert isinstance(single.optimizer, torch.optim.SGD) and single.optimizer.param_groups[0]["momentum"] == 0.9
+    [a], [b] = list(accumulated.epochs()), list(single.epochs())
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    moved = False
+    for (name, after), initial in zip(single.model.state_dict().items(),
+                                      TrainingRun(quick_config(demo_dir, **common)).model.state_dict().values()):
+        torch.testing.assert_close(accumulated.model.state_dict()[name], after, rtol=1e-4, atol=1e-5)
+        moved |= not torch.equal(after, initial)
+    assert moved, "SGD changed no weight"
+
+
+def test_mixup_and_cutmix_train_on_mixed_images_and_soft_targets(demo_dir):
+    run = TrainingRun(quick_config(demo_dir, epochs=1, mixup_alpha=0.4, cutmix_alpha=1.0))
+    seen, loss_fn = [], run.train_loss_fn
+
+    def recording_loss(logits, targets):
+        seen.append(targets.detach().clone())
+        return loss_fn(logits, targets)
+
+    run.train_loss_fn = recording_loss
+    [metrics] = list(run.epochs())
+    assert np.isfinite(metrics["train_loss"]) and len(seen) == len(run.train_loader)
+    targets = torch.cat(seen)
+    assert targets.shape == (len(targets), run.table.num_classes)
+    torch.testing.assert_close(targets.sum(1), torch.ones(len(targets)))
+    # Label smoothing 0.1 over 8 classes puts at most 0.9125 on one class: a mix puts less on its top class.
+    assert (targets.max(1).values < 0.9).float().mean() > 0.5
+
+
+def test_last_n_blocks_trains_only_the_last_blocks_and_the_head(demo_dir):
+    run = TrainingRun(quick_config(demo_dir, epochs=1, freeze="last_n_blocks", trainable_blocks=1, head="mlp",
+                                   head_hidden=32, head_dropout=0.1, augment="heavy", drop_path_rate=0.1))
+    before = {name: tensor.clone() for name, tensor in run.model.named_parameters()}
+    trainable = {name for name, p in run.model.named_parameters() if p.requires_grad}
+    assert any(name.startswith("head.") for name in trainable)
+    assert trainable and all(name.startswith(("head.", "backbone.layer4.", "backbone.fc", "backbone.head"))
+                             for name in trainable), trainable
+    list(run.epochs())
+    for name, tensor in run.model.named_parameters():
+        assert torch.equal(tensor, before[name]) != (name in trainable), name
 
 
 def test_compiled_model_trains_like_the_eager_one(demo_dir):
