@@ -2,6 +2,7 @@
 
     python ray_jobs/final_fit.py --best                          # best trial of the latest experiment
     python ray_jobs/final_fit.py --best --name eva02_large_448 --top-k 3 --folds 5 --address auto
+    python ray_jobs/final_fit.py --trial 3f2a_00004              # a trial of your choice
 
 Writes results/<experiment>/final/: fit-<time>/ (each model's weights and test probabilities,
 the ensemble's probabilities, fit.json) and a new submission file, never overwriting an earlier one.
@@ -23,7 +24,9 @@ from sketch_core.errors import SketchError  # noqa: E402
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python ray_jobs/final_fit.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--best", action="store_true", required=True, help="refit the best trial(s) of a search")
+    chosen = parser.add_mutually_exclusive_group()
+    chosen.add_argument("--best", action="store_true", help="refit the best trial(s) of the search")
+    chosen.add_argument("--trial", metavar="TRIAL_ID", help="refit this trial (a trial_id of trials.parquet)")
     parser.add_argument("--name", help="experiment (default: the latest under --results)")
     parser.add_argument("--results", default="results", help="results root: a path, NFS path or s3://, gs:// URI")
     parser.add_argument("--data-dir", help="data folder (default: the one the search used)")
@@ -32,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                         help="average the prediction of each image and its horizontal flip")
     parser.add_argument("--epochs", type=int, help="train this many epochs (default: where the trial peaked)")
-    parser.add_argument("--max-concurrent", type=int, default=0, help="refits at once (default: as many as fit)")
+    parser.add_argument("--max-concurrent", type=int, help="refits at once (default: as many as fit)")
     parser.add_argument("--address", help="Ray cluster to join ('auto' on a cluster node); default: local Ray")
     parser.add_argument("--num-cpus", type=int, help="CPUs local Ray may use (default: all)")
     return parser.parse_args(argv)
@@ -51,28 +54,28 @@ def final_fit(args: argparse.Namespace) -> None:
     from sketch_core.io import unused_path
     from sketch_core.models import check_pretrained_weights
     from sketch_core.predict import submission_frame
+    from ray_jobs.cli import local_path
     from ray_jobs.cluster import check_trial_fits, start_ray
     from ray_jobs.refit import choose_models, fit_models, load_npy, npy_bytes
-    from ray_jobs.results import SCHEMA_VERSION, ResultsStore, latest_experiment
+    from ray_jobs.results import ResultsStore, latest_experiment, read_search
     from ray_jobs.space import Resources
 
-    for option, value, low in (("--top-k", args.top_k, 1), ("--epochs", args.epochs or 1, 1)):
-        if value < low:
-            raise SketchError(f"{option}: expected at least {low}, got {value}")
+    if not args.best and not args.trial:
+        raise SketchError("say which configuration to refit: --best (the best trial of the search) or --trial TRIAL_ID")
+    for option, value in (("--top-k", args.top_k), ("--epochs", args.epochs), ("--max-concurrent", args.max_concurrent)):
+        if value is not None and value < 1:
+            raise SketchError(f"{option}: expected at least 1, got {value}")
+    if args.trial and args.top_k > 1:
+        raise SketchError(f"--top-k {args.top_k}: goes with --best; --trial refits one configuration")
     if args.folds == 1 or args.folds < 0:
         raise SketchError(f"--folds: expected 0 (no folds) or at least 2, got {args.folds}")
 
     # Read and check everything before Ray starts.
     store = ResultsStore(args.results, args.name or latest_experiment(args.results))
-    if not store.exists("search.json"):
-        raise SketchError(f"{store.uri()}: no search found (no search.json); run ray_jobs/tune.py first")
-    search = store.read_json("search.json")
-    if search.get("schema") != SCHEMA_VERSION:
-        raise SketchError(f"{store.uri('search.json')}: results schema {search.get('schema')!r}, this version reads "
-                          f"{SCHEMA_VERSION}; rerun the search with this version")
+    search = read_search(store)
     if not store.exists("best.json"):
         raise SketchError(f"{store.uri()}: no finished trial yet (no best.json); let the search report a result first")
-    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else search["data_dir"]
+    data_dir = local_path(args.data_dir) if args.data_dir else search["data_dir"]
     train = read_train_table(data_dir)
     if train.class_names != search["class_names"]:
         raise SketchError(f"{data_dir}: its {train.num_classes} classes differ from the {len(search['class_names'])} "
@@ -80,7 +83,7 @@ def final_fit(args: argparse.Namespace) -> None:
     test = read_test_table(data_dir)
     specs = choose_models(store.read_parquet("trials.parquet"), metric=search["metric"], mode=search["mode"],
                           searched=search["searched"], top_k=args.top_k, folds=args.folds, epochs=args.epochs,
-                          data_dir=data_dir)
+                          data_dir=data_dir, trial_id=args.trial)
     weights = {(spec.config["model"], spec.config.get("pretrained", False), spec.config.get("checkpoint_file", ""))
                for spec in specs}  # folds and top-k configurations mostly share them: check each once
     for model, pretrained, checkpoint_file in sorted(weights):
@@ -96,16 +99,12 @@ def final_fit(args: argparse.Namespace) -> None:
         check_trial_fits(resources, store.uri("search.json"))
         print(f"refitting {len(specs)} model(s) of {store.experiment}: "
               + ", ".join(f"{s.model_id} (trial {s.source_trial}, {s.until_epoch} epochs)" for s in specs), flush=True)
-        fitted = fit_models(specs, store=store, folder=folder, resources=resources, tta=args.tta,
-                            max_failures=search["max_failures"], max_concurrent=args.max_concurrent or len(specs))
+        fitted, interrupted = fit_models(specs, store=store, folder=folder, resources=resources, tta=args.tta,
+                                         max_failures=search["max_failures"],
+                                         max_concurrent=args.max_concurrent or len(specs))
     finally:
         ray.shutdown()
-    failed = fitted[~fitted["done"]]
-    if len(failed) and not failed["error"].any():
-        raise KeyboardInterrupt  # Ray Tune took the Ctrl-C and stopped the refits it was running
-    if len(failed):
-        raise SketchError(f"refit of {', '.join(failed['model_id'])} failed: {failed['error'].iloc[0]}; "
-                          f"see {store.uri(folder, 'tune')}")
+    check_refits(fitted, interrupted=interrupted, tune_folder=store.uri(folder, "tune"))
 
     member_probs = {s.model_id: load_npy(store.read_bytes(f"{folder}/probs-{s.model_id}.npy")) for s in specs}
     ensemble = np.mean(list(member_probs.values()), axis=0)
@@ -125,6 +124,19 @@ def final_fit(args: argparse.Namespace) -> None:
         print("accuracy against test_answers.csv: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     print(f"models and probabilities: {store.uri(folder)}")
     print(f"submission: {store.uri(submission_name)}")
+
+
+def check_refits(fitted, *, interrupted: bool, tune_folder: str) -> None:
+    """Raise unless every refit predicted the test set: KeyboardInterrupt after a Ctrl-C (Ray Tune
+    took it and stopped the refits), else one error line naming the refits and why."""
+    if interrupted:
+        raise KeyboardInterrupt
+    failed = fitted[~fitted["done"]]
+    if not len(failed):
+        return
+    errors = [error for error in failed["error"] if error]
+    reason = f"failed: {errors[0]}" if errors else "ended without predicting the test set"
+    raise SketchError(f"refit of {', '.join(failed['model_id'])} {reason}; see {tune_folder}")
 
 
 def _score_against_answers(data_dir: str, test_frame, probs_by_model: dict) -> dict[str, float]:

@@ -26,6 +26,7 @@ from sketch_core.predict import predict_probs
 from ray_jobs.results import ResultsStore, config_of
 from ray_jobs.space import Resources
 from ray_jobs.trial import make_trainable, report_epoch, resumed_run
+from ray_jobs.tuning import fit_noting_ctrl_c
 
 
 @dataclass(frozen=True)
@@ -39,14 +40,20 @@ class ModelSpec:
 
 
 def choose_models(trials: pd.DataFrame, *, metric: str, mode: str, searched: list[str], top_k: int, folds: int,
-                  epochs: int | None, data_dir: str) -> list[ModelSpec]:
-    """The ``top_k`` best distinct configurations, each on all data or on each of ``folds`` folds."""
+                  epochs: int | None, data_dir: str, trial_id: str | None = None) -> list[ModelSpec]:
+    """The ``top_k`` best distinct configurations (or the one of ``trial_id``), each on all data or on
+    each of ``folds`` folds."""
     column = f"best_{metric}"
     scored = trials.dropna(subset=[column])
     # Stable, so that among tied scores the first trial wins, as in best.json.
     scored = scored[scored["best_epoch"] > 0].sort_values(column, ascending=mode == "min", kind="stable")
     searched_columns = [f"config.{name}" for name in searched if f"config.{name}" in scored]
     distinct = scored.drop_duplicates(subset=searched_columns or ["config.model"])
+    if trial_id is not None:
+        distinct = scored[scored["trial_id"] == trial_id]
+        if not len(distinct):
+            known = ", ".join(scored["trial_id"].head(8))
+            raise SketchError(f"--trial {trial_id}: no trial with that id reported a result (trials with one: {known})")
     if len(distinct) < top_k:
         raise SketchError(f"--top-k {top_k}: the search has only {len(distinct)} distinct configuration(s) with a result")
     specs = []
@@ -88,10 +95,11 @@ def refit_worker(config: dict[str, Any]) -> None:
 
 
 def fit_models(specs: list[ModelSpec], *, store: ResultsStore, folder: str, resources: Resources, tta: bool,
-               max_failures: int, max_concurrent: int) -> pd.DataFrame:
+               max_failures: int, max_concurrent: int) -> tuple[pd.DataFrame, bool]:
     """Run every refit, side by side as far as ``max_concurrent`` and the cluster allow.
 
-    Returns one row per model: model_id, status, epoch, val_acc (fold models), error.
+    Returns one row per model (model_id, epoch, val_acc of fold models, done, error) and whether
+    Ctrl-C ended the run.
     """
     jobs = [{"model_id": s.model_id, "config": s.config, "until_epoch": s.until_epoch, "tta": tta,
              "results": store.root, "experiment": store.experiment, "folder": folder} for s in specs]
@@ -107,14 +115,15 @@ def fit_models(specs: list[ModelSpec], *, store: ResultsStore, folder: str, reso
     # A refit that Ctrl-C stopped before it started has no result config: it stays not done, no error.
     rows = {job["model_id"]: {"model_id": job["model_id"], "epoch": None, "val_acc": None, "done": False,
                               "error": ""} for job in jobs}
-    for result in tuner.fit():
+    results, interrupted = fit_noting_ctrl_c(tuner)
+    for result in results:
         if result.config is None:
             continue
         metrics = result.metrics or {}
         rows[result.config["job"]["model_id"]].update(
             epoch=metrics.get("epoch"), val_acc=metrics.get("val_acc"), done="predicted" in metrics,
             error=str(result.error).strip().splitlines()[-1][:300] if result.error else "")
-    return pd.DataFrame(list(rows.values()))
+    return pd.DataFrame(list(rows.values())), interrupted
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

@@ -32,8 +32,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from ray_jobs.cli import run_cli  # noqa: E402
-from ray_jobs.results import TRIAL_COLUMNS, ResultsStore, latest_experiment, plain  # noqa: E402
-from sketch_core.errors import SketchError  # noqa: E402
+from ray_jobs.results import BEST_KEYS, TRIAL_COLUMNS, ResultsStore, latest_experiment, plain, read_search  # noqa: E402
 
 REPORT_FOLDER = "report"
 ENDED = ("finished", "stopped_early")
@@ -63,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def open_store(results: str, name: str | None) -> ResultsStore:
     store = ResultsStore(results, name or latest_experiment(results))
-    if not store.exists("search.json"):
-        raise SketchError(f"{store.uri()}: no search found (no search.json); run ray_jobs/tune.py first")
+    read_search(store)  # one error line now if it is missing or damaged
     return store
 
 
@@ -108,7 +106,7 @@ class SearchResults:
 
 
 def load_results(store: ResultsStore) -> SearchResults:
-    search = store.read_json("search.json")
+    search = read_search(store)
     metric = search["metric"]
     trials = store.read_parquet("trials.parquet") if store.exists("trials.parquet") else pd.DataFrame(
         columns=list(TRIAL_COLUMNS))
@@ -116,7 +114,7 @@ def load_results(store: ResultsStore) -> SearchResults:
         trials[f"best_{metric}"] = np.nan
     epochs = store.read_parquet("epochs.parquet") if store.exists("epochs.parquet") else pd.DataFrame(
         columns=["trial_id", "epoch", metric])
-    best = store.read_json("best.json") if store.exists("best.json") else None
+    best = store.read_json("best.json", required=BEST_KEYS) if store.exists("best.json") else None
     return SearchResults(store.experiment, search, trials, epochs, best)
 
 

@@ -1,4 +1,4 @@
-"""The results contract (DESIGN.md section 5) and the storage it lives on.
+"""The results contract (ARCHITECTURE.md, "Results") and the storage it lives on.
 
 ``results/<experiment>/`` may be a local folder, an NFS path or a cloud URI (``s3://``,
 ``gs://``): every read and write goes through a pyarrow filesystem. Files users keep are
@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.fs as pafs
 from ray.tune import Callback
 
 from sketch_core.config import TrainConfig
 from sketch_core.errors import SketchError
+from ray_jobs.cli import local_path
 
 SCHEMA_VERSION = 1
 METRIC_COLUMNS = ("val_acc", "val_loss", "train_loss", "lr", "images_per_s")
@@ -32,7 +34,7 @@ class ResultsStore:
     """One experiment's folder, ``<root>/<experiment>``, on any pyarrow filesystem."""
 
     def __init__(self, root: str, experiment: str):
-        self.root = root
+        self.root = local_path(root)  # absolute: refit workers open the store from their own folders
         self.experiment = experiment
         self.fs, root_path = _filesystem(root)
         self.scheme = root.split("://", 1)[0] + "://" if "://" in root else ""
@@ -64,11 +66,17 @@ class ResultsStore:
     def write_json(self, name: str, value: Any) -> str:
         return self.write_bytes(name, (json.dumps(value, indent=2, default=_json_default) + "\n").encode())
 
-    def read_json(self, name: str) -> Any:
+    def read_json(self, name: str, *, required: tuple[str, ...] = ()) -> Any:
+        """The JSON object in ``name``; one error line if it is damaged (a full disk, a half-copied
+        folder) or lacks a ``required`` key."""
         try:
-            return json.loads(self.read_bytes(name))
-        except json.JSONDecodeError as exc:
-            raise SketchError(f"{self.uri(name)}: not valid JSON ({exc})") from None
+            value = json.loads(self.read_bytes(name))
+        except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not text
+            raise SketchError(f"{self.uri(name)}: not valid JSON ({str(exc)[:120]}); the file is damaged") from None
+        missing = [key for key in required if not isinstance(value, dict) or key not in value]
+        if missing:
+            raise SketchError(f"{self.uri(name)}: missing {', '.join(missing)}; the file is damaged or not ours")
+        return value
 
     def write_parquet(self, name: str, frame: pd.DataFrame) -> str:
         buffer = io.BytesIO()
@@ -76,11 +84,34 @@ class ResultsStore:
         return self.write_bytes(name, buffer.getvalue())
 
     def read_parquet(self, name: str) -> pd.DataFrame:
-        return pd.read_parquet(io.BytesIO(self.read_bytes(name)))
+        data = self.read_bytes(name)
+        try:
+            return pd.read_parquet(io.BytesIO(data))
+        except (pa.ArrowException, ValueError, OSError) as exc:  # truncated, empty or not parquet
+            raise SketchError(f"{self.uri(name)}: not a readable table ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); the file is damaged") from None
 
     def list_names(self, folder: str) -> list[str]:
         selector = pafs.FileSelector(f"{self.path}/{folder}", allow_not_found=True)
         return sorted(info.base_name for info in self.fs.get_file_info(selector))
+
+
+# What the commands read of best.json (ExperimentTables.best writes it) and of search.json
+# (tune.search_summary writes it).
+BEST_KEYS = ("trial_id", "metric", "val_acc", "epoch", "config", "checkpoint")
+SEARCH_KEYS = ("schema", "experiment", "data_dir", "class_names", "metric", "mode", "searched", "resources",
+               "max_failures")
+
+
+def read_search(store: ResultsStore) -> dict[str, Any]:
+    """The experiment's search.json, checked: present, of this schema version, with every key."""
+    if not store.exists("search.json"):
+        raise SketchError(f"{store.uri()}: no search found (no search.json); run ray_jobs/tune.py first")
+    search = store.read_json("search.json", required=("schema",))
+    if search["schema"] != SCHEMA_VERSION:
+        raise SketchError(f"{store.uri('search.json')}: results schema {search['schema']!r}, this version reads "
+                          f"{SCHEMA_VERSION}; rerun the search with this version")
+    return store.read_json("search.json", required=SEARCH_KEYS)
 
 
 def latest_experiment(root: str) -> str:
@@ -126,6 +157,7 @@ class ExperimentTables:
         row = {"trial_id": trial_id, "epoch": int(result["epoch"])}
         row.update({name: float(result[name]) for name in METRIC_COLUMNS if name in result})
         row.update({"time_total_s": float(result.get("time_total_s", math.nan)),
+                    "trial_s": self._trial_seconds(trial_id) + float(result.get("time_this_iter_s", 0.0)),
                     "started_at_epoch": int(result.get("started_at_epoch", 0)),
                     "feature_cache": float(result.get("feature_cache", 0.0)),
                     "checkpoint_path": result.get("checkpoint_path"), "nodes": result.get("nodes"),
@@ -134,12 +166,18 @@ class ExperimentTables:
         earlier = self.rows.get((trial_id, row["epoch"]), {})
         self.rows[(trial_id, row["epoch"])] = {**earlier, **{k: v for k, v in row.items() if v is not None}}
 
+    def _trial_seconds(self, trial_id: str) -> float:
+        """Seconds the trial has run so far, over all its attempts. Tune's ``time_total_s`` restarts
+        at 0 when ``--resume`` restores a trial, so the tables add up ``time_this_iter_s`` instead."""
+        spent = [row.get("trial_s") for (trial, _), row in self.rows.items() if trial == trial_id]
+        return max((value for value in spent if value is not None and value == value), default=0.0)
+
     def add_rows(self, frame: pd.DataFrame) -> None:
         for row in frame.to_dict("records"):
             self.rows[(row["trial_id"], int(row["epoch"]))] = row
 
     def epochs_frame(self) -> pd.DataFrame:
-        columns = ["trial_id", "epoch", *METRIC_COLUMNS, "time_total_s", "started_at_epoch", "feature_cache",
+        columns = ["trial_id", "epoch", *METRIC_COLUMNS, "time_total_s", "trial_s", "started_at_epoch", "feature_cache",
                    "checkpoint_path",
                    "nodes", "pids", "timestamp"]
         frame = pd.DataFrame(list(self.rows.values()), columns=columns)
@@ -154,7 +192,7 @@ class ExperimentTables:
             best = None
             if len(scored):
                 best = scored.loc[scored[self.metric].idxmax() if self.mode == "max" else scored[self.metric].idxmin()]
-            wall_s = float(mine["time_total_s"].max()) if len(mine) else 0.0
+            wall_s = float(mine["trial_s"].max()) if mine["trial_s"].notna().any() else 0.0
             epochs_run = int(mine["epoch"].max()) if len(mine) else 0
             record = {
                 "trial_id": trial.trial_id,

@@ -5,7 +5,7 @@ names the file and the field. Schema (all sections but ``experiment`` and ``mode
 
     experiment: demo                    # results/<experiment>/
     data:
-      dir: data/demo                    # competition layout; relative to the working directory
+      dir: data/demo                    # competition layout; relative paths: to the working directory
       demo: true                        # generate the demo data set here if it is missing
     model: {name: test_resnet, pretrained: false, image_size: 48, checkpoint_file: ""}
     resources: {workers: 2, cpus_per_worker: 1, gpus_per_worker: 0}     # of ONE trial
@@ -134,13 +134,16 @@ class SearchSpace:
         return {**self.base, **{name: dist.tune_domain() for name, dist in self.params.items()}}
 
     def with_overrides(self, **changes: Any) -> "SearchSpace":
-        """Command-line values over the file's: experiment, data_dir, num_samples, max_concurrent."""
+        """Values over the file's: experiment, data_dir, num_samples, max_concurrent (from the command
+        line), checkpoint_file (made absolute by the driver)."""
         space = self
         if changes.get("experiment"):
             space = dataclasses.replace(space, experiment=_experiment_name(changes["experiment"], "--name"))
         if changes.get("data_dir"):
             space = dataclasses.replace(space, data=DataSettings(dir=changes["data_dir"], demo=False),
                                         base={**space.base, "data_dir": changes["data_dir"]})
+        if changes.get("checkpoint_file"):
+            space = dataclasses.replace(space, base={**space.base, "checkpoint_file": changes["checkpoint_file"]})
         search = {key: changes[key] for key in ("num_samples", "max_concurrent") if changes.get(key) is not None}
         for key, value in search.items():
             if value < 1:

@@ -116,8 +116,12 @@ def make_trainable(train_loop: Callable[[dict], None], *, resources: Resources, 
 
 
 def worker_env() -> dict[str, str]:
-    """Environment every Ray worker process needs: this repository importable, Train's timeouts."""
+    """Environment every Ray worker process needs: this repository importable, Train's timeouts, the
+    cache folder as an absolute path."""
+    from ray_jobs.cli import PATH_VARIABLES, local_path
+
     repo_root = str(Path(__file__).resolve().parents[1])
     python_path = os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH", "")) if p)
     return {"PYTHONPATH": python_path,
-            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")}
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"),
+            **{name: local_path(os.environ[name]) for name in PATH_VARIABLES if os.environ.get(name)}}

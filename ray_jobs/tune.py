@@ -44,11 +44,11 @@ def search(args: argparse.Namespace) -> None:
     from sketch_core.data import read_train_table, verify_images
     from sketch_core.models import check_pretrained_weights
     from ray_jobs.cluster import check_trial_fits, start_ray
-    from ray_jobs.cli import ensure_data_dir
+    from ray_jobs.cli import ensure_data_dir, local_path
     from ray_jobs.report import write_report
     from ray_jobs.results import ResultsStore
     from ray_jobs.space import load_space
-    from ray_jobs.tuning import TUNE_FOLDER, build_tuner
+    from ray_jobs.tuning import TUNE_FOLDER, build_tuner, fit_noting_ctrl_c
 
     # Everything that can be checked is checked before Ray starts.
     space = load_space(args.space).with_overrides(experiment=args.name, data_dir=args.data_dir,
@@ -56,7 +56,8 @@ def search(args: argparse.Namespace) -> None:
     data_dir = ensure_data_dir(space.data.dir, demo=space.data.demo)
     table = read_train_table(data_dir)
     verify_images(table.paths)
-    space = space.with_overrides(data_dir=data_dir)
+    # Nothing relative reaches a Ray worker: each runs in a working directory of its own.
+    space = space.with_overrides(data_dir=data_dir, checkpoint_file=local_path(space.base["checkpoint_file"]))
     check_pretrained_weights(space.base["model"], pretrained=space.base.get("pretrained", False),
                              checkpoint_file=space.base.get("checkpoint_file", ""))
     store = ResultsStore(args.results, space.experiment)
@@ -66,6 +67,10 @@ def search(args: argparse.Namespace) -> None:
     if started_before and not args.resume:
         raise SketchError(f"{store.uri()}: experiment already exists; pass --resume to continue it, "
                           "or --name for a new one")
+    if args.resume:  # what the restored search reads back: a damaged file is one line here, not a traceback in Tune
+        for name in ("epochs.parquet", "trials.parquet"):
+            if store.exists(name):
+                store.read_parquet(name)
 
     import ray
 
@@ -77,11 +82,11 @@ def search(args: argparse.Namespace) -> None:
         if not args.resume:
             store.write_json("search.json", search_summary(space, table.class_names))
         tuner = build_tuner(space, store, resume=args.resume)
-        tuner.fit()
+        _, interrupted = fit_noting_ctrl_c(tuner)
     finally:
         ray.shutdown()
     print(f"report: {write_report(store)}", flush=True)
-    print_summary(store)
+    print_summary(store, interrupted=interrupted)
 
 
 def search_summary(space, class_names: list[str]) -> dict:
@@ -97,17 +102,20 @@ def search_summary(space, class_names: list[str]) -> dict:
             "max_failures": space.search.max_failures}
 
 
-def print_summary(store) -> None:
+def print_summary(store, *, interrupted: bool) -> None:
+    from ray_jobs.results import BEST_KEYS
+
     trials = store.read_parquet("trials.parquet") if store.exists("trials.parquet") else None
+    if trials is not None and len(trials):
+        counts = ", ".join(f"{n} {status}" for status, n in trials["status"].value_counts().items())
+        print(f"\n{len(trials)} trials: {counts}")
+    if interrupted:
+        raise KeyboardInterrupt  # Ray Tune took the Ctrl-C and saved the search: say so, exit 130
     if trials is None or not len(trials):
         raise SketchError(f"{store.uri()}: the search reported no results")
-    counts = ", ".join(f"{n} {status}" for status, n in trials["status"].value_counts().items())
-    print(f"\n{len(trials)} trials: {counts}")
-    if (trials["status"] == "interrupted").any():
-        raise KeyboardInterrupt  # Ray Tune took the Ctrl-C and saved the search: say so, exit 130
     if not store.exists("best.json"):
         raise SketchError(f"{store.uri()}: no trial reported a metric; see the error column of trials.parquet")
-    best = store.read_json("best.json")
+    best = store.read_json("best.json", required=BEST_KEYS)
     print(f"best trial {best['trial_id']}: {best['metric']} {best[best['metric']]:.4f} at epoch {best['epoch']}")
     print("  " + ", ".join(f"{k}={best['config'][k]}" for k in store.read_json("search.json")["searched"]))
     for name in ("trials.parquet", "epochs.parquet", "best.json", "tune"):

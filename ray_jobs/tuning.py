@@ -1,11 +1,16 @@
-"""The Ray Tune pieces of a search: searcher, ASHA, run config, and a fresh or restored Tuner."""
+"""The Ray Tune pieces of a search: searcher, ASHA, run config, a fresh or restored Tuner, and
+running one while telling a Ctrl-C apart from the end of the search."""
 
 from __future__ import annotations
+
+import os
+import signal
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from sketch_core.errors import SketchError
 from ray_jobs.results import ExperimentTables, ResultsRecorder, ResultsStore
 from ray_jobs.space import SearchSpace
 from ray_jobs.trial import make_trainable, train_worker
@@ -20,9 +25,13 @@ def build_tuner(space: SearchSpace, store: ResultsStore, *, resume: bool) -> tun
     if resume:
         # The restored Tuner brings back its searcher, scheduler and callbacks (ResultsRecorder
         # re-reads epochs.parquet in setup()); unfinished trials restart from their checkpoints.
-        return tune.Tuner.restore(store.uri(TUNE_FOLDER), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=False, restart_errored=False,
-                                  storage_filesystem=store.fs if store.scheme else None)
+        try:
+            return tune.Tuner.restore(store.uri(TUNE_FOLDER), trainable=trainable, resume_unfinished=True,
+                                      resume_errored=False, restart_errored=False,
+                                      storage_filesystem=store.fs if store.scheme else None)
+        except Exception as exc:  # a truncated or foreign state file: pickle, JSON and pyarrow errors alike
+            raise SketchError(f"{store.uri(TUNE_FOLDER)}: cannot restore the search from its saved state "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     tables = ExperimentTables(metric=space.search.metric, mode=space.search.mode,
                               max_epochs=space.scheduler.max_epochs, gpus_per_trial=space.resources.per_trial().get("GPU", 0))
     return tune.Tuner(
@@ -61,3 +70,24 @@ def _scheduler(space: SearchSpace):
     return ASHAScheduler(time_attr="epoch", max_t=space.scheduler.max_epochs,
                          grace_period=space.scheduler.grace_period,
                          reduction_factor=space.scheduler.reduction_factor)
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def fit_noting_ctrl_c(tuner: tune.Tuner):
+    """``tuner.fit()``, and whether Ctrl-C ended it.
+
+    Ray Tune takes the first SIGINT itself: it stops starting trials, saves the experiment and
+    returns as if the search had ended, and its handler puts back the handler it found. So a
+    handler of ours installed before ``fit`` is back in place afterwards exactly when Ctrl-C
+    came, whether a trial was running then or not (between two trials none is)."""
+    previous = signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
+    try:
+        results = tuner.fit()
+        tune_catches_sigint = not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+        interrupted = tune_catches_sigint and signal.getsignal(signal.SIGINT) is _raise_keyboard_interrupt
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return results, interrupted

@@ -66,25 +66,68 @@ def write_space(path: Path, data_dir: Path, *, experiment: str = "e2e", num_samp
     return path
 
 
-def run_script(script: str, *args: str, timeout: float = 900, **kwargs):
+def run_script(script: str, *args: str, timeout: float = 900, cwd: Path = REPO_ROOT, **kwargs):
     """Run ray_jobs/<script> as a user would, with this test session's environment."""
-    return subprocess.run([sys.executable, str(REPO_ROOT / "ray_jobs" / script), *args], cwd=REPO_ROOT,
+    return subprocess.run([sys.executable, str(REPO_ROOT / "ray_jobs" / script), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+def quickstart_commands(readme: Path = REPO_ROOT / "README.md") -> list[list[str]]:
+    """The commands of README.md's quickstart block as a user types them (comments dropped), with
+    ``python`` and ``pip`` meaning this test session's interpreter."""
+    section = readme.read_text().split("\n## Quickstart", 1)[1]
+    block = section.split("```", 2)[1]
+    commands = [line.split("#", 1)[0].split() for line in block.splitlines()[1:]]
+    programs = {"python": [sys.executable], "pip": [sys.executable, "-m", "pip"]}
+    return [programs.get(words[0], [words[0]]) + words[1:] for words in commands if words]
+
+
+def fresh_clone(target: Path) -> Path:
+    """A clone of the committed repository, as a newcomer gets it. Uncommitted edits to tracked files
+    are applied on top so that a developer tests what they see; files git does not track are not
+    there, so a forgotten `git add` fails here as it would for a user."""
+    subprocess.run(["git", "clone", "--quiet", str(REPO_ROOT), str(target)], check=True)
+    diff = subprocess.run(["git", "-C", str(REPO_ROOT), "diff", "HEAD", "--binary"], check=True,
+                          capture_output=True).stdout
+    if diff:
+        subprocess.run(["git", "-C", str(target), "apply", "-"], input=diff, check=True)
+    return target
+
+
+def ray_leftovers() -> str:
+    """What of Ray runs on this machine: a search that failed to start may have found another."""
+    from ray._private.services import find_gcs_addresses
+
+    raylets = [" ".join(args)[:160] for args in session_processes("raylet").values()]
+    return f"running Ray instances: {sorted(find_gcs_addresses()) or 'none'}; raylet processes: {raylets or 'none'}"
+
+
 @pytest.fixture(scope="session")
-def finished_search(tmp_path_factory, demo_dir):
-    """One finished demo search, shared by every test that only reads its results, and what its
-    local Ray dashboard and ports answered while it ran (``dashboard``, see ``probe_dashboard``)."""
-    root = tmp_path_factory.mktemp("search")
-    space = write_space(root / "space.yaml", demo_dir)
+def finished_search(tmp_path_factory):
+    """The README's quickstart run in a fresh clone, exactly as written: its search (shared by every
+    test that only reads its results, and probed while it runs: dashboard, ports, worker release)
+    and its refit. Run under the commands' defaults: relative --results and data dir, the demo data
+    generated on first use, 2 DDP workers per trial."""
+    root = tmp_path_factory.mktemp("newcomer")
+    clone = fresh_clone(root / "sketch-hpo")
+    install, search, refit = quickstart_commands(clone / "README.md")
+    assert install[-3:] == ["install", "-r", "requirements.txt"] and search[1:3] == ["ray_jobs/tune.py", "--space"]
+    installed = subprocess.run(install, cwd=clone, capture_output=True, text=True, timeout=900)
+    assert installed.returncode == 0, installed.stdout[-3000:] + installed.stderr[-3000:]
     log = root / "tune.log"
-    with log.open("w") as output, started_script("tune.py", "--space", str(space), "--results", str(root / "results"),
-                                                 stdout=output, stderr=subprocess.STDOUT) as driver:
-        dashboard = probe_dashboard(driver, log, root)
-        released = watch_worker_release(driver, root / "results" / "e2e", timeout=900)
-    assert driver.returncode == 0, log.read_text()[-6000:]
-    return {"results": root / "results", "experiment": "e2e", "space": space, "output": log.read_text(),
+    with log.open("w") as output, started_command(search, cwd=clone, stdout=output,
+                                                  stderr=subprocess.STDOUT) as driver:
+        try:
+            dashboard = probe_dashboard(driver, log, root)
+            released = watch_worker_release(driver, clone / "results" / "demo", timeout=900)
+        except BaseException:
+            print(f"the quickstart search failed while probed; {ray_leftovers()}\n{log.read_text()[-6000:]}")
+            raise
+    assert driver.returncode == 0, f"{ray_leftovers()}\n{log.read_text()[-6000:]}"
+    refitted = subprocess.run(refit, cwd=clone, capture_output=True, text=True, timeout=900)
+    assert refitted.returncode == 0, f"{ray_leftovers()}\n{refitted.stdout[-3000:]}{refitted.stderr[-3000:]}"
+    return {"clone": clone, "results": clone / "results", "experiment": "demo", "data_dir": clone / "data" / "demo",
+            "space": clone / search[3], "output": log.read_text(), "refit_output": refitted.stdout,
             "dashboard": dashboard, "released": released}
 
 
@@ -208,13 +251,13 @@ def kill_session(ray_tmpdir: str) -> None:
 
 
 @contextmanager
-def started_script(script: str, *args: str, **kwargs):
-    """ray_jobs/<script> running in the background, with its own Ray folder (``process.ray_tmpdir``).
-    However the test ends, the script and any local Ray it started are stopped, so a failed test
+def started_command(command: list[str], *, cwd: Path = REPO_ROOT, **kwargs):
+    """``command`` running in the background with its own Ray folder (``process.ray_tmpdir``).
+    However the test ends, the command and any local Ray it started are stopped, so a failed test
     never leaves a Ray instance that the next test's local Ray would refuse to run beside."""
     ray_tmpdir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths are limited
-    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "ray_jobs" / script), *args], cwd=REPO_ROOT,
-                               env={**os.environ, "RAY_TMPDIR": ray_tmpdir}, **kwargs)
+    env = {**os.environ, "RAY_TMPDIR": ray_tmpdir, **kwargs.pop("env", {})}
+    process = subprocess.Popen(command, cwd=cwd, env=env, **kwargs)
     process.ray_tmpdir = ray_tmpdir
     try:
         yield process
@@ -227,3 +270,8 @@ def started_script(script: str, *args: str, **kwargs):
                 process.kill()
                 process.communicate()
         kill_session(ray_tmpdir)
+
+
+def started_script(script: str, *args: str, **kwargs):
+    """ray_jobs/<script> running in the background, as ``started_command``."""
+    return started_command([sys.executable, str(REPO_ROOT / "ray_jobs" / script), *args], **kwargs)

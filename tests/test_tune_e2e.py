@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import time
 
 import pandas as pd
@@ -13,12 +14,13 @@ from conftest import run_script, started_script, wait_for, write_space
 
 
 def test_results_exist_and_agree(finished_search):
-    folder = finished_search["results"] / "e2e"
+    """The quickstart's search (search_spaces/demo.yaml: 6 trials, 6 epochs at most, one at a time)."""
+    folder = finished_search["results"] / "demo"
     trials = pd.read_parquet(folder / "trials.parquet")
     epochs = pd.read_parquet(folder / "epochs.parquet")
     best = json.loads((folder / "best.json").read_text())
 
-    assert len(trials) == 5 and trials["trial_id"].is_unique
+    assert len(trials) == 6 and trials["trial_id"].is_unique
     assert {"status", "epochs_run", "best_val_acc", "best_epoch", "wall_s", "gpu_hours", "node", "error",
             "feature_cache", "config.lr", "config.head"} <= set(trials.columns)
     assert (trials["feature_cache"] == 0).all()  # every trial trains its whole model
@@ -26,7 +28,9 @@ def test_results_exist_and_agree(finished_search):
     assert (trials["status"] == "stopped_early").any(), "ASHA stopped no trial"
     assert (trials["status"] == "finished").any()
     stopped = trials[trials["status"] == "stopped_early"]
-    assert (stopped["epochs_run"] < 3).all()
+    assert (stopped["epochs_run"] < 6).all()
+    assert (trials.loc[trials["status"] == "finished", "epochs_run"] == 6).all()
+    assert (epochs["nodes"].notna() & (epochs["pids"].str.count(",") == 1)).all()  # 2 DDP workers per trial
 
     assert {"trial_id", "epoch", "val_acc", "val_loss", "train_loss", "lr", "images_per_s"} <= set(epochs.columns)
     assert (epochs.groupby("trial_id")["epoch"].max().sort_index()
@@ -37,19 +41,35 @@ def test_results_exist_and_agree(finished_search):
     assert best["epoch"] == trials.set_index("trial_id").loc[best["trial_id"], "best_epoch"]
     assert best["config"]["lr"] == trials.set_index("trial_id").loc[best["trial_id"], "config.lr"]
     assert os.path.isdir(best["checkpoint"]) and (folder / "tune").is_dir()
-    assert best["val_acc"] > 1 / 8, "the search learned nothing"
+    assert best["val_acc"] > 3 / 24, "the search learned nothing"
+
+    # No relative path reached a worker: the data folder and the results are the clone's own.
+    assert best["config"]["data_dir"] == str(finished_search["data_dir"])
+    assert best["checkpoint"].startswith(str(folder))
+    # Wall time per trial: first report minus its epoch time, to the last; max_concurrent 1 under
+    # Optuna (Tune limits a Searcher itself) means no two trials overlap.
+    last = epochs.sort_values("timestamp").groupby("trial_id").last()
+    spans = sorted(zip(last["timestamp"] - trials.set_index("trial_id").loc[last.index, "wall_s"], last["timestamp"]))
+    assert all(end <= next_start + 1.0 for (_, end), (next_start, _) in zip(spans, spans[1:])), spans
+    assert (trials["wall_s"] > 0).all() and (trials["gpu_hours"] == 0).all()
 
 
 def test_progress_and_summary_are_printed(finished_search):
     output = finished_search["output"]
-    assert "Ray dashboard: http://127.0.0.1:" in output
-    assert "val_acc" in output and "images_per_s" in output
-    assert "best trial" in output and "trials.parquet" in output
+    folder = finished_search["results"] / "demo"
+    best = json.loads((folder / "best.json").read_text())
+    trials = pd.read_parquet(folder / "trials.parquet")
+    lines = output.splitlines()
+    assert any(line.startswith("Ray dashboard: http://127.0.0.1:") for line in lines)
+    counts = ", ".join(f"{n} {status}" for status, n in trials["status"].value_counts().items())
+    assert f"6 trials: {counts}" in lines
+    assert f"best trial {best['trial_id']}: val_acc {best['val_acc']:.4f} at epoch {best['epoch']}" in lines
+    assert f"  best.json       {folder / 'best.json'}" in lines
+    assert f"report: {folder / 'report'}" in lines
 
 
 def test_existing_experiment_needs_resume(finished_search):
-    result = run_script("tune.py", "--space", str(finished_search["space"]), "--results",
-                        str(finished_search["results"]), timeout=120)
+    result = run_script("tune.py", "--space", "search_spaces/demo.yaml", cwd=finished_search["clone"], timeout=120)
     assert result.returncode == 2
     assert "experiment already exists; pass --resume" in result.stderr and "Traceback" not in result.stderr
 
@@ -87,6 +107,71 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, demo_dir, capsys, mo
     assert not (tmp_path / "results").exists()
 
 
+def test_relative_paths_in_a_search_and_its_refit(tmp_path, demo_dir):
+    """Every local path relative to where the user runs the commands (--results by default,
+    --data-dir, model.checkpoint_file, SKETCH_CACHE_DIR), in a search and its refit configured as
+    the shipped GPU spaces are: 2 DDP workers, each with 2 loader workers, augmentation on. Ray
+    Train runs each worker in a folder of its own, so a path resolved there would miss."""
+    import timm
+    import torch
+
+    (tmp_path / "data").symlink_to(demo_dir)
+    (tmp_path / "weights").mkdir()
+    torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), tmp_path / "weights" / "backbone.pth")
+    write_space(tmp_path / "space.yaml", tmp_path / "unused", experiment="relative", num_samples=1, max_epochs=2,
+                model={"checkpoint_file": "weights/backbone.pth"}, resources={"workers": 2, "cpus_per_worker": 0.9},
+                scheduler={"type": "none"}, fixed={"num_workers": 2, "augment": "sketch"})
+    env = {**os.environ, "SKETCH_CACHE_DIR": "cache"}
+    search = run_script("tune.py", "--space", "space.yaml", "--data-dir", "data", cwd=tmp_path, env=env)
+    assert search.returncode == 0, search.stdout[-3000:] + search.stderr[-3000:]
+    refit = run_script("final_fit.py", "--best", "--data-dir", "data", cwd=tmp_path, env=env)
+    assert refit.returncode == 0, refit.stdout[-3000:] + refit.stderr[-3000:]
+
+    folder = tmp_path / "results" / "relative"
+    trials = pd.read_parquet(folder / "trials.parquet")
+    assert trials["status"].tolist() == ["finished"] and trials["epochs_run"].tolist() == [2]
+    assert trials["config.checkpoint_file"].tolist() == [str(tmp_path / "weights" / "backbone.pth")]
+    assert trials["config.data_dir"].tolist() == [str(demo_dir.resolve())]
+    assert list((tmp_path / "cache").glob("decoded-*.u8")), "the workers did not use ./cache"
+    submission = pd.read_csv(folder / "final" / "submission.csv")
+    assert len(submission) == len(pd.read_csv(demo_dir / "test.csv"))
+    fit_log = json.loads(next(folder.glob("final/fit-*/fit.json")).read_text())
+    assert fit_log["models"][0]["config"]["checkpoint_file"] == str(tmp_path / "weights" / "backbone.pth")
+
+
+def test_ctrl_c_between_two_trials_is_an_interruption(tmp_path):
+    """Ray Tune takes Ctrl-C and returns as if the search had ended, even when it comes while no
+    trial runs; fit_noting_ctrl_c still tells (tune.py then says 'continue with --resume')."""
+    import ray
+    from ray import tune
+
+    from ray_jobs.tuning import fit_noting_ctrl_c
+
+    class CtrlCWhenTheFirstTrialEnds(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if trial is trials[0]:
+                os.kill(os.getpid(), signal.SIGINT)  # no trial runs now: the next has not started
+
+    def trainable(config):
+        tune.report({"score": config["x"]})
+
+    def tuner(name, callbacks):
+        return tune.Tuner(trainable, param_space={"x": tune.grid_search([1, 2, 3])},
+                          tune_config=tune.TuneConfig(max_concurrent_trials=1),
+                          run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), callbacks=callbacks))
+
+    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    try:
+        results, interrupted = fit_noting_ctrl_c(tuner("interrupted", [CtrlCWhenTheFirstTrialEnds()]))
+        assert interrupted
+        assert sum("score" in (result.metrics or {}) for result in results) < 3
+        results, interrupted = fit_noting_ctrl_c(tuner("whole", []))
+        assert not interrupted and sorted(result.metrics["score"] for result in results) == [1, 2, 3]
+    finally:
+        ray.shutdown()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_resume_after_the_driver_is_killed_and_after_ctrl_c(tmp_path, demo_dir):
     space = write_space(tmp_path / "space.yaml", demo_dir, experiment="stopped", num_samples=3, max_epochs=2)
     results = tmp_path / "results"
@@ -97,7 +182,7 @@ def test_resume_after_the_driver_is_killed_and_after_ctrl_c(tmp_path, demo_dir):
                  "two trials reporting", driver, timeout=600)
         driver.send_signal(signal.SIGKILL)  # kill -9, a lost SSH session
         driver.wait()
-        before_kill = pd.read_parquet(epochs_file)
+        before_kill, trials_before_kill = pd.read_parquet(epochs_file), pd.read_parquet(trials_file)
     # Leaving the block stopped what the killed driver left of its local Ray, which outlives it.
 
     with started_script(*command, "--resume", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as driver:
@@ -108,7 +193,7 @@ def test_resume_after_the_driver_is_killed_and_after_ctrl_c(tmp_path, demo_dir):
     assert driver.returncode == 130 and "interrupted; continue with --resume" in output, output[-3000:]
     assert "no trial reported" not in output and "Traceback" not in output, output[-3000:]
     assert "interrupted" in set(pd.read_parquet(trials_file)["status"])
-    before_ctrl_c = pd.read_parquet(epochs_file)
+    before_ctrl_c, trials_before_ctrl_c = pd.read_parquet(epochs_file), pd.read_parquet(trials_file)
 
     resumed = run_script(*command, "--resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -121,3 +206,13 @@ def test_resume_after_the_driver_is_killed_and_after_ctrl_c(tmp_path, demo_dir):
         assert kept["val_acc_after"].notna().all(), "rows written before the stop were lost"
     assert (epochs.groupby("trial_id")["epoch"].max().sort_index()
             == trials.set_index("trial_id")["epochs_run"].sort_index()).all()
+    # Wall time and GPU-hours add up every attempt of a trial: they never decrease, although Tune's
+    # own clock (time_total_s) restarts at 0 in a restored trial.
+    for before in (trials_before_kill, trials_before_ctrl_c):
+        kept = before.merge(trials, on="trial_id", suffixes=("", "_after"))
+        assert (kept["wall_s_after"] >= kept["wall_s"]).all() and (kept["gpu_hours_after"] >= kept["gpu_hours"]).all()
+    resumed_trials = set(before_kill["trial_id"]) & set(epochs.loc[epochs["timestamp"] > before_kill["timestamp"].max(),
+                                                                    "trial_id"])
+    clock = epochs.groupby("trial_id")["time_total_s"].max()
+    assert any(trials.set_index("trial_id").loc[trial, "wall_s"] > clock[trial] + 1 for trial in resumed_trials), (
+        trials[["trial_id", "wall_s"]], clock)
