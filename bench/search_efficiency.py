@@ -5,7 +5,7 @@
 Prints each search's trial-epochs and best val_acc, then one JSON line with epoch_fraction (the
 trial-epochs ASHA + TPE spent until its best came within 1 point of random search's best, as a
 fraction of random search's trial-epochs) and best_gap (random's best val_acc minus ASHA's).
-Target (DESIGN.md section 7): within 1 point for at most 40% of the trial-epochs.
+Target: within 1 point of random search's best for at most 40% of its trial-epochs.
 """
 
 from __future__ import annotations

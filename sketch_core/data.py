@@ -1,6 +1,6 @@
 """The competition's data layout: reading and validating the CSVs, decoding images, splitting.
 
-Layout (DESIGN.md section 3)::
+Layout (ARCHITECTURE.md, "Data contract")::
 
     DATA_DIR/train.csv   class_name,image_path,target   (image_path relative to DATA_DIR/train)
     DATA_DIR/test.csv    image_path                     (image_path relative to DATA_DIR/test)
