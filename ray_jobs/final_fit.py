@@ -57,7 +57,7 @@ def final_fit(args: argparse.Namespace) -> None:
     from ray_jobs.cli import local_path
     from ray_jobs.cluster import check_trial_fits, start_ray
     from ray_jobs.refit import choose_models, fit_models, load_npy, npy_bytes
-    from ray_jobs.results import ResultsStore, latest_experiment, read_search
+    from ray_jobs.results import BEST_KEYS, ResultsStore, latest_experiment, read_search
     from ray_jobs.space import Resources
 
     if not args.best and not args.trial:
@@ -75,6 +75,7 @@ def final_fit(args: argparse.Namespace) -> None:
     search = read_search(store)
     if not store.exists("best.json"):
         raise SketchError(f"{store.uri()}: no finished trial yet (no best.json); let the search report a result first")
+    store.read_json("best.json", required=BEST_KEYS)  # the search's own record of its best: damaged means one line now
     data_dir = local_path(args.data_dir) if args.data_dir else search["data_dir"]
     train = read_train_table(data_dir)
     if train.class_names != search["class_names"]:
