@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import ray
@@ -29,7 +30,7 @@ def start_ray(address: str | None, *, num_cpus: int | None = None) -> str | None
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return None
-    running = find_gcs_addresses()
+    running = _other_local_ray()
     if running:
         # Ray Train's PlacementGroupCleaner finds "the" local instance through the State API and
         # fails when there are two, so trials stopped by ASHA would keep their resources forever.
@@ -40,6 +41,15 @@ def start_ray(address: str | None, *, num_cpus: int | None = None) -> str | None
     context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=num_cpus,
                        runtime_env=runtime_env, log_to_driver=True)
     return f"http://{context.dashboard_url}" if context.dashboard_url else None
+
+
+def _other_local_ray(grace_s: float = 15.0) -> list[str]:
+    """The GCS addresses of Ray instances running on this machine, once those still shutting down
+    (a script or test that has just called ray.shutdown) have had ``grace_s`` to exit."""
+    deadline = time.monotonic() + grace_s
+    while (running := find_gcs_addresses()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return list(running)
 
 
 def _in_ray_job() -> bool:
