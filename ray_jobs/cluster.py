@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -17,18 +18,21 @@ from ray_jobs.space import Resources
 AUTOSCALER_CONFIG = Path.home() / "ray_bootstrap_config.yaml"
 
 
-def start_ray(address: str | None, *, num_cpus: int | None = None) -> str | None:
+def start_ray(address: str | None, *, num_cpus: int | None = None, verbose: bool = True) -> str | None:
     """Join the cluster at ``address`` or start local Ray with its dashboard on 127.0.0.1.
 
+    ``verbose``: the workers' output and Ray's INFO lines on this console; otherwise they stay in
+    the Ray session's log files (and the dashboard's Logs tab).
     Returns the dashboard URL (None when joining: reach it through ``ray dashboard cluster.yaml``).
     """
+    quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
     from ray_jobs.trial import worker_env
 
     runtime_env = {"env_vars": worker_env()}
     if _in_ray_job():
         runtime_env = None  # `ray job submit --working-dir .` already ships the code to every worker
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, **{"log_to_driver": True, **quiet})
         return None
     running = _other_local_ray()
     if running:
@@ -39,7 +43,7 @@ def start_ray(address: str | None, *, num_cpus: int | None = None) -> str | None
     # The dashboard is required, not cosmetic: Ray Train frees the placement group of a trial
     # that ASHA stopped only through the State API it serves.
     context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=num_cpus,
-                       runtime_env=runtime_env, log_to_driver=True)
+                       runtime_env=runtime_env, **{"log_to_driver": True, **quiet})
     return f"http://{context.dashboard_url}" if context.dashboard_url else None
 
 

@@ -2,7 +2,7 @@
 
     python ray_jobs/final_fit.py --best                          # best trial of the latest experiment
     python ray_jobs/final_fit.py --best --name eva02_large_448 --top-k 3 --folds 5 --address auto
-    python ray_jobs/final_fit.py --trial 3f2a_00004              # a trial of your choice
+    python ray_jobs/final_fit.py --trial bb8babe0                # a trial of your choice (its trial_id)
 
 Writes results/<experiment>/final/: fit-<time>/ (each model's weights and test probabilities,
 the ensemble's probabilities, fit.json) and a new submission file, never overwriting an earlier one.

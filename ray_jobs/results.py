@@ -196,7 +196,7 @@ class ExperimentTables:
             epochs_run = int(mine["epoch"].max()) if len(mine) else 0
             record = {
                 "trial_id": trial.trial_id,
-                "status": _status(trial.status, epochs_run, self.max_epochs),
+                "status": trial_status(trial.status, epochs_run, self.max_epochs),
                 "epochs_run": epochs_run,
                 "best_val_acc": float(scored["val_acc"].max()) if len(scored) and "val_acc" in scored else math.nan,
                 f"best_{self.metric}": float(best[self.metric]) if best is not None else math.nan,
@@ -258,7 +258,9 @@ def _error_line(trial) -> str | None:
     return lines[-1][:500] if lines else None
 
 
-def _status(tune_status: str, epochs_run: int, max_epochs: int) -> str:
+def trial_status(tune_status: str, epochs_run: int, max_epochs: int) -> str:
+    """Our name for a trial's state: ``finished`` and ``stopped_early`` (by ASHA) tell apart what
+    Tune calls TERMINATED."""
     if tune_status == "TERMINATED":
         return "finished" if epochs_run >= max_epochs else "stopped_early"
     return {"ERROR": "error", "RUNNING": "running", "PENDING": "pending", "PAUSED": "paused"}.get(tune_status,

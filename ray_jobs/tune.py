@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--address", help="Ray cluster to join ('auto' on a cluster node); default: start local Ray")
     parser.add_argument("--num-cpus", type=int, help="CPUs local Ray may use (default: all)")
     parser.add_argument("--resume", action="store_true", help="continue the experiment after an interruption")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print Ray's own output: Tune's tables and configuration boxes, the workers' lines")
     return parser.parse_args(argv)
 
 
@@ -48,7 +50,7 @@ def search(args: argparse.Namespace) -> None:
     from ray_jobs.report import write_report
     from ray_jobs.results import ResultsStore
     from ray_jobs.space import load_space
-    from ray_jobs.tuning import TUNE_FOLDER, build_tuner, fit_noting_ctrl_c
+    from ray_jobs.tuning import TUNE_FOLDER, build_tuner, fit_noting_ctrl_c, study_file
 
     # Everything that can be checked is checked before Ray starts.
     space = load_space(args.space).with_overrides(experiment=args.name, data_dir=args.data_dir,
@@ -74,14 +76,20 @@ def search(args: argparse.Namespace) -> None:
 
     import ray
 
-    dashboard = start_ray(args.address, num_cpus=args.num_cpus)
+    if not args.verbose:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per trial the searcher asks for
+    dashboard = start_ray(args.address, num_cpus=args.num_cpus, verbose=args.verbose)
     try:
         if dashboard:
             print(f"Ray dashboard: {dashboard}", flush=True)
+        if space.search.searcher == "optuna" and study_file(store):
+            print(f"Study view: optuna-dashboard {study_file(store)}", flush=True)
         check_trial_fits(space.resources, space.source)
         if not args.resume:
             store.write_json("search.json", search_summary(space, table.class_names))
-        tuner = build_tuner(space, store, resume=args.resume)
+        tuner = build_tuner(space, store, resume=args.resume, verbose=args.verbose)
         _, interrupted = fit_noting_ctrl_c(tuner)
     finally:
         ray.shutdown()

@@ -5,20 +5,27 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from sketch_core.errors import SketchError
+from ray_jobs.console import ConsoleReporter
 from ray_jobs.results import ExperimentTables, ResultsRecorder, ResultsStore
 from ray_jobs.space import SearchSpace
 from ray_jobs.trial import make_trainable, train_worker
 
 TUNE_FOLDER = "tune"
+# The Optuna study, stored as the search runs so that optuna-dashboard can show it live.
+STUDY_FILE = "study.journal"
 
 
-def build_tuner(space: SearchSpace, store: ResultsStore, *, resume: bool) -> tune.Tuner:
+def build_tuner(space: SearchSpace, store: ResultsStore, *, resume: bool, verbose: bool = False) -> tune.Tuner:
+    """A new Tuner for ``space``, or (``resume``) the one saved in ``store``, with its searcher,
+    scheduler and callbacks as they were. ``verbose``: Tune's own progress output (configuration
+    boxes, status tables) instead of only ``ConsoleReporter``'s lines."""
     trainable = make_trainable(train_worker, resources=space.resources, max_failures=space.search.max_failures,
                                keep_checkpoints=space.search.keep_checkpoints, metric=space.search.metric,
                                mode=space.search.mode)
@@ -42,23 +49,40 @@ def build_tuner(space: SearchSpace, store: ResultsStore, *, resume: bool) -> tun
             mode=space.search.mode,
             num_samples=space.search.num_samples,
             max_concurrent_trials=space.search.max_concurrent,
-            search_alg=_searcher(space),
+            search_alg=_searcher(space, study_file=study_file(store)),
             scheduler=_scheduler(space),
         ),
         run_config=tune.RunConfig(
             name=TUNE_FOLDER,
             storage_path=store.uri(),
             storage_filesystem=store.fs if store.scheme else None,
-            callbacks=[ResultsRecorder(store, tables)],
+            callbacks=[ResultsRecorder(store, tables),
+                       ConsoleReporter(searched=sorted(space.params), metric=space.search.metric,
+                                       mode=space.search.mode, max_epochs=space.scheduler.max_epochs)],
+            verbose=2 if verbose else 0,
         ),
     )
 
 
-def _searcher(space: SearchSpace):
+def study_file(store: ResultsStore) -> str | None:
+    """Where the Optuna study lives: a journal file in the experiment folder, which Optuna appends
+    to safely on local and shared (NFS) file systems; None (in memory) for object storage."""
+    return None if store.scheme else store.uri(STUDY_FILE)
+
+
+def _searcher(space: SearchSpace, *, study_file: str | None = None):
     if space.search.searcher == "optuna":
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=space.search.seed)
+        storage = None
+        if study_file:
+            Path(study_file).parent.mkdir(parents=True, exist_ok=True)
+            storage = JournalStorage(JournalFileBackend(study_file))
+        # The searcher is pickled into Tune's experiment state with its storage, so --resume goes on
+        # with the same study in the same file.
+        return OptunaSearch(seed=space.search.seed, storage=storage, study_name=space.experiment)
     # Tune applies max_concurrent_trials to Searchers only: a generator passed in must carry it.
     return BasicVariantGenerator(random_state=space.search.seed, max_concurrent=space.search.max_concurrent)
 

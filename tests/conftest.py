@@ -119,7 +119,13 @@ def finished_search(tmp_path_factory):
                                                   stderr=subprocess.STDOUT) as driver:
         try:
             dashboard = probe_dashboard(driver, log, root)
-            released = watch_worker_release(driver, clone / "results" / "demo", timeout=900)
+            journal = clone / "results" / "demo" / "study.journal"
+            wait_for(journal.exists, "the stored Optuna study", driver, log=log)
+            with study_view(journal) as study:
+                live_study = wait_for(lambda: study() if any(t["state"] == "Complete" for t in study()) else None,
+                                      "a complete trial in optuna-dashboard", driver, log=log)
+                released = watch_worker_release(driver, clone / "results" / "demo", timeout=900)
+                final_study = study()
         except BaseException:
             print(f"the quickstart search failed while probed; {ray_leftovers()}\n{log.read_text()[-6000:]}")
             raise
@@ -128,7 +134,7 @@ def finished_search(tmp_path_factory):
     assert refitted.returncode == 0, f"{ray_leftovers()}\n{refitted.stdout[-3000:]}{refitted.stderr[-3000:]}"
     return {"clone": clone, "results": clone / "results", "experiment": "demo", "data_dir": clone / "data" / "demo",
             "space": clone / search[3], "output": log.read_text(), "refit_output": refitted.stdout,
-            "dashboard": dashboard, "released": released}
+            "dashboard": dashboard, "released": released, "study": {"live": live_study, "final": final_study}}
 
 
 def pid_alive(pid: int) -> bool:
@@ -139,11 +145,11 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def wait_for(probe, what: str, driver, *, timeout: float = 300, interval: float = 1, log: Path | None = None):
-    """The first truthy value ``probe()`` returns while ``driver`` runs; the test fails if none
-    comes within ``timeout`` seconds or the driver ends first (with the tail of ``log``, if given)."""
+def wait_for(probe, what: str, driver=None, *, timeout: float = 300, interval: float = 1, log: Path | None = None):
+    """The first truthy value ``probe()`` returns while ``driver`` (if any) runs; the test fails if
+    none comes within ``timeout`` seconds or the driver ends first (with the tail of ``log``, if given)."""
     deadline = time.monotonic() + timeout
-    while driver.poll() is None and time.monotonic() < deadline:
+    while (driver is None or driver.poll() is None) and time.monotonic() < deadline:
         if found := probe():
             return found
         time.sleep(interval)
@@ -223,6 +229,50 @@ def probe_dashboard(driver, log: Path, home: Path) -> dict:
 
     return {"url": url, "without_token": without_token, "version": dashboard_api("/api/version"),
             "intruder": intruder, "train_runs": wait_for(train_runs, "a Train run on the dashboard", driver, log=log)}
+
+
+@contextmanager
+def local_server(program: str, *args: str, ready: str):
+    """``program`` (a console script installed beside this Python) serving HTTP on a free port of
+    127.0.0.1 with ``args``; yields ``api(path)``, which returns the JSON that ``path`` answers,
+    once ``ready`` answers."""
+    import json
+    import urllib.request
+
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / program), *args, "--host", "127.0.0.1",
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def api(path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
+            return json.loads(response.read())
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                api(ready)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"{program} did not start (exit status {server.poll()})")
+                time.sleep(0.5)
+        yield api
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@contextmanager
+def study_view(journal: Path):
+    """optuna-dashboard on the study in ``journal``, as the README starts it; yields a function
+    returning the trials its API lists now."""
+    with local_server("optuna-dashboard", str(journal), ready="/api/meta") as api:
+        def trials() -> list[dict]:
+            [only] = api("/api/studies")["studies"]
+            return api(f"/api/studies/{only['study_id']}")["trials"]
+
+        yield trials
 
 
 def session_processes(marker: str) -> dict[int, list[str]]:

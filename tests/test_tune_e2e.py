@@ -66,6 +66,51 @@ def test_progress_and_summary_are_printed(finished_search):
     assert f"best trial {best['trial_id']}: val_acc {best['val_acc']:.4f} at epoch {best['epoch']}" in lines
     assert f"  best.json       {folder / 'best.json'}" in lines
     assert f"report: {folder / 'report'}" in lines
+    # Readable: a line per epoch and per ended trial, not Ray's own output (tune.py --verbose has that).
+    assert len(lines) <= 200, "\n".join(lines)
+    assert not any("Reporting training result" in line or "started with configuration" in line for line in lines)
+    assert sum(line.startswith("trial ") and " epoch " in line and "/6: val_acc" in line for line in lines) == len(
+        pd.read_parquet(folder / "epochs.parquet"))
+    for t in trials.itertuples():
+        assert any(line.startswith(f"trial {t.trial_id} {t.status} after {t.epochs_run} epoch(s): best val_acc "
+                                   f"{t.best_val_acc:.4f} at epoch {t.best_epoch}; ") for line in lines), t
+
+
+def test_optuna_dashboard_shows_the_stored_study_live(finished_search):
+    """The README's study view on the quickstart's search: optuna-dashboard read the journal in the
+    experiment folder while the search ran, and at its end lists every trial with its values."""
+    folder = finished_search["results"] / "demo"
+    trials = pd.read_parquet(folder / "trials.parquet")
+    epochs = pd.read_parquet(folder / "epochs.parquet")
+    assert f"Study view: optuna-dashboard {folder / 'study.journal'}" in finished_search["output"].splitlines()
+    live, final = finished_search["study"]["live"], finished_search["study"]["final"]
+    assert 1 <= sum(t["state"] == "Complete" for t in live) < len(trials)  # seen while the search went on
+    assert len(final) == len(trials) and all(t["state"] == "Complete" for t in final)
+    # An Optuna trial's value is its Tune trial's last reported val_acc; its intermediate values the epochs'.
+    last_epoch = epochs.sort_values("epoch").groupby("trial_id").last()
+    by_lr = {round(float(row["config.lr"]), 12): row["trial_id"] for _, row in trials.iterrows()}
+    for study_trial in final:
+        params = {p["name"]: p["param_external_value"] for p in study_trial["params"]}
+        assert set(params) == {"lr", "augment", "label_smoothing", "head"}
+        trial_id = by_lr[round(float(params["lr"]), 12)]
+        assert study_trial["values"][0] == pytest.approx(last_epoch.loc[trial_id, "val_acc"])
+        mine = epochs[epochs["trial_id"] == trial_id].sort_values("epoch")
+        assert [v["value"] for v in study_trial["intermediate_values"]] == pytest.approx(mine["val_acc"].tolist())
+
+
+def test_tensorboard_shows_every_trial(finished_search):
+    """The README's TensorBoard command, after the one `pip install -r requirements.txt`."""
+    from conftest import local_server
+
+    tune_folder = finished_search["results"] / "demo" / "tune"
+    trial_folders = {path.name for path in tune_folder.glob("run_trial_*")}
+    with local_server("tensorboard", "--logdir", str(tune_folder), ready="/data/runs") as api:
+        # TensorBoard loads the runs in the background after it starts answering.
+        runs = wait_for(lambda: set(api("/data/runs")) >= trial_folders and api("/data/runs"), "every trial's run",
+                        timeout=60)
+        tags = api("/data/plugin/scalars/tags")
+    assert len(trial_folders) == 4 and set(runs) >= trial_folders
+    assert all("ray/tune/val_acc" in tags[run] for run in trial_folders), tags
 
 
 def test_existing_experiment_needs_resume(finished_search):
@@ -209,3 +254,14 @@ def test_resume_after_the_driver_is_killed_and_after_ctrl_c_with_relative_paths(
     assert len(submission) == len(pd.read_csv(demo_dir / "test.csv"))
     fit_log = json.loads(next((results / "stopped").glob("final/fit-*/fit.json")).read_text())
     assert fit_log["models"][0]["config"]["checkpoint_file"] == str(tmp_path / "weights" / "backbone.pth")
+
+    # One Optuna study went on through both interruptions: every trial told to it once, with its result.
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="stopped",
+                              storage=JournalStorage(JournalFileBackend(str(results / "stopped" / "study.journal"))))
+    complete = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    assert len(complete) == 3, [(t.number, t.state, t.params) for t in study.trials]
+    assert sorted(t.params["lr"] for t in complete) == pytest.approx(sorted(trials["config.lr"]))

@@ -1,0 +1,130 @@
+"""What a person watching tune.py reads: the searched values and metrics, not Ray's chatter.
+
+``ConsoleReporter`` is a Ray Tune callback on the driver. In a log (stdout not a terminal) it
+prints plain lines: one per reported epoch and one when a trial ends (how, its best metric, its
+searched values). On a terminal it keeps a small table of the trials in progress and the best
+ones so far, redrawn in place, and prints the same end-of-trial lines above it. Ray's own output
+(Tune's tables and configuration boxes, the Train workers' lines) is left to the Ray logs unless
+``tune.py --verbose`` asks for it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from ray.tune import Callback
+
+from ray_jobs.results import trial_status
+
+TABLE_ROWS = 8  # trials shown in the live table: those running, then the best ended ones
+
+
+class ConsoleReporter(Callback):
+    def __init__(self, *, searched: list[str], metric: str, mode: str, max_epochs: int):
+        self.searched, self.metric, self.mode, self.max_epochs = searched, metric, mode, max_epochs
+        self.last: dict[str, dict[str, Any]] = {}  # trial id: its last reported result
+        self.best: dict[str, tuple[float, int]] = {}  # trial id: (best metric, its epoch)
+        self._drawn = 0  # lines of the live table on screen
+
+    # Not pickled with Tune's experiment state: the screen is this process's.
+    def __getstate__(self):
+        return {**self.__dict__, "_drawn": 0}
+
+    def setup(self, **info):
+        self._started = time.monotonic()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "epoch" not in result:
+            return
+        self.last[trial.trial_id] = result
+        value = result.get(self.metric)
+        if value is not None and (trial.trial_id not in self.best or self._better(value, self.best[trial.trial_id][0])):
+            self.best[trial.trial_id] = (float(value), int(result["epoch"]))
+        if self._tty():
+            self._redraw(trials)
+        else:
+            self._print(f"trial {trial.trial_id} epoch {int(result['epoch'])}/{self.max_epochs}: "
+                        + self._metrics(result))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        # Tune sets the status after the callbacks: say what it is about to be.
+        self._ended(trials, trial, trial_status("TERMINATED", self._epochs(trial), self.max_epochs))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended(trials, trial, "error")
+
+    def on_experiment_end(self, trials, **info):
+        self._erase()
+
+    def _ended(self, trials, trial, status: str) -> None:
+        best = self.best.get(trial.trial_id)
+        outcome = f"best {self.metric} {best[0]:.4f} at epoch {best[1]}" if best else f"no {self.metric} reported"
+        self._erase()
+        self._print(f"trial {trial.trial_id} {status} after {self._epochs(trial)} epoch(s): {outcome}; "
+                    f"{self._values(trial)}")
+        if self._tty():
+            self._redraw(trials)
+
+    def _epochs(self, trial) -> int:
+        return int(self.last.get(trial.trial_id, {}).get("epoch", 0))
+
+    def _status(self, trial) -> str:
+        return trial_status(trial.status, self._epochs(trial), self.max_epochs)
+
+    def _better(self, value: float, than: float) -> bool:
+        return value > than if self.mode == "max" else value < than
+
+    def _metrics(self, result: dict[str, Any]) -> str:
+        shown = [(name, result[name]) for name in (self.metric, "val_loss", "train_loss") if name in result]
+        text = "  ".join(f"{name} {float(value):.4f}" for name, value in dict(shown).items())
+        return text + (f"  images/s {float(result['images_per_s']):.0f}" if "images_per_s" in result else "")
+
+    def _values(self, trial) -> str:
+        return ", ".join(f"{name}={_short(trial.config.get(name))}" for name in self.searched)
+
+    def _table(self, trials) -> list[str]:
+        running = [t for t in trials if t.status == "RUNNING"]
+        ended = sorted((t for t in trials if t.status != "RUNNING" and t.trial_id in self.best),
+                       key=lambda t: self.best[t.trial_id][0], reverse=self.mode == "max")
+        counts = {}
+        for t in trials:
+            counts[self._status(t)] = counts.get(self._status(t), 0) + 1
+        elapsed = time.strftime("%H:%M:%S", time.gmtime(time.monotonic() - getattr(self, "_started", time.monotonic())))
+        lines = [f"[{elapsed}] trials: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))]
+        header = ["trial", "status", "epoch", self.metric, "best", *self.searched]
+        rows = [[t.trial_id, self._status(t), str(self._epochs(t)),
+                 _number(self.last.get(t.trial_id, {}).get(self.metric)), _number(self.best.get(t.trial_id, (None,))[0]),
+                 *(_short(t.config.get(name)) for name in self.searched)]
+                for t in (running + ended)[:TABLE_ROWS]]
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        return lines + ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                        for row in [header, *rows]]
+
+    def _redraw(self, trials) -> None:
+        self._erase()
+        lines = self._table(trials)
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
+        self._drawn = len(lines)
+
+    def _erase(self) -> None:
+        if self._drawn:
+            sys.stdout.write(f"\x1b[{self._drawn}F\x1b[J")  # up to the table's first line, clear below
+            self._drawn = 0
+
+    def _print(self, line: str) -> None:
+        print(line, flush=True)
+
+    @staticmethod
+    def _tty() -> bool:
+        return sys.stdout.isatty()
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _number(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.4f}"
