@@ -269,8 +269,9 @@ def study_view(journal: Path):
     returning the trials its API lists now."""
     with local_server("optuna-dashboard", str(journal), ready="/api/meta") as api:
         def trials() -> list[dict]:
-            [only] = api("/api/studies")["studies"]
-            return api(f"/api/studies/{only['study_id']}")["trials"]
+            studies = api("/api/studies")["study_summaries"]  # none until the searcher creates its study
+            assert len(studies) <= 1, studies
+            return api(f"/api/studies/{studies[0]['study_id']}")["trials"] if studies else []
 
         yield trials
 
