@@ -198,8 +198,8 @@ def test_ctrl_c_during_the_refit_writes_no_submission(finished_search, tmp_path)
     log = tmp_path / "final_fit.log"
     with log.open("w") as output, started_script("final_fit.py", "--best", "--results", str(finished_search["results"]),
                                                  stdout=output, stderr=subprocess.STDOUT) as driver:
-        def refit_running():  # Ray Tune has started this fit's experiment: it is Tune that takes the Ctrl-C
-            return any(list(path.glob("tune/*")) for path in set(folder.glob("final/fit-*")) - fit_folders)
+        def refit_running():  # Ray Tune runs this fit's trial, so it is Tune that takes the Ctrl-C
+            return any(list(path.glob("tune/run_trial_*")) for path in set(folder.glob("final/fit-*")) - fit_folders)
 
         wait_for(refit_running, "the refit under Ray Tune", driver, interval=0.5, log=log)
         driver.send_signal(signal.SIGINT)
