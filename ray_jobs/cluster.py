@@ -25,14 +25,15 @@ def start_ray(address: str | None, *, num_cpus: int | None = None, verbose: bool
     the Ray session's log files (and the dashboard's Logs tab).
     Returns the dashboard URL (None when joining: reach it through ``ray dashboard cluster.yaml``).
     """
-    quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
+    # Quiet keeps Ray's own logging level (RAY_LOGGER_LEVEL) unless it would print INFO lines here.
+    output = {"log_to_driver": verbose, **({} if verbose else {"logging_level": logging.WARNING})}
     from ray_jobs.trial import worker_env
 
     runtime_env = {"env_vars": worker_env()}
     if _in_ray_job():
         runtime_env = None  # `ray job submit --working-dir .` already ships the code to every worker
     if address:
-        ray.init(address=address, runtime_env=runtime_env, **{"log_to_driver": True, **quiet})
+        ray.init(address=address, runtime_env=runtime_env, **output)
         return None
     running = _other_local_ray()
     if running:
@@ -43,7 +44,7 @@ def start_ray(address: str | None, *, num_cpus: int | None = None, verbose: bool
     # The dashboard is required, not cosmetic: Ray Train frees the placement group of a trial
     # that ASHA stopped only through the State API it serves.
     context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=num_cpus,
-                       runtime_env=runtime_env, **{"log_to_driver": True, **quiet})
+                       runtime_env=runtime_env, **output)
     return f"http://{context.dashboard_url}" if context.dashboard_url else None
 
 

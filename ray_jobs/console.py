@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from typing import Any
 
 from ray.tune import Callback
@@ -77,8 +78,8 @@ class ConsoleReporter(Callback):
         return value > than if self.mode == "max" else value < than
 
     def _metrics(self, result: dict[str, Any]) -> str:
-        shown = [(name, result[name]) for name in (self.metric, "val_loss", "train_loss") if name in result]
-        text = "  ".join(f"{name} {float(value):.4f}" for name, value in dict(shown).items())
+        shown = [name for name in dict.fromkeys((self.metric, "val_loss", "train_loss")) if name in result]
+        text = "  ".join(f"{name} {float(result[name]):.4f}" for name in shown)
         return text + (f"  images/s {float(result['images_per_s']):.0f}" if "images_per_s" in result else "")
 
     def _values(self, trial) -> str:
@@ -88,9 +89,7 @@ class ConsoleReporter(Callback):
         running = [t for t in trials if t.status == "RUNNING"]
         ended = sorted((t for t in trials if t.status != "RUNNING" and t.trial_id in self.best),
                        key=lambda t: self.best[t.trial_id][0], reverse=self.mode == "max")
-        counts = {}
-        for t in trials:
-            counts[self._status(t)] = counts.get(self._status(t), 0) + 1
+        counts = Counter(self._status(t) for t in trials)
         elapsed = time.strftime("%H:%M:%S", time.gmtime(time.monotonic() - getattr(self, "_started", time.monotonic())))
         lines = [f"[{elapsed}] trials: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))]
         header = ["trial", "status", "epoch", self.metric, "best", *self.searched]

@@ -73,7 +73,11 @@ class ResultsStore:
             value = json.loads(self.read_bytes(name))
         except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not text
             raise SketchError(f"{self.uri(name)}: not valid JSON ({str(exc)[:120]}); the file is damaged") from None
-        missing = [key for key in required if not isinstance(value, dict) or key not in value]
+        return self.require_keys(name, value, required)
+
+    def require_keys(self, name: str, value: Any, keys: tuple[str, ...]) -> Any:
+        """``value`` (read from ``name``) if it is an object with every one of ``keys``; else one error line."""
+        missing = [key for key in keys if not isinstance(value, dict) or key not in value]
         if missing:
             raise SketchError(f"{self.uri(name)}: missing {', '.join(missing)}; the file is damaged or not ours")
         return value
@@ -111,7 +115,7 @@ def read_search(store: ResultsStore) -> dict[str, Any]:
     if search["schema"] != SCHEMA_VERSION:
         raise SketchError(f"{store.uri('search.json')}: results schema {search['schema']!r}, this version reads "
                           f"{SCHEMA_VERSION}; rerun the search with this version")
-    return store.read_json("search.json", required=SEARCH_KEYS)
+    return store.require_keys("search.json", search, SEARCH_KEYS)
 
 
 def latest_experiment(root: str) -> str:
