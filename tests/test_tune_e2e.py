@@ -197,7 +197,7 @@ def test_resume_after_the_driver_is_killed_and_after_ctrl_c_with_relative_paths(
     (tmp_path / "data").symlink_to(demo_dir)
     (tmp_path / "weights").mkdir()
     torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), tmp_path / "weights" / "backbone.pth")
-    write_space(tmp_path / "space.yaml", tmp_path / "unused", experiment="stopped", num_samples=2, max_epochs=3,
+    write_space(tmp_path / "space.yaml", tmp_path / "unused", experiment="stopped", num_samples=3, max_epochs=2,
                 model={"checkpoint_file": "weights/backbone.pth"}, fixed={"num_workers": 2, "augment": "sketch"})
     results = tmp_path / "results"
     trials_file, epochs_file = results / "stopped" / "trials.parquet", results / "stopped" / "epochs.parquet"
@@ -226,7 +226,7 @@ def test_resume_after_the_driver_is_killed_and_after_ctrl_c_with_relative_paths(
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     trials = pd.read_parquet(trials_file)
     epochs = pd.read_parquet(epochs_file)
-    assert len(trials) == 2 and trials["trial_id"].is_unique
+    assert len(trials) == 3 and trials["trial_id"].is_unique
     assert set(trials["status"]) <= {"finished", "stopped_early"}
     for before in (before_kill, before_ctrl_c):
         kept = before.merge(epochs, on=["trial_id", "epoch"], how="left", suffixes=("", "_after"))
@@ -264,5 +264,5 @@ def test_resume_after_the_driver_is_killed_and_after_ctrl_c_with_relative_paths(
     study = optuna.load_study(study_name="stopped",
                               storage=JournalStorage(JournalFileBackend(str(results / "stopped" / "study.journal"))))
     complete = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
-    assert len(complete) == 2, [(t.number, t.state, t.params) for t in study.trials]
+    assert len(complete) == 3, [(t.number, t.state, t.params) for t in study.trials]
     assert sorted(t.params["lr"] for t in complete) == pytest.approx(sorted(trials["config.lr"]))
