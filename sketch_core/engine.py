@@ -33,8 +33,8 @@ from sketch_core.config import TrainConfig
 from sketch_core.data import TrainTable, read_train_table, split_indices
 from sketch_core.dataset import AugmentedImages, EpochSampler, image_source, subset
 from sketch_core.errors import SketchError
-from sketch_core.features import (PLAIN_VIEW, FeatureBatches, FeatureStore, encode_batches, training_views,
-                                  update_head_ema, uses_feature_cache)
+from sketch_core.features import (PLAIN_VIEW, FeatureBatches, FeatureStore, encode_batches, frozen_backbone,
+                                  training_views, uses_feature_cache)
 from sketch_core.models import SketchClassifier, create_classifier, data_config
 
 
@@ -66,18 +66,24 @@ class TrainingRun:
         self.table = table or read_train_table(config.data_dir)
         seed_everything(config.seed)
 
+        # A head trained on features shares the frozen backbone this process keeps (features.py).
+        backbone, self.backbone_digest = (frozen_backbone(config, self.device) if self.uses_feature_cache
+                                          else (None, None))
         self.model = create_classifier(
             config.model, num_classes=self.table.num_classes, pretrained=config.pretrained,
             checkpoint_file=config.checkpoint_file, drop_path_rate=config.drop_path_rate, head=config.head,
             head_hidden=config.head_hidden, head_dropout=config.head_dropout, freeze=config.freeze,
-            trainable_blocks=config.trainable_blocks,
+            trainable_blocks=config.trainable_blocks, seed=config.seed, backbone=backbone,
         ).to(self.device)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.normalisation = data_config(self.model)
         self.train_loader, self.val_loader = self._loaders()
 
-        self.ema = ModelEmaV3(self.model, decay=config.ema_decay) if config.ema else None
+        # What training changes, and so what EMA averages and a checkpoint holds: the head alone
+        # when it trains on features (the frozen backbone is rebuilt from its weights).
+        self.trained: nn.Module = self.model.head if self.uses_feature_cache else self.model
+        self.ema = ModelEmaV3(self.trained, decay=config.ema_decay) if config.ema else None
         self.optimizer = create_optimizer_v2(
             self.model, opt=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
             momentum=config.momentum, **({"fused": True} if self._fused_adamw() else {}),
@@ -96,7 +102,7 @@ class TrainingRun:
             self.train_loader, self.val_loader = self._feature_loaders()
 
         # What a batch from the train loader goes through: the head alone on cached features.
-        self.train_model: nn.Module = self.model.head if self.uses_feature_cache else self.model
+        self.train_model: nn.Module = self.trained
         if self.world_size > 1:
             self.train_model = DistributedDataParallel(
                 self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -113,7 +119,11 @@ class TrainingRun:
     @property
     def eval_model(self) -> SketchClassifier:
         """The weights to evaluate and predict with: the EMA copy when EMA is on."""
-        return self.ema.module if self.ema is not None else self.model
+        if self.ema is None:
+            return self.model
+        if self.uses_feature_cache:
+            return SketchClassifier(self.model.backbone, self.ema.module, self.config.freeze)
+        return self.ema.module
 
     @property
     def uses_feature_cache(self) -> bool:
@@ -154,7 +164,7 @@ class TrainingRun:
     def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
-            "model": self.model.state_dict(),
+            "model": self.trained.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
@@ -166,7 +176,7 @@ class TrainingRun:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("class_names", self.table.class_names) != self.table.class_names:
             raise SketchError(f"{self.config.data_dir}: classes differ from those the checkpoint was trained on")
-        self.model.load_state_dict(state["model"])
+        self.trained.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None and state.get("ema") is not None:
@@ -197,10 +207,8 @@ class TrainingRun:
                 self.optimizer.zero_grad(set_to_none=True)
                 update = self.epoch * self.updates_per_epoch + (step // config.grad_accum_steps) + 1
                 self.scheduler.step_update(num_updates=update)
-                if self.ema is not None and self.uses_feature_cache:
-                    update_head_ema(self.ema, self.model, step=update)
-                elif self.ema is not None:
-                    self.ema.update(self.model, step=update)
+                if self.ema is not None:
+                    self.ema.update(self.trained, step=update)
             totals += torch.stack([loss.detach().double() * len(targets),
                                    torch.tensor(len(targets), dtype=torch.float64, device=self.device)])
         self.scheduler.step(self.epoch + 1)
@@ -242,7 +250,7 @@ class TrainingRun:
         """Batches of cached backbone features in place of the image loaders: the training batches
         follow the image loader's sampler, validation reads the same strided shard."""
         config, (train_idx, val_idx) = self.config, self.split
-        backbone = self.model.backbone.eval()
+        backbone = self.model.backbone
 
         def encode(views) -> torch.Tensor:  # as the uncached model sees them: PrefetchLoader, autocast
             loader = DataLoader(views, batch_size=config.batch_size * 2, collate_fn=fast_collate,
@@ -250,16 +258,16 @@ class TrainingRun:
             return encode_batches(lambda images: backbone(self._prepare(images)), self._prefetch(loader),
                                   self._autocast)
 
-        store = FeatureStore(backbone, self.images, encode, model=config.model, pretrained=config.pretrained,
+        store = FeatureStore(self.backbone_digest, self.images, encode, model=config.model, pretrained=config.pretrained,
                              checkpoint_file=config.checkpoint_file, mean=self.normalisation["mean"],
                              std=self.normalisation["std"], precision="bf16" if self._amp else "fp32")
-        train = FeatureBatches([store.features(*view) for view in training_views(config)], train_idx,
+        train = FeatureBatches([store.features(*view, self.device) for view in training_views(config)], train_idx,
                                self.table.targets[train_idx], batch_size=config.batch_size, device=self.device,
                                sampler=self.train_sampler, drop_last=True)
         if self.val_loader is None:
             return train, None
         val_rows = val_idx[self.rank::self.world_size]
-        return train, FeatureBatches([store.features(*PLAIN_VIEW)], val_rows, self.table.targets[val_rows],
+        return train, FeatureBatches([store.features(*PLAIN_VIEW, self.device)], val_rows, self.table.targets[val_rows],
                                      batch_size=config.batch_size * 2, device=self.device)
 
     def _loader_options(self) -> dict[str, Any]:

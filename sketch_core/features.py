@@ -18,6 +18,9 @@ the head then trains on batches of those tensors.
   the head sees the same inputs either way.
 - Mixup/CutMix mix images, and a mix of two images' features is not the feature of the mixed
   image: with those on, training falls back to images (see ``uses_feature_cache``).
+- A process keeps the last frozen backbone it built (with its weights digest) and the features
+  it loaded for it, on the device it trains on: Ray Tune reuses a head-only trial's process for
+  the next trial, which then costs its epochs rather than building, hashing and loading again.
 """
 
 from __future__ import annotations
@@ -32,12 +35,12 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
 from sketch_core.config import TrainConfig
 from sketch_core.dataset import default_cache_dir, images_key
+from sketch_core.models import create_backbone
 from sketch_core.transforms import augmentation, seed_pipeline, to_chw
 
 # Bump when the way features are computed or stored changes, so older files are not reused.
@@ -81,6 +84,31 @@ class AugmentedView(Dataset):
         return to_chw(self.augment(image=np.asarray(self.images[index]))["image"]), 0
 
 
+# What this process keeps for its next run: one frozen backbone (key, module, weights digest), and
+# the features loaded for it by (file, device). EVA02-L's weights are 1.2 GB: one backbone at a time.
+_kept_backbone: tuple[tuple, nn.Module, str] | None = None
+_kept_features: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def frozen_backbone(config: TrainConfig, device: torch.device) -> tuple[nn.Module, str]:
+    """The frozen backbone of a run training its head on features (eval mode, no gradients, on
+    ``device``) and its weights digest: built once per process for the same model and weights."""
+    global _kept_backbone
+    random_init = not config.pretrained and not config.checkpoint_file
+    key = (config.model, config.pretrained, file_fingerprint(config.checkpoint_file), config.drop_path_rate,
+           config.seed if random_init else None, str(device))
+    if _kept_backbone is None or _kept_backbone[0] != key:
+        _kept_backbone = None  # free the previous one (and its features) before building
+        _kept_features.clear()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)  # as TrainingRun seeds before building any model
+            backbone = create_backbone(config.model, pretrained=config.pretrained,
+                                       checkpoint_file=config.checkpoint_file, drop_path_rate=config.drop_path_rate)
+        backbone = backbone.to(device).eval().requires_grad_(False)
+        _kept_backbone = (key, backbone, weights_digest(backbone))
+    return _kept_backbone[1], _kept_backbone[2]
+
+
 def weights_digest(module: nn.Module) -> str:
     """sha256 of every tensor of ``module.state_dict()`` with its name, dtype and shape."""
     digest = hashlib.sha256()
@@ -99,15 +127,16 @@ def file_fingerprint(path: str) -> str:
 
 
 class FeatureStore:
-    """Cached features of one frozen ``backbone`` over the base images ``images`` (a ``DecodeCache``
-    or ``DecodedImages``: anything with ``paths`` and ``image_size``), one file per view.
+    """Cached features of one frozen backbone (``weights``: its ``weights_digest``) over the base
+    images ``images`` (a ``DecodeCache`` or ``DecodedImages``: anything with ``paths`` and
+    ``image_size``), one file per view.
 
     ``encode(dataset)`` computes the features of a dataset of (CHW uint8 image, target) pairs, in
     order, as an (N, num_features) tensor. Several processes may ask for the same view at once: one
     computes it under a file lock, the others wait and then read it.
     """
 
-    def __init__(self, backbone: nn.Module, images: Dataset, encode: Callable[[Dataset], torch.Tensor], *,
+    def __init__(self, weights: str, images: Dataset, encode: Callable[[Dataset], torch.Tensor], *,
                  model: str, pretrained: bool, checkpoint_file: str, mean: Sequence[float], std: Sequence[float],
                  precision: str, cache_dir: str | Path | None = None):
         self.images = images
@@ -116,11 +145,10 @@ class FeatureStore:
         self.dir = Path(cache_dir or default_cache_dir())
         self.identity = {
             "version": FEATURE_CACHE_VERSION, "model": model, "pretrained": pretrained,
-            "checkpoint_file": file_fingerprint(checkpoint_file), "weights": weights_digest(backbone),
+            "checkpoint_file": file_fingerprint(checkpoint_file), "weights": weights,
             "mean": [float(v) for v in mean], "std": [float(v) for v in std], "precision": precision,
             "images": images_key(images.paths, images.image_size), "image_size": images.image_size,
         }
-        self._loaded: dict[tuple[str, int], torch.Tensor] = {}
 
     def key(self, augment: str, view: int) -> str:
         identity = {**self.identity, "augment": repr(augmentation(augment, self.image_size)), "view": view}
@@ -129,14 +157,16 @@ class FeatureStore:
     def file(self, augment: str, view: int) -> Path:
         return self.dir / f"features-{self.key(augment, view)}.pt"
 
-    def features(self, augment: str, view: int) -> torch.Tensor:
-        """(N, num_features) features of view ``view`` of preset ``augment`` of every image (CPU)."""
-        if (augment, view) not in self._loaded:
-            file = self.file(augment, view)
+    def features(self, augment: str, view: int, device: torch.device | None = None) -> torch.Tensor:
+        """(N, num_features) features of view ``view`` of preset ``augment`` of every image, on
+        ``device`` (default: the CPU), kept in this process for later runs."""
+        file = self.file(augment, view)
+        kept = (str(file), str(device or "cpu"))
+        if kept not in _kept_features:
             if not file.exists():
                 self._build(file, augment, view)
-            self._loaded[augment, view] = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-        return self._loaded[augment, view]
+            _kept_features[kept] = torch.load(file, map_location="cpu", mmap=True, weights_only=True).to(device or "cpu")
+        return _kept_features[kept]
 
     def _build(self, file: Path, augment: str, view: int) -> None:
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -204,20 +234,6 @@ class FeatureBatches:
         """This view's rows on the device (kept while consecutive epochs read the same view)."""
         if self._current is None or self._current[0] != index:
             self._current = None  # free the previous view first
-            self._current = (index, self.views[index][self.rows].to(self.device))
+            view = self.views[index]
+            self._current = (index, view[self.rows.to(view.device)].to(self.device))
         return self._current[1]
-
-
-@torch.no_grad()
-def update_head_ema(ema: ModelEmaV3, model: nn.Module, step: int) -> None:
-    """``ema.update(model, step)`` for a model whose only changing part is ``model.head``.
-
-    The frozen backbone's EMA copy equals the backbone (same weights, buffers untouched in eval
-    mode), so only the head is averaged; a full update would rewrite every backbone tensor per step.
-    """
-    decay = ema.get_decay(step)
-    for ema_value, value in zip(ema.module.head.state_dict().values(), model.head.state_dict().values()):
-        if ema_value.is_floating_point():
-            ema_value.lerp_(value.to(device=ema_value.device, dtype=ema_value.dtype), weight=1.0 - decay)
-        else:
-            ema_value.copy_(value)

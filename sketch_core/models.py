@@ -55,13 +55,24 @@ def create_classifier(
     head_dropout: float = 0.0,
     freeze: str = "none",
     trainable_blocks: int = 2,
+    seed: int | None = None,
+    backbone: nn.Module | None = None,
 ) -> SketchClassifier:
-    """Build ``name`` from timm with a ``head`` of ``num_classes`` outputs and apply ``freeze``."""
+    """Build ``name`` from timm with a ``head`` of ``num_classes`` outputs and apply ``freeze``.
+
+    ``seed``: the head's initial weights, drawn from it whether or not the backbone is built here.
+    ``backbone``: one built earlier by ``create_backbone`` with these arguments, used instead of a new
+    one (a process keeps a frozen backbone for its next head-only run).
+    """
     check_model_name(name)
-    backbone = _create_backbone(name, pretrained=pretrained, checkpoint_file=checkpoint_file,
-                                drop_path_rate=drop_path_rate)
-    model = SketchClassifier(backbone, _create_head(head, backbone.num_features, num_classes, head_hidden,
-                                                    head_dropout), freeze)
+    if backbone is None:
+        backbone = create_backbone(name, pretrained=pretrained, checkpoint_file=checkpoint_file,
+                                   drop_path_rate=drop_path_rate)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        classifier_head = _create_head(head, backbone.num_features, num_classes, head_hidden, head_dropout)
+    model = SketchClassifier(backbone, classifier_head, freeze)
     apply_freeze(model, freeze, trainable_blocks)
     return model
 
@@ -94,7 +105,8 @@ def apply_freeze(model: SketchClassifier, policy: str, trainable_blocks: int = 2
             parameters[param_name].requires_grad_(True)
 
 
-def _create_backbone(name: str, *, pretrained: bool, checkpoint_file: str, drop_path_rate: float) -> nn.Module:
+def create_backbone(name: str, *, pretrained: bool, checkpoint_file: str = "", drop_path_rate: float = 0.0) -> nn.Module:
+    """timm's ``name`` without its classifier (pooled features), with these weights."""
     kwargs = {"num_classes": 0}
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
