@@ -65,11 +65,12 @@ def check_trial_fits(resources: Resources, source: str) -> None:
     """Refuse a trial that no node set this cluster has, or may autoscale to, can ever hold."""
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     node_types = nodes + _autoscaler_node_types()
-    worker = resources.per_worker()
-    if not any(all(node.get(key, 0) >= amount for key, amount in worker.items()) for node in node_types):
-        raise SketchError(
-            f"{source}: resources: one worker needs {_describe(worker)}, but no node of this cluster "
-            f"has that much (largest: {_describe(_largest(node_types, worker))}); lower cpus_per_worker/gpus_per_worker")
+    for what, needs, fields in (("one worker", resources.per_worker(), "cpus_per_worker/gpus_per_worker"),
+                                ("one head-only trial", resources.head_trial(), "head_cpus/head_gpus")):
+        if not any(all(node.get(key, 0) >= amount for key, amount in needs.items()) for node in node_types):
+            raise SketchError(
+                f"{source}: resources: {what} needs {_describe(needs)}, but no node of this cluster "
+                f"has that much (largest: {_describe(_largest(node_types, needs))}); lower {fields}")
     trial = resources.per_trial()
     capacity = {key: sum(node.get(key, 0) for node in node_types) for key in trial}
     if any(capacity[key] < amount for key, amount in trial.items()):

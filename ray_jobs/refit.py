@@ -1,9 +1,10 @@
 """Refitting chosen configurations on all training data (or K folds) and predicting the test set.
 
-Each model is one Ray Train ``TorchTrainer`` run with a trial's resources; the runs are the trials
-of a small Ray Tune experiment so that they run side by side when the cluster has room, are
-retried from their checkpoints when a worker fails, and never resume an earlier refit (each
-refit has its own folder).
+Each model trains as its search trial did: a head on cached features in a Ray Tune trial process,
+anything else as one Ray Train ``TorchTrainer`` run with a trial's resources. The runs are the
+trials of a small Ray Tune experiment so that they run side by side when the cluster has room, are
+retried from their checkpoints when they fail, and never resume an earlier refit (each refit has
+its own folder).
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import ray
-import ray.train
 import torch
 from ray import tune
 
@@ -26,7 +25,7 @@ from sketch_core.predict import predict_probs
 from ray_jobs.results import ResultsStore, config_of
 from ray_jobs.space import Resources
 from ray_jobs.trial import make_trainable, report_epoch, resumed_run
-from ray_jobs.tuning import fit_noting_ctrl_c
+from ray_jobs.tuning import fit_noting_ctrl_c, retries_and_checkpoints
 
 
 @dataclass(frozen=True)
@@ -71,27 +70,32 @@ def choose_models(trials: pd.DataFrame, *, metric: str, mode: str, searched: lis
     return specs
 
 
-def refit_worker(config: dict[str, Any]) -> None:
+def refit_loop(config: dict[str, Any], session) -> None:
     """Train one model to its epoch, predict the test set with every rank, save it (rank 0)."""
     job = config["job"]
-    run = resumed_run(TrainConfig.from_dict(job["config"], source="refit config"))
+    run = resumed_run(TrainConfig.from_dict(job["config"], source="refit config"), session)
     metrics: dict[str, Any] = {}
     for metrics in run.epochs(until=job["until_epoch"]):
-        report_epoch(metrics, run)
+        report_epoch(metrics, run, session)
     test = read_test_table(run.config.data_dir)
     probs = predict_probs(run.eval_model, test.paths, image_size=run.config.image_size,
                           mean=run.normalisation["mean"], std=run.normalisation["std"], device=run.device,
                           tta=job["tta"], batch_size=run.config.batch_size * 2, num_workers=run.config.num_workers,
                           cached=run.config.decode_cache, amp=run.config.amp)
-    if ray.train.get_context().get_world_rank() == 0:
+    if session.world_rank() == 0:
         store = ResultsStore(job["results"], job["experiment"])
         weights = io.BytesIO()
         torch.save({"model": run.eval_model.state_dict(), "config": run.config.to_dict(),
                     "class_names": run.table.class_names, "epoch": run.epoch}, weights)
         store.write_bytes(f"{job['folder']}/{job['model_id']}.pt", weights.getvalue())
         store.write_bytes(f"{job['folder']}/probs-{job['model_id']}.npy", npy_bytes(probs))
-    ray.train.report({"epoch": run.epoch, "predicted": len(test.paths),
-                      **({"val_acc": metrics["val_acc"]} if "val_acc" in metrics else {})})
+    session.report({"epoch": run.epoch, "predicted": len(test.paths),
+                    **({"val_acc": metrics["val_acc"]} if "val_acc" in metrics else {})})
+
+
+def refit_train_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The TrainConfig dict of a refit's Tune config."""
+    return config["job"]["config"]
 
 
 def fit_models(specs: list[ModelSpec], *, store: ResultsStore, folder: str, resources: Resources, tta: bool,
@@ -103,14 +107,16 @@ def fit_models(specs: list[ModelSpec], *, store: ResultsStore, folder: str, reso
     """
     jobs = [{"model_id": s.model_id, "config": s.config, "until_epoch": s.until_epoch, "tta": tta,
              "results": store.root, "experiment": store.experiment, "folder": folder} for s in specs]
-    trainable = make_trainable(refit_worker, resources=resources, max_failures=max_failures, keep_checkpoints=1,
-                               metric="epoch", mode="max")
+    trainable = make_trainable(refit_loop, resources=resources, keep_checkpoints=1, metric="epoch", mode="max",
+                               train_config=refit_train_config)
     tuner = tune.Tuner(
         trainable,
         param_space={"job": tune.grid_search(jobs)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name="tune", storage_path=store.uri(folder),
-                                  storage_filesystem=store.fs if store.scheme else None),
+                                  storage_filesystem=store.fs if store.scheme else None,
+                                  **retries_and_checkpoints(max_failures=max_failures, keep_checkpoints=1,
+                                                            metric="epoch", mode="max")),
     )
     # A refit that Ctrl-C stopped before it started has no result config: it stays not done, no error.
     rows = {job["model_id"]: {"model_id": job["model_id"], "epoch": None, "val_acc": None, "done": False,

@@ -23,6 +23,7 @@ from ray.tune import Callback
 from sketch_core.config import TrainConfig
 from sketch_core.errors import SketchError
 from ray_jobs.cli import local_path
+from ray_jobs.space import Resources
 
 SCHEMA_VERSION = 1
 METRIC_COLUMNS = ("val_acc", "val_loss", "train_loss", "lr", "images_per_s")
@@ -150,9 +151,9 @@ def _json_default(value: Any) -> Any:
 class ExperimentTables:
     """The per-epoch rows of every trial, and the tables and best trial derived from them."""
 
-    def __init__(self, *, metric: str, mode: str, max_epochs: int, gpus_per_trial: float):
+    def __init__(self, *, metric: str, mode: str, max_epochs: int, resources: Resources):
         self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
-        self.gpus_per_trial = gpus_per_trial
+        self.resources = resources  # what each kind of trial holds: for gpu_hours
         self.rows: dict[tuple[str, int], dict[str, Any]] = {}
 
     def add_result(self, trial_id: str, result: dict[str, Any]) -> None:
@@ -188,29 +189,34 @@ class ExperimentTables:
         return frame.sort_values(["trial_id", "epoch"], ignore_index=True)
 
     def trials_frame(self, trials: list["TrialState"]) -> pd.DataFrame:
+        # Rewritten whenever a trial ends: aggregated per trial in one pass, not filtered per trial.
         epochs = self.epochs_frame()
+        by_trial = epochs.groupby("trial_id")
+        epochs_run, wall_s = by_trial["epoch"].max(), by_trial["trial_s"].max().fillna(0.0)
+        feature_cache, best_val_acc = by_trial["feature_cache"].max().fillna(0), by_trial["val_acc"].max()
+        nodes = by_trial["nodes"].agg(lambda column: ",".join(sorted({node for value in column.dropna()
+                                                                       for node in str(value).split(",")})))
+        scored = epochs.dropna(subset=[self.metric])
+        best_rows = scored.groupby("trial_id")[self.metric]
+        best_rows = scored.loc[best_rows.idxmax() if self.mode == "max" else best_rows.idxmin()].set_index("trial_id")
         records = []
         for trial in trials:
-            mine = epochs[epochs["trial_id"] == trial.trial_id]
-            scored = mine.dropna(subset=[self.metric])
-            best = None
-            if len(scored):
-                best = scored.loc[scored[self.metric].idxmax() if self.mode == "max" else scored[self.metric].idxmin()]
-            wall_s = float(mine["trial_s"].max()) if mine["trial_s"].notna().any() else 0.0
-            epochs_run = int(mine["epoch"].max()) if len(mine) else 0
+            trial_id, run = trial.trial_id, int(epochs_run.get(trial.trial_id, 0))
+            best = best_rows.loc[trial_id] if trial_id in best_rows.index else None
+            spent = float(wall_s.get(trial_id, 0.0))
             record = {
-                "trial_id": trial.trial_id,
-                "status": trial_status(trial.status, epochs_run, self.max_epochs),
-                "epochs_run": epochs_run,
-                "best_val_acc": float(scored["val_acc"].max()) if len(scored) and "val_acc" in scored else math.nan,
+                "trial_id": trial_id,
+                "status": trial_status(trial.status, run, self.max_epochs),
+                "epochs_run": run,
+                "best_val_acc": float(best_val_acc.get(trial_id, math.nan)) if best is not None else math.nan,
                 f"best_{self.metric}": float(best[self.metric]) if best is not None else math.nan,
                 "best_epoch": int(best["epoch"]) if best is not None else 0,
-                "wall_s": wall_s,
-                "gpu_hours": wall_s * self.gpus_per_trial / 3600,
-                "node": ",".join(sorted({n for nodes in mine["nodes"].dropna() for n in str(nodes).split(",")})),
+                "wall_s": spent,
+                "gpu_hours": spent * self.resources.of_trial(trial.config).get("GPU", 0) / 3600,
+                "node": nodes.get(trial_id, ""),
                 "error": trial.error or "",
                 # 1 when the head trained on cached backbone features (freeze: head)
-                "feature_cache": int(mine["feature_cache"].max()) if mine["feature_cache"].notna().any() else 0,
+                "feature_cache": int(feature_cache.get(trial_id, 0)),
             }
             record.update({f"config.{key}": value for key, value in trial.config.items()
                            if key in TrainConfig.field_names()})

@@ -8,7 +8,8 @@ names the file and the field. Schema (all sections but ``experiment`` and ``mode
       dir: data/demo                    # competition layout; relative paths: to the working directory
       demo: true                        # generate the demo data set here if it is missing
     model: {name: test_resnet, pretrained: false, image_size: 48, checkpoint_file: ""}
-    resources: {workers: 2, cpus_per_worker: 1, gpus_per_worker: 0}     # of ONE trial
+    resources: {workers: 2, cpus_per_worker: 1, gpus_per_worker: 0}     # of ONE trial (DDP workers)
+      # head_cpus: 1, head_gpus: 0.125  # a head-only trial on cached features: one process, no DDP
     search:
       searcher: optuna                  # optuna (TPE) | random | grid
       num_samples: 6                    # trials (grid: repeats of the grid)
@@ -72,12 +73,20 @@ class Distribution:
 
 @dataclass(frozen=True)
 class Resources:
+    """What one trial holds. A trial that trains a head on cached features runs in its own Ray Tune
+    process with ``head_cpus`` and ``head_gpus`` (a fraction: several share a GPU); any other is a
+    TorchTrainer of ``workers`` DDP workers plus the trial process's ``TRIAL_CPUS``."""
+
     workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    head_cpus: float = 1.0
+    head_gpus: float = 0.0  # parse_space: HEAD_GPUS when the workers have GPUs and the file sets none
 
     # The trial itself only waits on its TorchTrainer; {"CPU": 0} is refused by Tune.
     TRIAL_CPUS = 0.05
+    # A head on 15k x 1024 features uses a sliver of a GPU: 8 such trials share one by default.
+    HEAD_GPUS = 0.125
 
     @property
     def use_gpu(self) -> bool:
@@ -87,9 +96,23 @@ class Resources:
         return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}
 
     def per_trial(self) -> dict[str, float]:
-        """What one trial holds in all: its own share plus all its workers'."""
+        """What one DDP trial holds in all: its own share plus all its workers'."""
         return {key: value * self.workers + (self.TRIAL_CPUS if key == "CPU" else 0)
                 for key, value in self.per_worker().items()}
+
+    def head_trial(self) -> dict[str, float]:
+        """What one head-only trial holds: its process's share."""
+        return {"CPU": self.head_cpus, **({"GPU": self.head_gpus} if self.head_gpus > 0 else {})}
+
+    def of_trial(self, config: dict[str, Any]) -> dict[str, float]:
+        """What the trial of this TrainConfig dict holds in all."""
+        return self.head_trial() if runs_in_trial_process(config) else self.per_trial()
+
+
+def runs_in_trial_process(config: dict[str, Any]) -> bool:
+    """Whether the trial of this TrainConfig dict trains in Ray Tune's own trial process (a head on
+    cached features: no Ray Train, no DDP) rather than in a TorchTrainer's workers."""
+    return TrainConfig.from_dict(config, source="trial config").uses_feature_cache
 
 
 @dataclass(frozen=True)
@@ -179,6 +202,8 @@ def parse_space(document: Any, *, source: str) -> SearchSpace:
     model = _mapping(document["model"], source, "model")
     _no_unknown(model, {"name", "pretrained", "image_size", "checkpoint_file"}, source, "model.")
     resources = _section(Resources, document.get("resources"), source, "resources")
+    if resources.gpus_per_worker > 0 and "head_gpus" not in (document.get("resources") or {}):
+        resources = dataclasses.replace(resources, head_gpus=Resources.HEAD_GPUS)
     search = _section(SearchSettings, document.get("search"), source, "search")
     scheduler = _section(SchedulerSettings, document.get("scheduler"), source, "scheduler")
     _check_settings(resources, search, scheduler, source)
@@ -217,6 +242,8 @@ def _check_settings(resources: Resources, search: SearchSettings, scheduler: Sch
         (resources.workers >= 1, "resources.workers", "at least 1", resources.workers),
         (resources.cpus_per_worker > 0, "resources.cpus_per_worker", "a value > 0", resources.cpus_per_worker),
         (resources.gpus_per_worker >= 0, "resources.gpus_per_worker", "a value >= 0", resources.gpus_per_worker),
+        (resources.head_cpus > 0, "resources.head_cpus", "a value > 0", resources.head_cpus),
+        (resources.head_gpus >= 0, "resources.head_gpus", "a value >= 0", resources.head_gpus),
         (search.searcher in SEARCHERS, "search.searcher", f"one of {', '.join(SEARCHERS)}", search.searcher),
         (search.num_samples >= 1, "search.num_samples", "at least 1", search.num_samples),
         (search.max_concurrent >= 1, "search.max_concurrent", "at least 1", search.max_concurrent),

@@ -1,14 +1,22 @@
-"""One trial: a Ray Train ``TorchTrainer`` that runs the sketch_core loop on N DDP workers.
+"""One trial of a search, in one of two forms chosen by its configuration:
 
-``train_worker`` runs in every worker process; ``make_trainable`` builds the Tune function
-trainable that fits one TorchTrainer per trial (Train V2 refuses ``Tuner(TorchTrainer)``).
-final_fit's refits reuse the same pieces with their own worker loop.
+- a head trained on cached backbone features runs in Ray Tune's own trial process: no Ray Train,
+  no DDP (a head on cached features needs none). Ray Tune reuses that process for the next such
+  trial, which finds the frozen backbone and the features the process keeps (sketch_core.features);
+- anything else is a Ray Train ``TorchTrainer`` running the sketch_core loop on N DDP workers
+  (Train V2 refuses ``Tuner(TorchTrainer)``, so a Tune function trainable fits one per trial).
+
+Both run the same loop and report each epoch with the same metrics and a checkpoint, through a
+``session``: Ray Train's API in a Train worker, Ray Tune's in the trial process (Train V2's calls
+raise there). final_fit's refits use the same pieces with their own loop.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -17,9 +25,10 @@ import ray.train
 import torch.distributed as dist
 from ray import tune
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.tune.execution.placement_groups import PlacementGroupFactory
 
 from sketch_core.config import TrainConfig
-from ray_jobs.space import Resources
+from ray_jobs.space import Resources, runs_in_trial_process
 
 if TYPE_CHECKING:
     from sketch_core.engine import TrainingRun
@@ -29,46 +38,93 @@ CHECKPOINT_FILE = "state.pt"
 TABLE_METRICS = ("epoch", "val_acc", "val_loss", "images_per_s")
 
 
-def train_worker(config: dict[str, Any]) -> None:
-    """Train one configuration on this worker's shard, reporting every epoch (ASHA may stop it)."""
-    run = resumed_run(TrainConfig.from_dict(config, source="trial config"))
+class InTrainWorker:
+    """A loop's link to Ray in a TorchTrainer's worker: Ray Train's API."""
+
+    @staticmethod
+    def get_checkpoint():
+        return ray.train.get_checkpoint()
+
+    @staticmethod
+    def report(metrics: dict[str, Any], checkpoint_folder: str | None = None) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_folder)
+                         if checkpoint_folder else None)
+
+    @staticmethod
+    def world_rank() -> int:
+        return ray.train.get_context().get_world_rank()
+
+    @staticmethod
+    def device():
+        return ray.train.torch.get_device()
+
+
+class InTrialProcess:
+    """A loop's link to Ray in Ray Tune's trial process: Ray Tune's API, one rank, its own device
+    (Ray gives the process its GPU share as CUDA device 0)."""
+
+    @staticmethod
+    def get_checkpoint():
+        return tune.get_checkpoint()
+
+    @staticmethod
+    def report(metrics: dict[str, Any], checkpoint_folder: str | None = None) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_folder) if checkpoint_folder else None)
+
+    @staticmethod
+    def world_rank() -> int:
+        return 0
+
+    @staticmethod
+    def device():
+        from sketch_core.engine import default_device
+
+        return default_device()
+
+
+IN_TRAIN_WORKER, IN_TRIAL_PROCESS = InTrainWorker(), InTrialProcess()
+
+
+def train_loop(config: dict[str, Any], session) -> None:
+    """Train one configuration, reporting every epoch (ASHA may stop it)."""
+    run = resumed_run(TrainConfig.from_dict(config, source="trial config"), session)
     started_at_epoch = run.epoch  # > 0 after a restart from a checkpoint
     nodes, pids = worker_placement()
     if run.epoch >= run.config.epochs and run.last_metrics:
         # A trial that finished after the search's last saved state is rerun by a restore:
         # report its final epoch again so Tune and the searcher see its real result.
-        ray.train.report({**run.last_metrics, "started_at_epoch": started_at_epoch, "nodes": nodes, "pids": pids})
+        session.report({**run.last_metrics, "started_at_epoch": started_at_epoch, "nodes": nodes, "pids": pids})
         return
     for epoch_metrics in run.epochs():
         metrics = {**{key: epoch_metrics[key] for key in TABLE_METRICS if key in epoch_metrics}, **epoch_metrics,
                    "started_at_epoch": started_at_epoch, "nodes": nodes, "pids": pids}
-        report_epoch(metrics, run)
+        report_epoch(metrics, run, session)
 
 
-def resumed_run(config: TrainConfig) -> "TrainingRun":
-    """A TrainingRun on this worker's device, continuing from the Train run's latest checkpoint if
-    there is one (after a worker failure, or in a restored search)."""
-    # Imported here: the trial and controller processes, which never train, skip timm & co.
+def resumed_run(config: TrainConfig, session) -> "TrainingRun":
+    """A TrainingRun on the session's device, continuing from the latest checkpoint if there is one
+    (after a failure, or in a restored search)."""
+    # Imported here: the trial and controller processes of DDP trials, which never train, skip timm & co.
     from sketch_core.engine import TrainingRun, load_checkpoint
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.get_checkpoint()
     state = None
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
-    return TrainingRun(config, device=ray.train.torch.get_device(), state=state)
+    return TrainingRun(config, device=session.device(), state=state)
 
 
-def report_epoch(metrics: dict[str, Any], run: "TrainingRun") -> None:
+def report_epoch(metrics: dict[str, Any], run: "TrainingRun", session) -> None:
     """Every rank reports each epoch; rank 0 attaches the checkpoint."""
     from sketch_core.engine import save_checkpoint
 
-    if ray.train.get_context().get_world_rank() != 0:
-        ray.train.report(metrics)
+    if session.world_rank() != 0:
+        session.report(metrics)
         return
     with tempfile.TemporaryDirectory() as folder:
         save_checkpoint(run.state_dict(), Path(folder) / CHECKPOINT_FILE)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        session.report(metrics, checkpoint_folder=folder)
 
 
 def worker_placement() -> tuple[str, str]:
@@ -82,20 +138,53 @@ def worker_placement() -> tuple[str, str]:
     return ",".join(sorted({node for node, _ in everyone})), ",".join(str(pid) for _, pid in everyone)
 
 
-def make_trainable(train_loop: Callable[[dict], None], *, resources: Resources, max_failures: int,
-                   keep_checkpoints: int, metric: str, mode: str) -> Callable:
-    """A Tune function trainable that fits one TorchTrainer running ``train_loop`` on every worker;
-    Tune (and so ASHA) sees each epoch the workers report."""
+class OnTrainWorkers:
+    """``loop(config, IN_TRAIN_WORKER)``: the one-argument function a TorchTrainer runs."""
+
+    def __init__(self, loop: Callable[[dict, Any], None]):
+        self.loop = loop
+
+    def __call__(self, config: dict[str, Any]) -> None:
+        self.loop(config, IN_TRAIN_WORKER)
+
+
+class OwnRequest(PlacementGroupFactory):
+    """A resource request equal to no other trial's. Ray Tune hands a cached trial process only to
+    a trial with an equal request, and the process of a TorchTrainer trial that ASHA stopped is
+    still blocked in its Train controller: the next trial given it would fail its reset
+    (ray-project/ray#29268). So only head-only trials' processes are ever reused."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.owner = uuid.uuid4().hex
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, OwnRequest) and other.owner == self.owner
+
+    def __hash__(self) -> int:
+        return hash(self.owner)
+
+
+def make_trainable(loop: Callable[[dict, Any], None], *, resources: Resources, keep_checkpoints: int, metric: str,
+                   mode: str, train_config: Callable[[dict], dict] = lambda config: config) -> Callable:
+    """A Tune function trainable running ``loop(train_config(config), session)``: in the trial's own
+    process for a head on cached features, else on every worker of one TorchTrainer. Tune (and so
+    ASHA) sees each epoch either reports. Failed trials of both kinds are retried by Tune (its
+    FailureConfig: tuning.py), so the TorchTrainer itself never retries: retries do not multiply."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     def run_trial(config: dict[str, Any]) -> None:
+        if runs_in_trial_process(train_config(config)):
+            _free_what_the_last_trial_left()
+            loop(config, IN_TRIAL_PROCESS)
+            return
         # Read where the TorchTrainer is built: the dashboard's Train tab lists only tracked runs.
         os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
-        # The Train run lives in the trial's own folder under a fixed name, so a restored
+        # The Train run lives in the trial's own folder under a fixed name, so a retried or restored
         # trial finds its checkpoints. (get_trial_dir() is session-local and changes on restore.)
         storage = tune.get_context().get_storage()
         TorchTrainer(
-            train_loop,
+            OnTrainWorkers(loop),
             train_loop_config=config,
             scaling_config=ray.train.ScalingConfig(num_workers=resources.workers, use_gpu=resources.use_gpu,
                                                    resources_per_worker=resources.per_worker()),
@@ -108,11 +197,32 @@ def make_trainable(train_loop: Callable[[dict], None], *, resources: Resources, 
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints,
                                                              checkpoint_score_attribute=metric,
                                                              checkpoint_score_order=mode),
-                failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                failure_config=ray.train.FailureConfig(max_failures=0),
             ),
         ).fit()
 
-    return tune.with_resources(run_trial, {"CPU": Resources.TRIAL_CPUS})
+    return tune.with_resources(run_trial, lambda config: trial_request(train_config(config), resources))
+
+
+def trial_request(config: dict[str, Any], resources: Resources) -> PlacementGroupFactory:
+    """What the Tune trial process of this TrainConfig dict asks for: a head-only trial its share,
+    equal for all of them (so their processes are reused); a TorchTrainer trial its own 0.05 CPU
+    (its workers ask for theirs), in a request equal to no other."""
+    if runs_in_trial_process(config):
+        return PlacementGroupFactory([resources.head_trial()])
+    return OwnRequest([{"CPU": Resources.TRIAL_CPUS}])
+
+
+def _free_what_the_last_trial_left() -> None:
+    """Give the GPU memory of the process's previous trial back (its model, optimiser, EMA); the
+    kept backbone and features stay. Done when the next trial starts: a stopped trial's frames
+    live on in its exception until then. (On the CPU, Python's collector frees it in time: a full
+    collection costs a head trial's own training time there.)"""
+    import torch
+
+    if torch.cuda.is_initialized():
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def worker_env() -> dict[str, str]:

@@ -11,6 +11,7 @@ best.json, search.json, report/. Command-line values override the space file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -105,8 +106,7 @@ def search_summary(space, class_names: list[str]) -> dict:
             "data_dir": space.base["data_dir"], "class_names": class_names, "metric": space.search.metric,
             "mode": space.search.mode, "max_epochs": space.scheduler.max_epochs,
             "searched": sorted(space.params), "num_samples": space.search.num_samples,
-            "resources": {"workers": space.resources.workers, "cpus_per_worker": space.resources.cpus_per_worker,
-                          "gpus_per_worker": space.resources.gpus_per_worker},
+            "resources": dataclasses.asdict(space.resources),
             "max_failures": space.search.max_failures}
 
 

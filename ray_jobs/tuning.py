@@ -15,7 +15,7 @@ from sketch_core.errors import SketchError
 from ray_jobs.console import ConsoleReporter
 from ray_jobs.results import ExperimentTables, ResultsRecorder, ResultsStore
 from ray_jobs.space import SearchSpace
-from ray_jobs.trial import make_trainable, train_worker
+from ray_jobs.trial import make_trainable, train_loop
 
 TUNE_FOLDER = "tune"
 # The Optuna study, stored as the search runs so that optuna-dashboard can show it live.
@@ -26,9 +26,8 @@ def build_tuner(space: SearchSpace, store: ResultsStore, *, resume: bool, verbos
     """A new Tuner for ``space``, or (``resume``) the one saved in ``store``, with its searcher,
     scheduler and callbacks as they were. ``verbose``: Tune's own progress output (configuration
     boxes, status tables) instead of only ``ConsoleReporter``'s lines."""
-    trainable = make_trainable(train_worker, resources=space.resources, max_failures=space.search.max_failures,
-                               keep_checkpoints=space.search.keep_checkpoints, metric=space.search.metric,
-                               mode=space.search.mode)
+    trainable = make_trainable(train_loop, resources=space.resources, keep_checkpoints=space.search.keep_checkpoints,
+                               metric=space.search.metric, mode=space.search.mode)
     if resume:
         # The restored Tuner brings back its searcher, scheduler and callbacks (ResultsRecorder
         # re-reads epochs.parquet in setup()); unfinished trials restart from their checkpoints.
@@ -40,7 +39,7 @@ def build_tuner(space: SearchSpace, store: ResultsStore, *, resume: bool, verbos
             raise SketchError(f"{store.uri(TUNE_FOLDER)}: cannot restore the search from its saved state "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     tables = ExperimentTables(metric=space.search.metric, mode=space.search.mode,
-                              max_epochs=space.scheduler.max_epochs, gpus_per_trial=space.resources.per_trial().get("GPU", 0))
+                              max_epochs=space.scheduler.max_epochs, resources=space.resources)
     return tune.Tuner(
         trainable,
         param_space=space.param_space(),
@@ -51,17 +50,34 @@ def build_tuner(space: SearchSpace, store: ResultsStore, *, resume: bool, verbos
             max_concurrent_trials=space.search.max_concurrent,
             search_alg=_searcher(space, study_file=study_file(store)),
             scheduler=_scheduler(space),
+            reuse_actors=True,  # head-only trials only: trial.OwnRequest
         ),
         run_config=tune.RunConfig(
             name=TUNE_FOLDER,
             storage_path=store.uri(),
             storage_filesystem=store.fs if store.scheme else None,
+            **retries_and_checkpoints(max_failures=space.search.max_failures,
+                                      keep_checkpoints=space.search.keep_checkpoints, metric=space.search.metric,
+                                      mode=space.search.mode),
             callbacks=[ResultsRecorder(store, tables),
                        ConsoleReporter(searched=sorted(space.params), metric=space.search.metric,
                                        mode=space.search.mode, max_epochs=space.scheduler.max_epochs)],
             verbose=2 if verbose else 0,
         ),
     )
+
+
+def retries_and_checkpoints(*, max_failures: int, keep_checkpoints: int, metric: str, mode: str) -> dict:
+    """RunConfig arguments: Tune retries a failed trial of either kind from its last checkpoint, and
+    keeps the best ``keep_checkpoints`` of a head-only trial (a TorchTrainer trial's checkpoints
+    are Ray Train's, kept by its own CheckpointConfig)."""
+    # With num_to_keep set, Tune snapshots the experiment every num_to_keep checkpoints of a trial
+    # and warns when that comes often: head-only trials checkpoint every epoch, milliseconds apart,
+    # by design, so the warning would only be noise on the console.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    return {"failure_config": tune.FailureConfig(max_failures=max_failures),
+            "checkpoint_config": tune.CheckpointConfig(num_to_keep=keep_checkpoints, checkpoint_score_attribute=metric,
+                                                       checkpoint_score_order=mode)}
 
 
 def study_file(store: ResultsStore) -> str | None:

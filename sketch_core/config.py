@@ -121,6 +121,13 @@ class TrainConfig:
     def uses_mixup(self) -> bool:
         return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.mixup_prob > 0
 
+    @property
+    def uses_feature_cache(self) -> bool:
+        """Whether the head trains on cached backbone features rather than images
+        (``sketch_core.features``). Mixup/CutMix blend images (CutMix pastes patches): the features
+        of a blended image are not a blend of features, so the cache cannot reproduce them."""
+        return self.freeze == "head" and self.feature_cache and not self.uses_mixup
+
 
 def _did_you_mean(key: str, known) -> str:
     close = difflib.get_close_matches(key, list(known), n=1)

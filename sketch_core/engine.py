@@ -34,7 +34,7 @@ from sketch_core.data import TrainTable, read_train_table, split_indices
 from sketch_core.dataset import AugmentedImages, EpochSampler, image_source, subset
 from sketch_core.errors import SketchError
 from sketch_core.features import (PLAIN_VIEW, FeatureBatches, FeatureStore, encode_batches, frozen_backbone,
-                                  training_views, uses_feature_cache)
+                                  training_views)
 from sketch_core.models import SketchClassifier, create_classifier, data_config
 
 
@@ -128,7 +128,7 @@ class TrainingRun:
     @property
     def uses_feature_cache(self) -> bool:
         """Whether the head trains on cached backbone features (``sketch_core.features``)."""
-        return uses_feature_cache(self.config)
+        return self.config.uses_feature_cache
 
     def epochs(self, until: int | None = None) -> Iterator[dict[str, float]]:
         """Train from the next epoch up to ``until`` (default: the config's ``epochs``), yielding

@@ -17,7 +17,7 @@ the head then trains on batches of those tensors.
   normalisation, eval mode, the run's autocast) and stored in the dtype the backbone produced, so
   the head sees the same inputs either way.
 - Mixup/CutMix mix images, and a mix of two images' features is not the feature of the mixed
-  image: with those on, training falls back to images (see ``uses_feature_cache``).
+  image: with those on, training falls back to images (see ``TrainConfig.uses_feature_cache``).
 - A process keeps the last frozen backbone it built (with its weights digest) and the features
   it loaded for it, on the device it trains on: Ray Tune reuses a head-only trial's process for
   the next trial, which then costs its epochs rather than building, hashing and loading again.
@@ -45,13 +45,6 @@ from sketch_core.transforms import augmentation, seed_pipeline, to_chw
 
 # Bump when the way features are computed or stored changes, so older files are not reused.
 FEATURE_CACHE_VERSION = 2
-
-
-def uses_feature_cache(config: TrainConfig) -> bool:
-    """Whether a run with ``config`` trains its head on cached features rather than images."""
-    # Mixup/CutMix blend images (CutMix pastes patches): the features of a blended image are not a
-    # blend of features, so the cache cannot reproduce them; such runs train on images.
-    return config.freeze == "head" and config.feature_cache and not config.uses_mixup
 
 
 def training_views(config: TrainConfig) -> list[tuple[str, int]]:

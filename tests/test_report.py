@@ -1,6 +1,7 @@
 """ray_jobs/report.py on results folders written as a search writes them (its own table code, no
 Ray), and the report a real demo search leaves behind."""
 
+import dataclasses
 import io
 import re
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from PIL import Image
 from conftest import run_script
 from ray_jobs.report import inferred_distribution, spans_decades, write_report
 from ray_jobs.results import ExperimentTables, ResultsStore, TrialState
+from ray_jobs.space import Resources
 from sketch_core.config import TrainConfig
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -54,7 +56,8 @@ def wide_search() -> list[Trial]:
 def write_search(store: ResultsStore, trials: list[Trial], *, searched=SMOKE_SEARCHED, max_epochs: int = 6,
                  gpus_per_trial: float = 0.0, with_best: bool = True) -> ResultsStore:
     """search.json, trials.parquet, epochs.parquet and best.json as ResultsRecorder writes them."""
-    tables = ExperimentTables(metric="val_acc", mode="max", max_epochs=max_epochs, gpus_per_trial=gpus_per_trial)
+    resources = Resources(workers=2, cpus_per_worker=0.9, gpus_per_worker=gpus_per_trial / 2)
+    tables = ExperimentTables(metric="val_acc", mode="max", max_epochs=max_epochs, resources=resources)
     for start, trial in enumerate(trials):
         for epoch, val_acc in enumerate(trial.val_accs, start=1):
             tables.add_result(trial.trial_id, {
@@ -70,7 +73,7 @@ def write_search(store: ResultsStore, trials: list[Trial], *, searched=SMOKE_SEA
         "schema": 1, "experiment": store.experiment, "space_file": "search_spaces/demo.yaml", "data_dir": "/data",
         "class_names": [f"n9000000{i}" for i in range(8)], "metric": "val_acc", "mode": "max",
         "max_epochs": max_epochs, "searched": sorted(searched), "num_samples": len(trials),
-        "resources": {"workers": 2, "cpus_per_worker": 0.9, "gpus_per_worker": gpus_per_trial / 2},
+        "resources": dataclasses.asdict(resources),
         "max_failures": 2})
     store.write_parquet("epochs.parquet", tables.epochs_frame())
     store.write_parquet("trials.parquet", trials_frame)

@@ -6,14 +6,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ray_jobs.space import load_space, parse_space
+from ray_jobs.space import Resources, load_space, parse_space, runs_in_trial_process
 from sketch_core.errors import SketchError
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 DEMO = yaml.safe_load((SPACES / "demo.yaml").read_text())
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "eva02.yaml", "convnext.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "eva02.yaml", "convnext.yaml", "demo_head.yaml", "eva02_head.yaml"])
 def test_shipped_spaces_load(name):
     space = load_space(SPACES / name)
     assert space.params and space.base["epochs"] == space.scheduler.max_epochs
@@ -27,6 +27,24 @@ def test_eva02_is_the_real_search():
     assert space.resources.workers == 4 and space.resources.gpus_per_worker == 1
     assert {"lr", "freeze", "head", "weight_decay", "label_smoothing", "augment", "mixup_alpha",
             "batch_size"} <= set(space.params)
+
+
+def test_head_spaces_train_every_trial_in_its_tune_process_with_a_gpu_share():
+    """Each trial of the head-only spaces runs in a Tune trial process (no TorchTrainer), holding
+    head_cpus and head_gpus; a mixed space's fine-tuning trials hold their workers'."""
+    for name, gpus in (("eva02_head.yaml", 0.125), ("demo_head.yaml", 0)):
+        space = load_space(SPACES / name)
+        for bound in (0, -1):  # the ends of every searched range, and each option
+            config = {**space.base, **{key: d.bounds()[bound] for key, d in space.params.items()}}
+            assert runs_in_trial_process(config)
+            assert space.resources.of_trial(config) == {"CPU": 1.0, **({"GPU": gpus} if gpus else {})}
+    mixed = load_space(SPACES / "eva02.yaml")
+    assert mixed.resources.head_gpus == Resources.HEAD_GPUS  # the default where workers have GPUs
+    head_only = {**mixed.base, "freeze": "head", "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
+    assert mixed.resources.of_trial(head_only) == {"CPU": 1.0, "GPU": Resources.HEAD_GPUS}
+    assert mixed.resources.of_trial({**head_only, "freeze": "none"}) == {"CPU": 40.05, "GPU": 4.0}
+    assert not runs_in_trial_process({**head_only, "mixup_alpha": 0.2})  # Mixup trains on images
+    assert load_space(SPACES / "demo.yaml").resources.head_gpus == 0
 
 
 def changed(path: str, value):
@@ -66,6 +84,8 @@ def changed(path: str, value):
     ("scheduler.grace_period", 10, "scheduler.grace_period: expected 1..max_epochs (6)"),
     ("scheduler.reduction_factor", 1, "scheduler.reduction_factor: expected a value > 1"),
     ("resources.workers", 0, "resources.workers: expected at least 1"),
+    ("resources.head_cpus", 0, "resources.head_cpus: expected a value > 0, got 0.0"),
+    ("resources.head_gpus", -0.5, "resources.head_gpus: expected a value >= 0, got -0.5"),
     ("resources.gpus_per_worker", "one", "resources.gpus_per_worker: expected float"),
     ("space.head", {"grid": ["linear", "mlp"]}, "space: grid values need search.searcher grid or random"),
 ])

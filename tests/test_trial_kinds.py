@@ -1,0 +1,179 @@
+"""One search, two kinds of trial: heads on cached features in reused Ray Tune processes, everything
+else in Ray Train workers; both stopped by ASHA, retried from their checkpoints, refitted."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import QUICK_TRAINING, run_script, started_script, write_space
+
+MAX_EPOCHS = 4
+
+
+@pytest.fixture
+def one_node_cluster():
+    """A local Ray node the test can question after the search (its state API lists dead actors)."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1"})
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture
+def trained_backbone(demo_dir, tmp_path) -> Path:
+    """test_resnet's backbone trained briefly on the demo data: features a head can use."""
+    import torch
+
+    from sketch_core.config import TrainConfig
+    from sketch_core.engine import TrainingRun
+
+    run = TrainingRun(TrainConfig.from_dict({**QUICK_TRAINING, "data_dir": str(demo_dir), "epochs": 3}))
+    list(run.epochs())
+    torch.save(run.model.backbone.state_dict(), tmp_path / "backbone.pth")
+    return tmp_path / "backbone.pth"
+
+
+def test_only_head_only_trials_can_share_a_trial_process():
+    """Ray Tune reuses a process for a trial whose request equals the last one's: every head-only
+    trial asks for the same share; no TorchTrainer trial's request equals another's, even for the
+    same configuration (ray-project/ray#29268), and a pickled one (in Tune's saved state) keeps it."""
+    import pickle
+
+    from ray_jobs.space import Resources
+    from ray_jobs.trial import trial_request
+    from sketch_core.config import TrainConfig
+
+    resources = Resources(workers=2, cpus_per_worker=4, gpus_per_worker=1, head_cpus=1, head_gpus=0.25)
+    head = {**TrainConfig().to_dict(), "freeze": "head"}
+    first, second = trial_request(head, resources), trial_request({**head, "lr": 0.5}, resources)
+    assert first == second and hash(first) == hash(second)
+    assert first.required_resources == {"CPU": 1.0, "GPU": 0.25}
+    tuned = {**head, "freeze": "none"}
+    one, other = trial_request(tuned, resources), trial_request(tuned, resources)
+    assert one != other and one != first and one.required_resources == {"CPU": Resources.TRIAL_CPUS}
+    restored = pickle.loads(pickle.dumps(one))
+    assert restored == one and hash(restored) == hash(one) and restored != other
+    assert trial_request({**head, "mixup_alpha": 0.4}, resources) != first  # Mixup trains on images
+
+
+def results_of_running_head_trials(tune_dir: Path) -> list[dict]:
+    """The last result of every head-only trial at a learning rate that trains (ASHA lets it go on)
+    and before its last epoch, from Tune's own result.json files (written as each epoch is reported)."""
+    running = []
+    for result_file in tune_dir.glob("*/result.json"):
+        lines = result_file.read_text().splitlines()
+        if lines:
+            last = json.loads(lines[-1])
+            if last.get("feature_cache") == 1.0 and last["config"]["lr"] > 1e-3 and last["epoch"] < MAX_EPOCHS:
+                running.append(last)
+    return running
+
+
+def kill_a_head_trial_mid_run(tune_dir: Path, driver) -> dict:
+    """SIGKILL the process of a head-only trial that has reported an epoch (so it has a checkpoint)
+    and not its last. The process is frozen first, then checked again: a head trial's epochs take
+    milliseconds, and a trial that ended meanwhile is left alone."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and driver.poll() is None:
+        for seen in results_of_running_head_trials(tune_dir):
+            pid = int(seen["pids"])
+            os.kill(pid, signal.SIGSTOP)
+            still = [r for r in results_of_running_head_trials(tune_dir) if r["trial_id"] == seen["trial_id"]]
+            if still and int(still[0]["pids"]) == pid:
+                os.kill(pid, signal.SIGKILL)
+                return still[0]
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(0.01)
+    pytest.fail("no head-only trial was seen between two epochs")
+
+
+def actor_pids(address: str) -> dict[str, set[int]]:
+    """Class name to PIDs of every actor the cluster ran, ended ones included."""
+    import ray
+    from ray.util.state import list_actors
+
+    ray.init(address=address, log_to_driver=False)
+    try:
+        pids: dict[str, set[int]] = {}
+        for actor in list_actors(detail=True, limit=10_000, raise_on_missing_output=False):
+            pids.setdefault(actor.class_name, set()).add(actor.pid)
+        return pids
+    finally:
+        ray.shutdown()
+
+
+def test_mixed_search_runs_head_trials_in_reused_tune_processes_and_the_rest_in_train_workers(
+        tmp_path, demo_dir, one_node_cluster, trained_backbone):
+    # Grid order (the first key varies fastest): head and fine-tuning at a good lr, then both at an
+    # lr that learns nothing, which ASHA stops at the first rung behind the good ones.
+    space = write_space(
+        tmp_path / "space.yaml", demo_dir, experiment="mixed", num_samples=1, max_epochs=MAX_EPOCHS,
+        model={"checkpoint_file": str(trained_backbone)},
+        search={"searcher": "grid", "max_concurrent": 2, "max_failures": 1},
+        scheduler={"grace_period": 1, "reduction_factor": 2},
+        # As the shipped GPU spaces run: loader workers (for the feature cache's encoding too) and
+        # augmentation (4 cached views for the head trials). Batches of 2 make a head epoch last.
+        fixed={"batch_size": 2, "num_workers": 2, "augment": "light"},
+        space={"freeze": {"grid": ["head", "none"]}, "lr": {"grid": [2.0e-2, 1.0e-7]}},
+    )
+    results = tmp_path / "results"
+    address = ["--results", str(results), "--address", one_node_cluster.address]
+    log = tmp_path / "tune.log"
+    with log.open("w") as output, started_script("tune.py", "--space", str(space), *address, stdout=output,
+                                                 stderr=subprocess.STDOUT) as driver:
+        killed = kill_a_head_trial_mid_run(results / "mixed" / "tune", driver)
+        driver.wait(timeout=900)
+    assert driver.returncode == 0, log.read_text()[-3000:]
+
+    trials = pd.read_parquet(results / "mixed" / "trials.parquet").set_index("trial_id")
+    epochs = pd.read_parquet(results / "mixed" / "epochs.parquet")
+    head = trials[trials["config.freeze"] == "head"]
+    tuned = trials[trials["config.freeze"] == "none"]
+    assert len(head) == len(tuned) == 2 and (head["feature_cache"] == 1).all() and (tuned["feature_cache"] == 0).all()
+    assert set(trials["status"]) <= {"finished", "stopped_early"}, trials[["status", "error"]]
+    # ASHA stopped a trial of each kind: the ones that learn nothing.
+    for kind in (head, tuned):
+        assert kind.loc[kind["config.lr"] < 1e-6, "status"].item() == "stopped_early", kind[["config.lr", "status"]]
+
+    # The killed head trial went on from its checkpoint, in another process, to its last epoch.
+    attempts = epochs[epochs["trial_id"] == killed["trial_id"]].sort_values("epoch")
+    assert attempts["epoch"].tolist() == list(range(1, len(attempts) + 1))
+    after_kill = attempts[attempts["epoch"] > killed["epoch"]]
+    assert len(after_kill) and (after_kill["started_at_epoch"] >= killed["epoch"]).all(), attempts
+    assert set(after_kill["pids"].astype(int)) != {int(killed["pids"])}
+    assert trials.loc[killed["trial_id"], "status"] == "finished"
+
+    # Head trials ran in Tune's trial processes (ImplicitFunc), one reused for both: no Train worker.
+    # Fine-tuning trials trained in RayTrainWorker processes.
+    ran = actor_pids(one_node_cluster.address)
+    head_pids = {int(pid) for pid in epochs.loc[epochs["trial_id"].isin(head.index), "pids"]}
+    tuned_pids = {int(pid) for pids in epochs.loc[epochs["trial_id"].isin(tuned.index), "pids"]
+                  for pid in str(pids).split(",")}
+    assert head_pids <= ran["ImplicitFunc"] and not head_pids & ran.get("RayTrainWorker", set()), (head_pids, ran)
+    assert tuned_pids <= ran["RayTrainWorker"], (tuned_pids, ran)
+    pid_of = epochs.groupby("trial_id")["pids"].last().astype(str)
+    assert len({pid_of[trial] for trial in head.index}) == 1, "the second head trial did not reuse the process"
+    # The head trials checkpoint the head only: a few kilobytes, not the backbone.
+    checkpoints = list((results / "mixed" / "tune").glob("*/checkpoint_*/state.pt"))
+    assert checkpoints and max(path.stat().st_size for path in checkpoints) < trained_backbone.stat().st_size / 4
+
+    # The best trial is refitted as the kind it is: a head-only one without Ray Train.
+    best = json.loads((results / "mixed" / "best.json").read_text())
+    train_workers_before = len(actor_pids(one_node_cluster.address).get("RayTrainWorker", ()))
+    refit = run_script("final_fit.py", "--best", *address)
+    assert refit.returncode == 0, refit.stdout[-3000:] + refit.stderr[-3000:]
+    fit = json.loads(next((results / "mixed").glob("final/fit-*/fit.json")).read_text())
+    assert fit["models"][0]["source_trial"] == best["trial_id"]
+    assert fit["test_accuracy"]["ensemble"] > 0.25, fit["test_accuracy"]  # twice chance
+    started_train_workers = len(actor_pids(one_node_cluster.address).get("RayTrainWorker", ())) > train_workers_before
+    assert started_train_workers == (best["config"]["freeze"] != "head"), best["config"]
