@@ -171,6 +171,12 @@ class ExperimentTables:
         earlier = self.rows.get((trial_id, row["epoch"]), {})
         self.rows[(trial_id, row["epoch"])] = {**earlier, **{k: v for k, v in row.items() if v is not None}}
 
+    def add_checkpoint(self, trial_id: str, epoch: int, path: str) -> None:
+        """A checkpoint Ray Tune saved for a reported epoch (a head-only trial's; a TorchTrainer
+        trial's are Ray Train's and come in its results as ``checkpoint_path``)."""
+        if (trial_id, epoch) in self.rows:
+            self.rows[(trial_id, epoch)]["checkpoint_path"] = path
+
     def _trial_seconds(self, trial_id: str) -> float:
         """Seconds the trial has run so far, over all its attempts. Tune's ``time_total_s`` restarts
         at 0 when ``--resume`` restores a trial, so the tables add up ``time_this_iter_s`` instead."""
@@ -322,6 +328,10 @@ class ResultsRecorder(Callback):
         self.tables.add_result(trial.trial_id, result)
         if time.monotonic() - self._last_write >= self.MIN_INTERVAL_S:
             self.write(trials)
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        if "epoch" in (trial.last_result or {}):
+            self.tables.add_checkpoint(trial.trial_id, int(trial.last_result["epoch"]), checkpoint.path)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.write(trials, {trial.trial_id: "TERMINATED"})  # Tune sets the status after this call

@@ -14,7 +14,8 @@ from conftest import run_script, started_script, wait_for, write_space
 
 
 def test_results_exist_and_agree(finished_search):
-    """The quickstart's search (search_spaces/demo.yaml: 4 trials, 6 epochs at most, one at a time)."""
+    """The quickstart's search (search_spaces/demo.yaml: 4 trials, 6 epochs at most, one at a time,
+    head-only and fine-tuning trials)."""
     folder = finished_search["results"] / "demo"
     trials = pd.read_parquet(folder / "trials.parquet")
     epochs = pd.read_parquet(folder / "epochs.parquet")
@@ -23,14 +24,17 @@ def test_results_exist_and_agree(finished_search):
     assert len(trials) == 4 and trials["trial_id"].is_unique
     assert {"status", "epochs_run", "best_val_acc", "best_epoch", "wall_s", "gpu_hours", "node", "error",
             "feature_cache", "config.lr", "config.head"} <= set(trials.columns)
-    assert (trials["feature_cache"] == 0).all()  # every trial trains its whole model
+    # Head-only trials trained on cached features, the others their whole model: both kinds ran.
+    assert (trials["feature_cache"] == (trials["config.freeze"] == "head")).all()
+    assert set(trials["config.freeze"]) == {"head", "none"}, trials["config.freeze"]
     assert set(trials["status"]) <= {"finished", "stopped_early"}
     assert (trials["status"] == "stopped_early").any(), "ASHA stopped no trial"
     assert (trials["status"] == "finished").any()
     stopped = trials[trials["status"] == "stopped_early"]
     assert (stopped["epochs_run"] < 6).all()
     assert (trials.loc[trials["status"] == "finished", "epochs_run"] == 6).all()
-    assert (epochs["nodes"].notna() & (epochs["pids"].str.count(",") == 1)).all()  # 2 DDP workers per trial
+    workers = epochs["pids"].str.count(",") + 1  # 2 DDP workers per fine-tuning trial, the trial process for a head
+    assert (epochs["nodes"].notna() & (workers == 2 - epochs["feature_cache"])).all(), epochs[["pids", "feature_cache"]]
 
     assert {"trial_id", "epoch", "val_acc", "val_loss", "train_loss", "lr", "images_per_s"} <= set(epochs.columns)
     assert (epochs.groupby("trial_id")["epoch"].max().sort_index()
@@ -92,7 +96,7 @@ def test_optuna_dashboard_shows_the_stored_study_live(finished_search):
     by_lr = {round(float(row["config.lr"]), 12): row["trial_id"] for _, row in trials.iterrows()}
     for study_trial in final:
         params = {p["name"]: p["param_external_value"] for p in study_trial["params"]}
-        assert set(params) == {"lr", "augment", "label_smoothing", "head"}
+        assert set(params) == {"lr", "augment", "label_smoothing", "head", "freeze"}
         trial_id = by_lr[round(float(params["lr"]), 12)]
         assert study_trial["values"][0] == pytest.approx(last_epoch.loc[trial_id, "val_acc"])
         mine = epochs[epochs["trial_id"] == trial_id].sort_values("epoch")
