@@ -25,7 +25,7 @@ import ray.train
 import torch.distributed as dist
 from ray import tune
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.tune.execution.placement_groups import PlacementGroupFactory
+from ray.tune import PlacementGroupFactory
 
 from sketch_core.config import TrainConfig
 from ray_jobs.space import Resources, runs_in_trial_process

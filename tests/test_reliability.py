@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO_ROOT, started_script, wait_for, watch_worker_release, write_space
+from conftest import REPO_ROOT, started_script, wait_for, write_space
 from sketch_core.engine import load_checkpoint
 from sketch_core.errors import SketchError
 
@@ -22,15 +22,14 @@ def test_ended_trials_free_their_workers_while_the_search_goes_on(finished_searc
     assert all(trial["after_s"] is not None for trial in released.values()), f"workers outlived their trial: {released}"
 
 
-def test_killed_worker_and_failing_trial(tmp_path, demo_dir):
-    """A worker killed from outside restarts from its trial's checkpoint; a configuration that
-    always fails is recorded as an error; the search completes; ended trials free their workers."""
+def test_killed_worker(tmp_path, demo_dir):
+    """A worker killed from outside: its trial restarts from its checkpoint and the search completes.
+    (Ended trials freeing their workers: the quickstart's and tests/test_trial_kinds.py; a
+    configuration that always fails: tests/test_trial_kinds.py.)"""
     space = write_space(
         tmp_path / "space.yaml", demo_dir, experiment="faults", num_samples=1, max_epochs=4,
         search={"searcher": "grid", "max_failures": 1, "max_concurrent": 1},
-        fixed={"freeze": "last_n_blocks"},
-        # test_resnet has 4 blocks: trainable_blocks 9 fails in every worker, every attempt.
-        space={"trainable_blocks": {"choice": [1, 9]}},
+        fixed={"freeze": "last_n_blocks", "trainable_blocks": 1}, space={"lr": {"grid": [5.0e-3]}},
     )
     results = tmp_path / "results"
     log = tmp_path / "tune.log"
@@ -46,23 +45,16 @@ def test_killed_worker_and_failing_trial(tmp_path, demo_dir):
         killed_pid = int(wait_for(first_epoch_pids, "a first epoch", driver, timeout=900, interval=0.5, log=log)
                          .split(",")[-1])
         os.kill(killed_pid, signal.SIGKILL)  # a training worker dies, as on a preempted node
-        # Once the first trial has ended, its workers must be gone while the failing configuration is
-        # still tried (a leaked worker group would hold its CPUs forever); Ray Train tears a finished
-        # group down asynchronously, within seconds.
-        released = watch_worker_release(driver, results / "faults", timeout=900, grace_s=10)
+        driver.wait(timeout=900)
     output = log.read_text()
     assert driver.returncode == 0, output[-3000:]
 
-    trials = pd.read_parquet(results / "faults" / "trials.parquet").set_index("config.trainable_blocks")
+    trials = pd.read_parquet(results / "faults" / "trials.parquet")
     epochs = pd.read_parquet(epochs_file)
-    assert len(trials) == 2
-    assert trials.loc[9, "status"] == "error"
-    assert "trainable_blocks" in trials.loc[9, "error"] and "9" in trials.loc[9, "error"]
-    assert trials.loc[1, "status"] == "finished"  # all 4 epochs, despite the kill
-    released_first = released.get(trials.loc[1, "trial_id"])
-    assert released_first, f"the search ended before the first trial's workers were checked: {released}"
-    assert released_first["after_s"] is not None, f"workers {released_first['pids']} outlived their trial"
-    restarted = epochs[epochs["trial_id"] == trials.loc[1, "trial_id"]]
+    assert len(trials) == 1
+    trial = trials.iloc[0]
+    assert trial["status"] == "finished"  # all 4 epochs, despite the kill
+    restarted = epochs[epochs["trial_id"] == trial["trial_id"]]
     assert (restarted["started_at_epoch"] > 0).any(), f"the killed trial did not resume from a checkpoint\n{output[-6000:]}"
     assert restarted["epoch"].tolist() == list(range(1, len(restarted) + 1))
     assert (results / "faults" / "best.json").is_file()
