@@ -19,6 +19,7 @@ overhead <= 1 s, (a)/(b) <= 3x.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -102,10 +103,7 @@ def tune_search(base: dict, folder: Path, *, concurrent: int, head_cpus: float) 
 
 
 def grid_configs() -> list[dict]:
-    configs = [{}]
-    for name, values in GRID.items():
-        configs = [{**config, name: value} for config in configs for value in values]
-    return configs
+    return [dict(zip(GRID, values)) for values in itertools.product(*GRID.values())]
 
 
 def main(argv=None) -> int:
