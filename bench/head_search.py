@@ -19,7 +19,6 @@ overhead <= 1 s, (a)/(b) <= 3x.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import statistics
@@ -103,7 +102,10 @@ def tune_search(base: dict, folder: Path, *, concurrent: int, head_cpus: float) 
 
 
 def grid_configs() -> list[dict]:
-    return [dict(zip(GRID, values)) for values in itertools.product(*GRID.values())]
+    configs = [{}]
+    for name, values in GRID.items():
+        configs = [{**config, name: value} for config in configs for value in values]
+    return configs
 
 
 def main(argv=None) -> int:

@@ -218,9 +218,7 @@ class ExperimentTables:
                 f"best_{self.metric}": float(best[self.metric]) if best is not None else math.nan,
                 "best_epoch": int(best["epoch"]) if best is not None else 0,
                 "wall_s": spent,
-                # A trial that trained on cached features ran in its Tune process (runs_in_trial_process);
-                # its reported feature_cache says so without validating its config on every write.
-                "gpu_hours": spent * self.resources.held(bool(feature_cache.get(trial_id, 0))).get("GPU", 0) / 3600,
+                "gpu_hours": spent * self.resources.of_trial(trial.config).get("GPU", 0) / 3600,
                 "node": nodes.get(trial_id, ""),
                 "error": trial.error or "",
                 # 1 when the head trained on cached backbone features (freeze: head)

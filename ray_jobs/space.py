@@ -104,9 +104,9 @@ class Resources:
         """What one head-only trial holds: its process's share."""
         return {"CPU": self.head_cpus, **({"GPU": self.head_gpus} if self.head_gpus > 0 else {})}
 
-    def held(self, head_only: bool) -> dict[str, float]:
-        """What one trial of the kind holds in all (``head_only``: see ``runs_in_trial_process``)."""
-        return self.head_trial() if head_only else self.per_trial()
+    def of_trial(self, config: dict[str, Any]) -> dict[str, float]:
+        """What the trial of this TrainConfig dict holds in all."""
+        return self.head_trial() if runs_in_trial_process(config) else self.per_trial()
 
 
 def runs_in_trial_process(config: dict[str, Any]) -> bool:

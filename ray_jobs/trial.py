@@ -167,8 +167,8 @@ class OwnRequest(PlacementGroupFactory):
 
 def make_trainable(loop: Callable[[dict, Any], None], *, resources: Resources, keep_checkpoints: int, metric: str,
                    mode: str, train_config: Callable[[dict], dict] = lambda config: config) -> Callable:
-    """A Tune function trainable running ``loop(config, session)``: in the trial's own process when
-    ``train_config(config)`` trains a head on cached features, else on every worker of one TorchTrainer. Tune (and so
+    """A Tune function trainable running ``loop(train_config(config), session)``: in the trial's own
+    process for a head on cached features, else on every worker of one TorchTrainer. Tune (and so
     ASHA) sees each epoch either reports. Failed trials of both kinds are retried by Tune (its
     FailureConfig: tuning.py), so the TorchTrainer itself never retries: retries do not multiply."""
     from ray.tune.integration.ray_train import TuneReportCallback

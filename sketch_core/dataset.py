@@ -8,7 +8,6 @@ keyed by the files and the image size; every later trial and epoch on that node 
 from __future__ import annotations
 
 import fcntl
-import functools
 import hashlib
 import json
 import os
@@ -38,11 +37,6 @@ class DecodedImages(Dataset):
         self.paths = list(paths)
         self.image_size = image_size
         self._base = base_transform(image_size)
-
-    @functools.cached_property
-    def key(self) -> str:
-        """``images_key`` of these images (every file is stat'ed: once per dataset)."""
-        return images_key(self.paths, self.image_size)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -75,14 +69,12 @@ class DecodeCache(Dataset):
                  build_workers: int = 2):
         self.paths = list(paths)
         self.image_size = image_size
-        self.file = Path(cache_dir or default_cache_dir()) / f"decoded-{self.key}.u8"
+        self.file = Path(cache_dir or default_cache_dir()) / f"decoded-{self.key()}.u8"
         self._array: np.ndarray | None = None
         if not self.file.exists():
             self._build(build_workers)
 
-    @functools.cached_property
     def key(self) -> str:
-        """``images_key`` of these images (every file is stat'ed: once per dataset)."""
         return images_key(self.paths, self.image_size)
 
     @property

@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler
 
 from sketch_core.config import TrainConfig
-from sketch_core.dataset import default_cache_dir
+from sketch_core.dataset import default_cache_dir, images_key
 from sketch_core.models import create_backbone
 from sketch_core.transforms import augmentation, seed_pipeline, to_chw
 
@@ -121,8 +121,8 @@ def file_fingerprint(path: str) -> str:
 
 class FeatureStore:
     """Cached features of one frozen backbone (``weights``: its ``weights_digest``) over the base
-    images ``images`` (a ``DecodeCache`` or ``DecodedImages``: anything with ``paths``,
-    ``image_size`` and their ``key``), one file per view.
+    images ``images`` (a ``DecodeCache`` or ``DecodedImages``: anything with ``paths`` and
+    ``image_size``), one file per view.
 
     ``encode(dataset)`` computes the features of a dataset of (CHW uint8 image, target) pairs, in
     order, as an (N, num_features) tensor. Several processes may ask for the same view at once: one
@@ -140,7 +140,7 @@ class FeatureStore:
             "version": FEATURE_CACHE_VERSION, "model": model, "pretrained": pretrained,
             "checkpoint_file": file_fingerprint(checkpoint_file), "weights": weights,
             "mean": [float(v) for v in mean], "std": [float(v) for v in std], "precision": precision,
-            "images": images.key, "image_size": images.image_size,
+            "images": images_key(images.paths, images.image_size), "image_size": images.image_size,
         }
 
     def key(self, augment: str, view: int) -> str:

@@ -37,12 +37,12 @@ def test_head_spaces_train_every_trial_in_its_tune_process_with_a_gpu_share():
         for bound in (0, -1):  # the ends of every searched range, and each option
             config = {**space.base, **{key: d.bounds()[bound] for key, d in space.params.items()}}
             assert runs_in_trial_process(config)
-            assert space.resources.held(runs_in_trial_process(config)) == {"CPU": 1.0, **({"GPU": gpus} if gpus else {})}
+            assert space.resources.of_trial(config) == {"CPU": 1.0, **({"GPU": gpus} if gpus else {})}
     mixed = load_space(SPACES / "eva02.yaml")
     assert mixed.resources.head_gpus == Resources.HEAD_GPUS  # the default where workers have GPUs
     head_only = {**mixed.base, "freeze": "head", "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
-    assert mixed.resources.held(runs_in_trial_process(head_only)) == {"CPU": 1.0, "GPU": Resources.HEAD_GPUS}
-    assert mixed.resources.held(runs_in_trial_process({**head_only, "freeze": "none"})) == {"CPU": 40.05, "GPU": 4.0}
+    assert mixed.resources.of_trial(head_only) == {"CPU": 1.0, "GPU": Resources.HEAD_GPUS}
+    assert mixed.resources.of_trial({**head_only, "freeze": "none"}) == {"CPU": 40.05, "GPU": 4.0}
     assert not runs_in_trial_process({**head_only, "mixup_alpha": 0.2})  # Mixup trains on images
     assert load_space(SPACES / "demo.yaml").resources.head_gpus == 0
 
