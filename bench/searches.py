@@ -1,18 +1,23 @@
-"""What the Ray benchmarks share: a small demo data set and a real search run with ray_jobs/tune.py."""
+"""What the Ray benchmarks share: demo data sets, real searches with ray_jobs/tune.py, a head-only
+problem on a briefly trained frozen backbone, scoring against test_answers.csv, the summary of a
+figure measured over several seeds, and its table."""
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # sketch_core, for scripts run from anywhere
 
 
 def small_demo_data(folder: Path) -> Path:
-    sys.path.insert(0, str(REPO_ROOT))
     from sketch_core.demo_data import generate
 
     return generate(folder / "data", classes=8, images_per_class=40, test_images=8, min_size=96, max_size=128)
@@ -31,10 +36,92 @@ def demo_space(data_dir: Path, experiment: str, **sections) -> dict:
     return space
 
 
-def run_search(space: dict, folder: Path) -> Path:
-    """Run the search as a user would; returns results/<experiment>/."""
+@dataclass(frozen=True)
+class Finished:
+    stdout: str
+    wall_s: float  # of the attempt that ran, not of waiting for another Ray instance
+
+
+def run_command(args: list, *, wait_for_ray_s: float = 1800.0) -> Finished:
+    """Run one of the project's commands as a user would, in the repository root. On failure, the
+    command's last lines of output, not only its exit status.
+
+    tune.py and final_fit.py refuse to start while another local Ray instance runs (one per
+    machine: ARCHITECTURE.md), e.g. a test suite's on a shared machine: wait for it to end and
+    start again, up to ``wait_for_ray_s``."""
+    deadline = time.monotonic() + wait_for_ray_s
+    while True:
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO_ROOT)
+        if not done.returncode:
+            return Finished(done.stdout, time.perf_counter() - started)
+        if "another Ray instance is running" not in done.stderr or time.monotonic() > deadline:
+            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+            raise RuntimeError(f"{' '.join(map(str, args[:2]))} exited with {done.returncode}:\n{tail}")
+        print(f"{Path(str(args[0])).name}: another Ray instance is running on this machine; waiting for it to end",
+              file=sys.stderr, flush=True)
+        time.sleep(10)
+
+
+def timed_search(space: dict, folder: Path) -> tuple[Path, float]:
+    """Run the search as a user would; returns results/<experiment>/ and the command's seconds."""
     space_file = folder / f"{space['experiment']}.yaml"
     space_file.write_text(yaml.safe_dump(space))
-    subprocess.run([sys.executable, str(REPO_ROOT / "ray_jobs" / "tune.py"), "--space", str(space_file),
-                    "--results", str(folder / "results")], check=True, capture_output=True)
-    return folder / "results" / space["experiment"]
+    done = run_command([REPO_ROOT / "ray_jobs" / "tune.py", "--space", space_file, "--results", folder / "results"])
+    return folder / "results" / space["experiment"], done.wall_s
+
+
+def run_search(space: dict, folder: Path) -> Path:
+    """Run the search as a user would; returns results/<experiment>/."""
+    return timed_search(space, folder)[0]
+
+
+def head_problem(folder: Path, *, classes: int, images_per_class: int, model: str = "resnet18", image_size: int = 64,
+                 pretrain_images_per_class: int = 30, pretrain_epochs: int = 8) -> tuple[Path, Path]:
+    """Demo data for head-only trials, and a backbone checkpoint trained briefly on *separate* demo
+    images of the same classes (a random-init backbone's features are near useless, as pretrained
+    weights' would not be). Returns (data dir, checkpoint file)."""
+    from feature_cache import pretrain_backbone
+    from sketch_core.config import TrainConfig
+    from sketch_core.demo_data import generate
+
+    shapes = dict(classes=classes, test_images=1, min_size=96, max_size=160)
+    data_dir = generate(folder / "data", images_per_class=images_per_class, seed=3, **shapes)
+    pretrain_dir = generate(folder / "pretrain", images_per_class=pretrain_images_per_class, seed=11, **shapes)
+    pretrain = TrainConfig.from_dict({"data_dir": str(pretrain_dir), "model": model, "image_size": image_size,
+                                      "freeze": "none", "augment": "light", "lr": 5e-3, "epochs": pretrain_epochs,
+                                      "batch_size": 32, "weight_decay": 0.01, "num_workers": 0, "seed": 0})
+    checkpoint, _, _ = pretrain_backbone(pretrain, folder / "backbone.pth")
+    return data_dir, checkpoint
+
+
+def test_accuracy(submission_csv: Path, data_dir: Path) -> float:
+    """Accuracy of a submission against the demo data's test_answers.csv."""
+    import pandas as pd
+    from sketch_core.demo_data import known_answers
+
+    submission = pd.read_csv(submission_csv)
+    return float((submission["target"].to_numpy() == known_answers(data_dir, submission["image_path"])).mean())
+
+
+def spread(values) -> dict:
+    """Median and range of one figure over seeds (None: a seed where it does not exist)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": round(statistics.median(present), 4), "min": round(min(present), 4),
+            "max": round(max(present), 4), "n": len(present)}
+
+
+def spread_text(summary: dict, fmt: str = "{:.3f}") -> str:
+    """'0.512 (0.498..0.530)': median (min..max), or '-' where no seed has the figure."""
+    if summary["median"] is None:
+        return "-"
+    return f"{fmt.format(summary['median'])} ({fmt.format(summary['min'])}..{fmt.format(summary['max'])})"
+
+
+def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Rows of text cells under their header, each column as wide as its widest cell."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))

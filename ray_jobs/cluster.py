@@ -62,22 +62,25 @@ def _in_ray_job() -> bool:
 
 
 def check_trial_fits(resources: Resources, source: str) -> None:
-    """Refuse a trial that no node set this cluster has, or may autoscale to, can ever hold."""
+    """Refuse a trial (of any of the searched models) that no node set this cluster has, or may
+    autoscale to, can ever hold."""
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     node_types = nodes + _autoscaler_node_types()
-    for what, needs, fields in (("one worker", resources.per_worker(), "cpus_per_worker/gpus_per_worker"),
-                                ("one head-only trial", resources.head_trial(), "head_cpus/head_gpus")):
-        if not any(all(node.get(key, 0) >= amount for key, amount in needs.items()) for node in node_types):
+    kinds = [("resources", resources), *((f"resources.by_model.{model}", own) for model, own in resources.by_model.items())]
+    for section, kind in kinds:
+        for what, needs, fields in (("one worker", kind.per_worker(), "cpus_per_worker/gpus_per_worker"),
+                                    ("one head-only trial", kind.head_trial(), "head_cpus/head_gpus")):
+            if not any(all(node.get(key, 0) >= amount for key, amount in needs.items()) for node in node_types):
+                raise SketchError(
+                    f"{source}: {section}: {what} needs {_describe(needs)}, but no node of this cluster "
+                    f"has that much (largest: {_describe(_largest(node_types, needs))}); lower {fields}")
+        trial = kind.per_trial()
+        capacity = {key: sum(node.get(key, 0) for node in node_types) for key in trial}
+        if any(capacity[key] < amount for key, amount in trial.items()):
             raise SketchError(
-                f"{source}: resources: {what} needs {_describe(needs)}, but no node of this cluster "
-                f"has that much (largest: {_describe(_largest(node_types, needs))}); lower {fields}")
-    trial = resources.per_trial()
-    capacity = {key: sum(node.get(key, 0) for node in node_types) for key in trial}
-    if any(capacity[key] < amount for key, amount in trial.items()):
-        raise SketchError(
-            f"{source}: resources: one trial needs {_describe(trial)} ({resources.workers} workers plus the trial's "
-            f"own {Resources.TRIAL_CPUS} CPU), but this cluster can have at most {_describe(capacity)}; "
-            "lower workers, cpus_per_worker or gpus_per_worker, or use a larger cluster")
+                f"{source}: {section}: one trial needs {_describe(trial)} ({kind.workers} workers plus the trial's "
+                f"own {Resources.TRIAL_CPUS} CPU), but this cluster can have at most {_describe(capacity)}; "
+                "lower workers, cpus_per_worker or gpus_per_worker, or use a larger cluster")
 
 
 def _autoscaler_node_types() -> list[dict[str, float]]:

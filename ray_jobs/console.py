@@ -1,11 +1,13 @@
-"""What a person watching tune.py reads: the searched values and metrics, not Ray's chatter.
+"""What a person watching tune.py or final_fit.py reads: the searched values and metrics, not
+Ray's chatter.
 
 ``ConsoleReporter`` is a Ray Tune callback on the driver. In a log (stdout not a terminal) it
 prints plain lines: one per reported epoch and one when a trial ends (how, its best metric, its
 searched values). On a terminal it keeps a small table of the trials in progress and the best
 ones so far, redrawn in place, and prints the same end-of-trial lines above it. Ray's own output
-(Tune's tables and configuration boxes, the Train workers' lines) is left to the Ray logs unless
-``tune.py --verbose`` asks for it.
+(Tune's tables and trial configuration boxes, the Train workers' lines) is left to the Ray logs
+unless ``--verbose`` asks for it; Tune prints its experiment box at start at any verbosity.
+``RefitReporter`` does the same for final_fit.py's refits.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from typing import Any
 
 from ray.tune import Callback
 
+from ray_jobs.params import SearchedParams
 from ray_jobs.results import trial_status
 
 TABLE_ROWS = 8  # trials shown in the live table: those running, then the best ended ones
 
 
 class ConsoleReporter(Callback):
-    def __init__(self, *, searched: list[str], metric: str, mode: str, max_epochs: int):
+    def __init__(self, *, searched: SearchedParams, metric: str, mode: str, max_epochs: int):
         self.searched, self.metric, self.mode, self.max_epochs = searched, metric, mode, max_epochs
         self.last: dict[str, dict[str, Any]] = {}  # trial id: its last reported result
         self.best: dict[str, tuple[float, int]] = {}  # trial id: (best metric, its epoch)
@@ -78,12 +81,14 @@ class ConsoleReporter(Callback):
         return value > than if self.mode == "max" else value < than
 
     def _metrics(self, result: dict[str, Any]) -> str:
-        shown = [name for name in dict.fromkeys((self.metric, "val_loss", "train_loss")) if name in result]
-        text = "  ".join(f"{name} {float(result[name]):.4f}" for name in shown)
-        return text + (f"  images/s {float(result['images_per_s']):.0f}" if "images_per_s" in result else "")
+        return metrics_text(result, self.metric)
 
     def _values(self, trial) -> str:
-        return ", ".join(f"{name}={_short(trial.config.get(name))}" for name in self.searched)
+        return ", ".join(f"{name}={self._value(trial, name)}" for name in self.searched.names)
+
+    def _value(self, trial, name: str) -> str:
+        """A searched value, or "-" where the trial's branches left the parameter inactive."""
+        return _short(trial.config.get(name)) if name in self.searched.active(trial.config) else "-"
 
     def _table(self, trials) -> list[str]:
         running = [t for t in trials if t.status == "RUNNING"]
@@ -92,10 +97,10 @@ class ConsoleReporter(Callback):
         counts = Counter(self._status(t) for t in trials)
         elapsed = time.strftime("%H:%M:%S", time.gmtime(time.monotonic() - getattr(self, "_started", time.monotonic())))
         lines = [f"[{elapsed}] trials: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))]
-        header = ["trial", "status", "epoch", self.metric, "best", *self.searched]
+        header = ["trial", "status", "epoch", self.metric, "best", *self.searched.names]
         rows = [[t.trial_id, self._status(t), str(self._epochs(t)),
                  _number(self.last.get(t.trial_id, {}).get(self.metric)), _number(self.best.get(t.trial_id, (None,))[0]),
-                 *(_short(t.config.get(name)) for name in self.searched)]
+                 *(self._value(t, name) for name in self.searched.names)]
                 for t in (running + ended)[:TABLE_ROWS]]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         return lines + ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
@@ -119,6 +124,27 @@ class ConsoleReporter(Callback):
     @staticmethod
     def _tty() -> bool:
         return sys.stdout.isatty()
+
+
+class RefitReporter(Callback):
+    """What a person watching final_fit.py reads: a line per trained epoch of each model and one
+    when it has predicted the test set. (Ray's own output: ``final_fit.py --verbose``.)"""
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        job = trial.config["job"]  # refit.fit_models' job: the model's id and the epoch it trains to
+        if "predicted" in result:
+            print(f"{job['model_id']} trained {int(result['epoch'])} epoch(s) and predicted "
+                  f"{int(result['predicted'])} test images", flush=True)
+        elif "epoch" in result:
+            print(f"{job['model_id']} epoch {int(result['epoch'])}/{job['until_epoch']}: "
+                  + metrics_text(result, "val_acc"), flush=True)
+
+
+def metrics_text(result: dict[str, Any], metric: str) -> str:
+    """``metric``, val_loss and train_loss of a reported result, as far as it has them, and images/s."""
+    shown = [name for name in dict.fromkeys((metric, "val_loss", "train_loss")) if name in result]
+    text = "  ".join(f"{name} {float(result[name]):.4f}" for name in shown)
+    return text + (f"  images/s {float(result['images_per_s']):.0f}" if "images_per_s" in result else "")
 
 
 def _short(value: Any) -> str:

@@ -2,10 +2,12 @@
 
     python ray_jobs/final_fit.py --best                          # best trial of the latest experiment
     python ray_jobs/final_fit.py --best --name eva02_large_448 --top-k 3 --folds 5 --address auto
+    python ray_jobs/final_fit.py --best --top-k 3 --folds 3 --ensemble greedy  # weights chosen out of fold
     python ray_jobs/final_fit.py --trial bb8babe0                # a trial of your choice (its trial_id)
 
 Writes results/<experiment>/final/: fit-<time>/ (each model's weights and test probabilities,
-the ensemble's probabilities, fit.json) and a new submission file, never overwriting an earlier one.
+the ensemble's probabilities, fit.json; with --folds each configuration's out-of-fold probabilities
+oof-<model>.npy, rows in train.csv order) and a new submission file, never overwriting an earlier one.
 """
 
 from __future__ import annotations
@@ -32,12 +34,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", help="data folder (default: the one the search used)")
     parser.add_argument("--top-k", type=int, default=1, help="soft-vote the K best distinct configurations")
     parser.add_argument("--folds", type=int, default=0, help="train K stratified folds of each and soft-vote them")
+    parser.add_argument("--ensemble", choices=("mean", "greedy"), default="mean",
+                        help="combine the configurations by an equal soft vote (mean), or by weights chosen on "
+                             "their out-of-fold predictions (greedy, Caruana's ensemble selection; needs --folds)")
+    parser.add_argument("--select-by", choices=("log_loss", "accuracy"), default="log_loss",
+                        help="what greedy selection optimises on the out-of-fold predictions")
+    parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --folds: scale each configuration's probabilities by the temperature that "
+                             "fits its out-of-fold predictions best, before combining them")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                         help="average the prediction of each image and its horizontal flip")
     parser.add_argument("--epochs", type=int, help="train this many epochs (default: where the trial peaked)")
     parser.add_argument("--max-concurrent", type=int, help="refits at once (default: as many as fit)")
     parser.add_argument("--address", help="Ray cluster to join ('auto' on a cluster node); default: local Ray")
     parser.add_argument("--num-cpus", type=int, help="CPUs local Ray may use (default: all)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print Ray's own output: Tune's tables, the workers' lines")
     return parser.parse_args(argv)
 
 
@@ -56,7 +68,8 @@ def final_fit(args: argparse.Namespace) -> None:
     from sketch_core.predict import submission_frame
     from ray_jobs.cli import local_path
     from ray_jobs.cluster import check_trial_fits, start_ray
-    from ray_jobs.refit import choose_models, fit_models, load_npy, npy_bytes
+    from sketch_core.ensemble import equal_vote, fit_ensemble
+    from ray_jobs.refit import choose_models, fit_models, load_npy, npy_bytes, out_of_fold
     from ray_jobs.results import BEST_KEYS, ResultsStore, latest_experiment, read_search
     from ray_jobs.space import Resources
 
@@ -69,6 +82,8 @@ def final_fit(args: argparse.Namespace) -> None:
         raise SketchError(f"--top-k {args.top_k}: goes with --best; --trial refits one configuration")
     if args.folds == 1 or args.folds < 0:
         raise SketchError(f"--folds: expected 0 (no folds) or at least 2, got {args.folds}")
+    if args.ensemble == "greedy" and not args.folds:
+        raise SketchError("--ensemble greedy: needs --folds K (it chooses the weights on out-of-fold predictions)")
 
     # Read and check everything before Ray starts.
     store = ResultsStore(args.results, args.name or latest_experiment(args.results))
@@ -83,17 +98,17 @@ def final_fit(args: argparse.Namespace) -> None:
                           f"the experiment {store.experiment} was searched on")
     test = read_test_table(data_dir)
     specs = choose_models(store.read_parquet("trials.parquet"), metric=search["metric"], mode=search["mode"],
-                          searched=search["searched"], top_k=args.top_k, folds=args.folds, epochs=args.epochs,
+                          searched=search["searched"], base=search["base"], top_k=args.top_k, folds=args.folds, epochs=args.epochs,
                           data_dir=data_dir, trial_id=args.trial)
     weights = {(spec.config["model"], spec.config.get("pretrained", False), spec.config.get("checkpoint_file", ""))
                for spec in specs}  # folds and top-k configurations mostly share them: check each once
     for model, pretrained, checkpoint_file in sorted(weights):
         check_pretrained_weights(model, pretrained=pretrained, checkpoint_file=checkpoint_file)
-    resources = Resources(**search["resources"])
+    resources = Resources.from_dict(search["resources"])
     folder = "final/fit-" + time.strftime("%Y%m%d-%H%M%S")
     started = time.time()
 
-    dashboard = start_ray(args.address, num_cpus=args.num_cpus)
+    dashboard = start_ray(args.address, num_cpus=args.num_cpus, verbose=args.verbose)
     try:
         if dashboard:
             print(f"Ray dashboard: {dashboard}", flush=True)
@@ -102,29 +117,90 @@ def final_fit(args: argparse.Namespace) -> None:
               + ", ".join(f"{s.model_id} (trial {s.source_trial}, {s.until_epoch} epochs)" for s in specs), flush=True)
         fitted, interrupted = fit_models(specs, store=store, folder=folder, resources=resources, tta=args.tta,
                                          max_failures=search["max_failures"],
-                                         max_concurrent=args.max_concurrent or len(specs))
+                                         max_concurrent=args.max_concurrent or len(specs), verbose=args.verbose)
     finally:
         ray.shutdown()
     check_refits(fitted, interrupted=interrupted, tune_folder=store.uri(folder, "tune"))
 
-    member_probs = {s.model_id: load_npy(store.read_bytes(f"{folder}/probs-{s.model_id}.npy")) for s in specs}
-    ensemble = np.mean(list(member_probs.values()), axis=0)
+    model_probs = {s.model_id: load_npy(store.read_bytes(f"{folder}/probs-{s.model_id}.npy")) for s in specs}
+    members = list(dict.fromkeys(s.member for s in specs))
+    test_probs = {member: np.mean([model_probs[s.model_id] for s in specs if s.member == member], axis=0)
+                  for member in members}  # a configuration's folds vote alike
+    if args.folds:
+        oof = out_of_fold(store, folder, specs, len(train.paths))
+        combined = fit_ensemble({m: probs for m, (probs, _) in oof.items()}, train.targets, method=args.ensemble,
+                                calibrate=args.calibrate, metric=args.select_by)
+        estimate = out_of_fold_summary(oof, combined, train.targets, method=args.ensemble, select_by=args.select_by,
+                                       search_best=store.read_json("best.json")["val_acc"])
+        for member, (probs, _) in oof.items():
+            store.write_bytes(f"{folder}/oof-{member}.npy", npy_bytes(probs))
+        store.write_bytes(f"{folder}/oof-ensemble.npy", npy_bytes(combined({m: p for m, (p, _) in oof.items()})))
+    else:
+        combined, estimate = equal_vote(members), None
+    ensemble = combined(test_probs)
     store.write_bytes(f"{folder}/probs-ensemble.npy", npy_bytes(ensemble))
     submission_name = unused_path("final/submission.csv", exists=store.exists)
     store.write_bytes(submission_name, submission_frame(test.frame, ensemble).to_csv(index=False).encode())
-    scores = _score_against_answers(data_dir, test.frame, {**member_probs, "ensemble": ensemble})
+    scores = _score_against_answers(data_dir, test.frame, {**model_probs, "ensemble": ensemble})
     log = {"experiment": store.experiment, "submission": store.uri(submission_name), "data_dir": data_dir,
            "tta": args.tta, "top_k": args.top_k, "folds": args.folds, "wall_s": round(time.time() - started, 1),
            "models": [{"model_id": s.model_id, "source_trial": s.source_trial, "epochs": s.until_epoch,
                        "seed": s.config["seed"], "config": s.config,
                        "val_acc": _number(fitted.loc[fitted["model_id"] == s.model_id, "val_acc"].iloc[0])}
                       for s in specs],
-           "test_accuracy": scores}
+           "ensemble": {"method": args.ensemble, "weights": combined.weights, "temperatures": combined.temperatures},
+           "out_of_fold": estimate, "test_accuracy": scores}
     store.write_json(f"{folder}/fit.json", log)
+    if estimate:
+        print_out_of_fold(estimate)
     if scores:
         print("accuracy against test_answers.csv: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     print(f"models and probabilities: {store.uri(folder)}")
+    if estimate:
+        from ray_jobs.report import write_report
+
+        print(f"report (with the out-of-fold table and reliability diagram): {write_report(store)}")
     print(f"submission: {store.uri(submission_name)}")
+
+
+def out_of_fold_summary(oof: dict, combined, targets, *, method: str, select_by: str, search_best: float) -> dict:
+    """fit.json's ``out_of_fold``: each configuration's out-of-fold scores (per fold, pooled,
+    before and after its temperature), the ensemble's, and the cross-validated estimate of the
+    submitted ensemble's accuracy with its standard error over folds."""
+    import numpy as np
+
+    from sketch_core.ensemble import calibrated, fold_estimate, scores
+
+    members = {}
+    for member, (probs, fold_of_row) in oof.items():
+        fixed = calibrated(probs, combined.temperatures[member])
+        members[member] = {
+            **scores(probs, targets), "log_loss_calibrated": scores(fixed, targets)["log_loss"],
+            "temperature": combined.temperatures[member], "weight": combined.weights[member],
+            "fold_accuracy": [scores(probs[fold_of_row == k], targets[fold_of_row == k])["accuracy"]
+                              for k in np.unique(fold_of_row)]}
+    fold_of_row = next(iter(oof.values()))[1]
+    ensemble = combined({member: probs for member, (probs, _) in oof.items()})
+    accuracy, error = fold_estimate(ensemble, targets, fold_of_row)
+    return {"images": len(targets), "folds": int(fold_of_row.max()) + 1, "members": members,
+            "ensemble": {"method": method, **({"select_by": select_by} if method == "greedy" else {}),
+                         **scores(ensemble, targets)},
+            "estimate": {"accuracy": accuracy, "standard_error": error, "search_best_val_acc": search_best}}
+
+
+def print_out_of_fold(summary: dict) -> None:
+    print(f"out-of-fold predictions of {summary['images']} training images, {summary['folds']} folds:")
+    for member, row in summary["members"].items():
+        print(f"  {member:9s} accuracy {row['accuracy']:.4f}  log-loss {row['log_loss']:.4f} -> "
+              f"{row['log_loss_calibrated']:.4f} at temperature {row['temperature']:.3g}  weight {row['weight']:.3g}")
+    ensemble = summary["ensemble"]
+    how = ensemble["method"] + (f" by {ensemble['select_by']}" if "select_by" in ensemble else "")
+    print(f"  {'ensemble':9s} accuracy {ensemble['accuracy']:.4f}  log-loss {ensemble['log_loss']:.4f} ({how})")
+    estimate = summary["estimate"]
+    print(f"cross-validated accuracy of the submitted ensemble: {estimate['accuracy']:.4f} "
+          f"± {estimate['standard_error']:.4f} (standard error over {summary['folds']} folds). Expect this on new "
+          f"data, not the search's best val_acc ({estimate['search_best_val_acc']:.4f}: the best of many trials "
+          "on one split)")
 
 
 def check_refits(fitted, *, interrupted: bool, tune_folder: str) -> None:
@@ -142,13 +218,11 @@ def check_refits(fitted, *, interrupted: bool, tune_folder: str) -> None:
 
 def _score_against_answers(data_dir: str, test_frame, probs_by_model: dict) -> dict[str, float]:
     """Accuracy of each model and the ensemble where the answers are known (the demo data set)."""
-    import pandas as pd
+    from sketch_core.demo_data import known_answers
 
-    answers_file = Path(data_dir) / "test_answers.csv"
-    if not answers_file.is_file():
+    truth = known_answers(data_dir, test_frame["image_path"])
+    if truth is None:
         return {}
-    answers = pd.read_csv(answers_file).set_index("image_path")["target"]
-    truth = answers.loc[test_frame["image_path"]].to_numpy()
     return {name: float((probs.argmax(1) == truth).mean()) for name, probs in probs_by_model.items()}
 
 

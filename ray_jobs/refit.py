@@ -22,6 +22,7 @@ from sketch_core.config import TrainConfig
 from sketch_core.data import read_test_table
 from sketch_core.errors import SketchError
 from sketch_core.predict import predict_probs
+from ray_jobs.console import RefitReporter
 from ray_jobs.results import ResultsStore, config_of
 from ray_jobs.space import Resources
 from ray_jobs.trial import make_trainable, report_epoch, resumed_run
@@ -33,13 +34,14 @@ class ModelSpec:
     """One model of the final ensemble: a configuration, how long to train it, which fold."""
 
     model_id: str
+    member: str  # the configuration's name in the ensemble (top1, top2, ...): its folds share it
     source_trial: str
     config: dict[str, Any]
     until_epoch: int
 
 
-def choose_models(trials: pd.DataFrame, *, metric: str, mode: str, searched: list[str], top_k: int, folds: int,
-                  epochs: int | None, data_dir: str, trial_id: str | None = None) -> list[ModelSpec]:
+def choose_models(trials: pd.DataFrame, *, metric: str, mode: str, searched: list[str], base: dict[str, Any], top_k: int,
+                  folds: int, epochs: int | None, data_dir: str, trial_id: str | None = None) -> list[ModelSpec]:
     """The ``top_k`` best distinct configurations (or the one of ``trial_id``), each on all data or on
     each of ``folds`` folds."""
     column = f"best_{metric}"
@@ -57,31 +59,33 @@ def choose_models(trials: pd.DataFrame, *, metric: str, mode: str, searched: lis
         raise SketchError(f"--top-k {top_k}: the search has only {len(distinct)} distinct configuration(s) with a result")
     specs = []
     for rank, (_, trial) in enumerate(distinct.head(top_k).iterrows()):
-        config = config_of(trial)
+        config = config_of(trial, base)
         config["data_dir"] = data_dir
         until = int(trial["best_epoch"])
         if epochs:  # a whole schedule of the given length
             config["epochs"], until = epochs, epochs
         splits = [(k, {"folds": folds, "fold": k}) for k in range(folds)] if folds else [(None, {"val_fraction": 0.0, "folds": 0})]
         for fold, split in splits:
-            model_id = f"top{rank + 1}" + (f"-fold{fold}" if fold is not None else "")
-            specs.append(ModelSpec(model_id=model_id, source_trial=str(trial["trial_id"]),
+            member = f"top{rank + 1}"
+            model_id = member + (f"-fold{fold}" if fold is not None else "")
+            specs.append(ModelSpec(model_id=model_id, member=member, source_trial=str(trial["trial_id"]),
                                    config=TrainConfig.from_dict({**config, **split}).to_dict(), until_epoch=until))
     return specs
 
 
 def refit_loop(config: dict[str, Any], session) -> None:
-    """Train one model to its epoch, predict the test set with every rank, save it (rank 0)."""
+    """Train one model to its epoch, predict the test set (and a fold model its held-out fold)
+    with every rank, save it (rank 0)."""
     job = config["job"]
     run = resumed_run(TrainConfig.from_dict(job["config"], source="refit config"), session)
     metrics: dict[str, Any] = {}
     for metrics in run.epochs(until=job["until_epoch"]):
         report_epoch(metrics, run, session)
     test = read_test_table(run.config.data_dir)
-    probs = predict_probs(run.eval_model, test.paths, image_size=run.config.image_size,
-                          mean=run.normalisation["mean"], std=run.normalisation["std"], device=run.device,
-                          tta=job["tta"], batch_size=run.config.batch_size * 2, num_workers=run.config.num_workers,
-                          cached=run.config.decode_cache, amp=run.config.amp)
+    probs = predictions(run, test.paths, tta=job["tta"])
+    heldout = run.split[1] if run.config.folds else None  # the training images this fold model never saw
+    if heldout is not None:
+        heldout_probs = predictions(run, [run.table.paths[i] for i in heldout], tta=job["tta"])
     if session.world_rank() == 0:
         store = ResultsStore(job["results"], job["experiment"])
         weights = io.BytesIO()
@@ -89,8 +93,40 @@ def refit_loop(config: dict[str, Any], session) -> None:
                     "class_names": run.table.class_names, "epoch": run.epoch}, weights)
         store.write_bytes(f"{job['folder']}/{job['model_id']}.pt", weights.getvalue())
         store.write_bytes(f"{job['folder']}/probs-{job['model_id']}.npy", npy_bytes(probs))
+        if heldout is not None:
+            store.write_bytes(f"{job['folder']}/heldout-{job['model_id']}.npz",
+                              npz_bytes(rows=np.asarray(heldout), probs=heldout_probs))
     session.report({"epoch": run.epoch, "predicted": len(test.paths),
                     **({"val_acc": metrics["val_acc"]} if "val_acc" in metrics else {})})
+
+
+def predictions(run, paths: list[str], *, tta: bool) -> np.ndarray:
+    """The run's class probabilities for ``paths``, made square and averaged over TTA as its test
+    predictions are."""
+    return predict_probs(run.eval_model, paths, image_size=run.config.image_size, resize=run.config.resize,
+                         mean=run.normalisation["mean"], std=run.normalisation["std"], device=run.device,
+                         tta=tta, batch_size=run.config.batch_size * 2, num_workers=run.config.num_workers,
+                         cached=run.config.decode_cache, amp=run.config.amp)
+
+
+def out_of_fold(store: ResultsStore, folder: str, specs: list[ModelSpec], images: int) -> dict[str, tuple]:
+    """Each fold-refitted configuration's out-of-fold probabilities, rows in train.csv order, and
+    the fold that predicted each row."""
+    members: dict[str, tuple] = {}
+    for spec in specs:
+        with np.load(io.BytesIO(store.read_bytes(f"{folder}/heldout-{spec.model_id}.npz"))) as heldout:
+            rows, probs = heldout["rows"], heldout["probs"]
+        if spec.member not in members:
+            members[spec.member] = (np.full((images, probs.shape[1]), np.nan), np.full(images, -1))
+        oof, fold_of_row = members[spec.member]
+        if (fold_of_row[rows] >= 0).any():
+            raise SketchError(f"{store.uri(folder)}: folds of {spec.member} overlap; the refit is damaged")
+        oof[rows], fold_of_row[rows] = probs, spec.config["fold"]
+    for member, (_, fold_of_row) in members.items():
+        if (fold_of_row < 0).any():
+            raise SketchError(f"{store.uri(folder)}: the folds of {member} leave {int((fold_of_row < 0).sum())} "
+                              "training images unpredicted")
+    return members
 
 
 def refit_train_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -99,8 +135,9 @@ def refit_train_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def fit_models(specs: list[ModelSpec], *, store: ResultsStore, folder: str, resources: Resources, tta: bool,
-               max_failures: int, max_concurrent: int) -> tuple[pd.DataFrame, bool]:
-    """Run every refit, side by side as far as ``max_concurrent`` and the cluster allow.
+               max_failures: int, max_concurrent: int, verbose: bool = False) -> tuple[pd.DataFrame, bool]:
+    """Run every refit, side by side as far as ``max_concurrent`` and the cluster allow, with a
+    line per epoch (``verbose``: Tune's own tables instead).
 
     Returns one row per model (model_id, epoch, val_acc of fold models, done, error) and whether
     Ctrl-C ended the run.
@@ -115,6 +152,8 @@ def fit_models(specs: list[ModelSpec], *, store: ResultsStore, folder: str, reso
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name="tune", storage_path=store.uri(folder),
                                   storage_filesystem=store.fs if store.scheme else None,
+                                  callbacks=[] if verbose else [RefitReporter()],
+                                  verbose=2 if verbose else 0,
                                   **retries_and_checkpoints(max_failures=max_failures, keep_checkpoints=1,
                                                             metric="epoch", mode="max")),
     )
@@ -135,6 +174,12 @@ def fit_models(specs: list[ModelSpec], *, store: ResultsStore, folder: str, reso
 def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
     return buffer.getvalue()
 
 

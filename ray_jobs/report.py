@@ -4,8 +4,9 @@
     python ray_jobs/report.py --name eva02_large_448 --results s3://BUCKET/sketch-hpo
 
 Writes report/: summary.md (best trial, top trials, status counts, errors, time and cost,
-hyperparameter importance) and the PNGs it embeds: learning curves, each searched
-hyperparameter against the metric, parallel coordinates, importance, cost. Safe to run while
+hyperparameter importance; after final_fit.py --folds, the members and the ensemble out of fold)
+and the PNGs it embeds: learning curves, each searched hyperparameter against the metric,
+parallel coordinates, importance, cost, and the submitted ensemble's reliability diagram. Safe to run while
 the search goes on: it reports what the tables hold so far. tune.py runs it after every search.
 """
 
@@ -32,14 +33,15 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from ray_jobs.cli import run_cli  # noqa: E402
-from ray_jobs.results import BEST_KEYS, TRIAL_COLUMNS, ResultsStore, latest_experiment, plain, read_search  # noqa: E402
+from ray_jobs.results import (BEST_KEYS, ENDED_STATUSES, TRIAL_COLUMNS, ResultsStore, latest_experiment,  # noqa: E402
+                              plain, read_search)
 
 REPORT_FOLDER = "report"
-ENDED = ("finished", "stopped_early")
 TOP_TRIALS = 10
 CURVE_STYLES = {
     "finished": dict(linestyle="-", linewidth=1.2, alpha=0.9),
     "stopped_early": dict(color="0.6", linestyle="--", linewidth=1.0, alpha=0.8),
+    "stopped_by_budget": dict(color="tab:orange", linestyle="--", linewidth=1.0, alpha=0.8),
     "error": dict(color="tab:red", linestyle=":", linewidth=1.2, marker="x", markevery=[-1]),
 }
 UNFINISHED_STYLE = dict(linestyle="-.", linewidth=1.0, alpha=0.9)  # running, pending, paused
@@ -75,6 +77,7 @@ class SearchResults:
     trials: pd.DataFrame
     epochs: pd.DataFrame
     best: dict[str, Any] | None
+    refit: "FoldRefit | None" = None
 
     @property
     def metric(self) -> str:
@@ -91,8 +94,12 @@ class SearchResults:
 
     @cached_property
     def params(self) -> list[str]:
-        """The searched hyperparameters that the trials table has a ``config.`` column for."""
-        return [name for name in self.search["searched"] if f"config.{name}" in self.trials]
+        """The searched hyperparameters that some trial drew (a branch may leave one inactive in all)."""
+        return [name for name in self.search["searched"]
+                if f"config.{name}" in self.trials and self.trials[f"config.{name}"].notna().any()]
+
+    def scale(self, name: str) -> str:
+        return axis_scale(self.search["params"][name]["branches"])
 
     @cached_property
     def scored(self) -> pd.DataFrame:
@@ -105,6 +112,31 @@ class SearchResults:
         return self.best["trial_id"] if self.best else None
 
 
+@dataclass
+class FoldRefit:
+    """The latest refit on folds (final_fit.py --folds): its fit.json, and the submitted ensemble's
+    out-of-fold probabilities with the training targets."""
+
+    folder: str
+    fit: dict[str, Any]
+    probs: np.ndarray
+    targets: np.ndarray
+
+
+def latest_fold_refit(store: ResultsStore) -> FoldRefit | None:
+    from ray_jobs.refit import load_npy
+    from sketch_core.data import read_train_table
+
+    for name in reversed(store.list_names("final")):
+        folder = f"final/{name}"
+        if name.startswith("fit-") and store.exists(f"{folder}/fit.json") and store.exists(f"{folder}/oof-ensemble.npy"):
+            fit = store.read_json(f"{folder}/fit.json")
+            if fit.get("out_of_fold"):
+                return FoldRefit(folder, fit, load_npy(store.read_bytes(f"{folder}/oof-ensemble.npy")),
+                                 read_train_table(fit["data_dir"]).targets)
+    return None
+
+
 def load_results(store: ResultsStore) -> SearchResults:
     search = read_search(store)
     metric = search["metric"]
@@ -115,7 +147,7 @@ def load_results(store: ResultsStore) -> SearchResults:
     epochs = store.read_parquet("epochs.parquet") if store.exists("epochs.parquet") else pd.DataFrame(
         columns=["trial_id", "epoch", metric])
     best = store.read_json("best.json", required=BEST_KEYS) if store.exists("best.json") else None
-    return SearchResults(store.experiment, search, trials, epochs, best)
+    return SearchResults(store.experiment, search, trials, epochs, best, latest_fold_refit(store))
 
 
 def write_report(store: ResultsStore) -> str:
@@ -138,13 +170,16 @@ def report_figures(results: SearchResults, importance: Importance, cost: SearchC
     if len(results.epochs):
         figures["learning_curves.png"] = learning_curves_figure(results)
     if len(results.scored):
-        figures.update({param_file(name): param_figure(results, name) for name in results.params})
+        figures.update({param_file(name): param_figure(results, name) for name in results.params
+                        if results.scored[f"config.{name}"].notna().any()})
         if results.params:
             figures["parallel_coordinates.png"] = parallel_coordinates_figure(results)
     if importance.values:
         figures["importance.png"] = importance_figure(importance)
     if cost:
         figures["cost.png"] = cost_figure(results, cost)
+    if results.refit:
+        figures["reliability.png"] = reliability_figure(results.refit)
     return figures
 
 
@@ -164,14 +199,13 @@ def png_bytes(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def is_categorical(values: pd.Series) -> bool:
-    return pd.api.types.is_bool_dtype(values) or not pd.api.types.is_numeric_dtype(values)
-
-
-def spans_decades(values: pd.Series) -> bool:
-    """Whether positive values span more than two decades: worth a log scale."""
-    low, high = values.min(), values.max()
-    return bool(low > 0 and high / low > 100)
+def axis_scale(branches: list[dict[str, Any]]) -> str:
+    """How to lay out a parameter that was drawn from these branches (search.json's ``params``):
+    ``categories`` for lists of values, ``log`` where a branch draws on a log scale, else ``linear``."""
+    kinds = {branch["kind"] for branch in branches}
+    if kinds <= {"choice", "grid"}:
+        return "categories"
+    return "log" if any("log" in kind for kind in kinds) else "linear"
 
 
 # Learning curves ---------------------------------------------------------------------------------
@@ -216,7 +250,7 @@ def param_figure(results: SearchResults, name: str) -> Figure:
     scored = results.scored.dropna(subset=[f"config.{name}"])
     values, scores = scored[f"config.{name}"], scored[results.score]
     is_best = (scored["trial_id"] == results.best_trial_id).to_numpy()
-    if is_categorical(values):
+    if results.scale(name) == "categories":
         choices = sorted(values.astype(str).unique())
         groups = [scores[values.astype(str) == choice].to_numpy() for choice in choices]
         axes.boxplot(groups, positions=range(len(choices)), widths=0.5, showfliers=False)
@@ -225,13 +259,14 @@ def param_figure(results: SearchResults, name: str) -> Figure:
         axes.set_xticks(range(len(choices)), choices)
     else:
         x = values.to_numpy(dtype=float)
-        if spans_decades(values):
+        if results.scale(name) == "log":
             axes.set_xscale("log")
     axes.scatter(x[~is_best], scores[~is_best], alpha=0.7, color="tab:blue", zorder=3)
     axes.scatter(x[is_best], scores[is_best], marker="*", s=250, color="gold", edgecolor="black", zorder=4,
                  label="best trial")
     if is_best.any():
         axes.legend(loc="best", fontsize="small")
+    # Only the trials that drew it: a branch may leave a parameter inactive.
     axes.set(xlabel=name, ylabel=f"best {results.metric}", title=f"{name} ({len(scored)} trials)")
     axes.grid(alpha=0.3)
     return figure
@@ -247,7 +282,7 @@ def parallel_coordinates_figure(results: SearchResults) -> Figure:
     cmap = colormaps["viridis"] if results.maximize else colormaps["viridis_r"]
     positions = []
     for i, column in enumerate(columns):
-        position, ticks = axis_positions(scored[column])
+        position, ticks = axis_positions(scored[column], results.scale(labels[i]) if i < len(results.params) else "linear")
         positions.append(position.to_numpy(dtype=float))
         axes.axvline(i, color="0.3", linewidth=0.8)
         for y, text in ticks:
@@ -262,15 +297,15 @@ def parallel_coordinates_figure(results: SearchResults) -> Figure:
     return figure
 
 
-def axis_positions(values: pd.Series) -> tuple[pd.Series, list[tuple[float, str]]]:
+def axis_positions(values: pd.Series, scale: str) -> tuple[pd.Series, list[tuple[float, str]]]:
     """Each value's place on its 0..1 axis, and the axis's tick labels; missing values stay NaN."""
     present = values.dropna()
-    if is_categorical(present):
+    if scale == "categories":
         choices = sorted(present.astype(str).unique())
         place = {choice: i / (len(choices) - 1) if len(choices) > 1 else 0.5 for i, choice in enumerate(choices)}
         return values.map(lambda value: place.get(str(value), np.nan)), [(y, c) for c, y in place.items()]
     numbers = values.astype(float)
-    scaled = np.log10(numbers) if spans_decades(present) else numbers
+    scaled = np.log10(numbers) if scale == "log" else numbers
     low, high = scaled.min(), scaled.max()
     if not high > low:
         return scaled * 0 + 0.5, [(0.5, number_text(present.min()))]
@@ -291,7 +326,7 @@ def param_importance(results: SearchResults) -> Importance:
     Trials stopped early by ASHA count: they are most of a search, and leaving out the weak
     configurations would hide what made them weak.
     """
-    ended = results.scored[results.scored["status"].isin(ENDED)]
+    ended = results.scored[results.scored["status"].isin(ENDED_STATUSES)]
     if len(ended) < 2:
         return Importance({}, f"skipped: {len(ended)} trial(s) ended with a {results.metric}; at least 2 needed.")
     varying = [name for name in results.params if ended[f"config.{name}"].nunique() > 1]
@@ -302,16 +337,18 @@ def param_importance(results: SearchResults) -> Importance:
                               f"({', '.join(varying) or 'none'}); at least 2 needed.{constant_note}")
     if ended[results.score].nunique() < 2:
         return Importance({}, f"skipped: every trial scored the same {results.metric}.{constant_note}")
-    study = importance_study(ended, varying, results.score, results.maximize)
+    study = importance_study(ended, {name: results.scale(name) for name in varying}, results.score, results.maximize)
     values = optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(
         seed=0))
     return Importance(values, f"fANOVA (Optuna, seed 0) over {len(ended)} finished or early-stopped trials."
                               f"{constant_note}")
 
 
-def importance_study(trials: pd.DataFrame, params: list[str], score: str, maximize: bool) -> optuna.Study:
-    """An in-memory Optuna study holding the trials, with distributions inferred from their values."""
-    distributions = {name: inferred_distribution(trials[f"config.{name}"].dropna()) for name in params}
+def importance_study(trials: pd.DataFrame, params: dict[str, str], score: str, maximize: bool) -> optuna.Study:
+    """An in-memory Optuna study holding the trials: ``params`` maps each parameter to its
+    ``axis_scale``; a trial holds the parameters it drew."""
+    distributions = {name: observed_distribution(trials[f"config.{name}"].dropna(), scale)
+                     for name, scale in params.items()}
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
     try:
@@ -327,10 +364,11 @@ def importance_study(trials: pd.DataFrame, params: list[str], score: str, maximi
     return study
 
 
-def inferred_distribution(values: pd.Series) -> optuna.distributions.BaseDistribution:
-    if is_categorical(values):
+def observed_distribution(values: pd.Series, scale: str) -> optuna.distributions.BaseDistribution:
+    """The values' range (or categories) on the scale they were searched on."""
+    if scale == "categories":
         return optuna.distributions.CategoricalDistribution(sorted({plain(v) for v in values}, key=str))
-    return optuna.distributions.FloatDistribution(float(values.min()), float(values.max()), log=spans_decades(values))
+    return optuna.distributions.FloatDistribution(float(values.min()), float(values.max()), log=scale == "log")
 
 
 def distribution_value(value: Any, distribution: optuna.distributions.BaseDistribution) -> Any:
@@ -364,7 +402,8 @@ class SearchCost:
 
     @property
     def epochs_not_run(self) -> int:
-        """Epochs missing for other reasons: errored trials, trials still running or pending."""
+        """Epochs missing for other reasons: errored trials, trials still running or pending, trials
+        the search's budget stopped."""
         return self.epoch_budget - self.epochs_run - self.epochs_saved
 
 
@@ -420,6 +459,58 @@ def cost_figure(results: SearchResults, cost: SearchCost) -> Figure:
     return figure
 
 
+# The refit ----------------------------------------------------------------------------------------
+
+RELIABILITY_BINS = 10
+
+
+def reliability_bins(probs: np.ndarray, targets: np.ndarray, bins: int = RELIABILITY_BINS) -> pd.DataFrame:
+    """Per confidence bin (the top probability): images, mean confidence, accuracy."""
+    confidence, right = probs.max(1), probs.argmax(1) == targets
+    edges = np.minimum((confidence * bins).astype(int), bins - 1)
+    frame = pd.DataFrame({"bin": edges, "confidence": confidence, "right": right})
+    return frame.groupby("bin").agg(images=("right", "size"), confidence=("confidence", "mean"),
+                                    accuracy=("right", "mean"))
+
+
+def expected_calibration_error(probs: np.ndarray, targets: np.ndarray) -> float:
+    table = reliability_bins(probs, targets)
+    return float((table["images"] * (table["confidence"] - table["accuracy"]).abs()).sum() / len(targets))
+
+
+def reliability_figure(refit: FoldRefit) -> Figure:
+    figure = new_figure(5.5, 5)
+    axes = figure.subplots()
+    table = reliability_bins(refit.probs, refit.targets)
+    axes.plot([0, 1], [0, 1], color="0.5", linestyle="--", linewidth=1, label="calibrated")
+    axes.bar((table.index + 0.5) / RELIABILITY_BINS, table["accuracy"], width=0.9 / RELIABILITY_BINS, alpha=0.7,
+             color="tab:blue", label="accuracy per bin")
+    axes.plot(table["confidence"], table["accuracy"], marker="o", color="black", linewidth=1)
+    axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability)", ylabel="accuracy",
+             title=f"submitted ensemble, out of fold: ECE {expected_calibration_error(refit.probs, refit.targets):.3f}")
+    axes.legend(loc="upper left", fontsize="small")
+    axes.grid(alpha=0.3)
+    return figure
+
+
+def refit_section(results: SearchResults, images: list[str]) -> str:
+    if not results.refit:
+        return ""
+    summary = results.refit.fit["out_of_fold"]
+    rows = [[f"`{name}`", row["accuracy"], row["log_loss"], row["log_loss_calibrated"], row["temperature"],
+             row["weight"]] for name, row in summary["members"].items()]
+    ensemble, estimate = summary["ensemble"], summary["estimate"]
+    rows.append([f"**ensemble** ({ensemble['method']})", ensemble["accuracy"], ensemble["log_loss"], "", "", 1.0])
+    table = markdown_table(["member", "accuracy", "log-loss", "log-loss calibrated", "temperature", "weight"], rows)
+    text = (f"## Refit on {summary['folds']} folds ({results.refit.folder})\n\nOut-of-fold predictions of "
+            f"{summary['images']} training images.\n\n{table}\n\nCross-validated accuracy of the submitted ensemble: "
+            f"{number_text(estimate['accuracy'])} ± {number_text(estimate['standard_error'])} (standard error over "
+            f"folds): the number to expect, not the search's best val_acc ({number_text(estimate['search_best_val_acc'])}).")
+    if "reliability.png" in images:
+        text += "\n\n![reliability](reliability.png)"
+    return text
+
+
 # summary.md --------------------------------------------------------------------------------------
 
 def summary_markdown(results: SearchResults, importance: Importance, cost: SearchCost | None,
@@ -434,6 +525,7 @@ def summary_markdown(results: SearchResults, importance: Importance, cost: Searc
                       images),
         importance_section(importance, images),
         cost_section(results, cost, images) if cost else "",
+        refit_section(results, images),
     ]
     return "\n\n".join(section for section in sections if section) + "\n"
 
@@ -455,8 +547,14 @@ def best_section(results: SearchResults) -> str:
               f"- val_acc: {number_text(best['val_acc'])} at epoch {best['epoch']}"]
     if results.metric != "val_acc":
         values.insert(1, f"- {results.metric}: {number_text(best[results.metric])}")
-    values += [f"- `{name}` = {cell_text(best['config'].get(name))}" for name in results.search["searched"]]
+    row = results.trials[results.trials["trial_id"] == best["trial_id"]]
+    drawn = [name for name in results.search["searched"]  # those its branches made it draw
+             if not len(row) or f"config.{name}" not in row or pd.notna(row[f"config.{name}"].iloc[0])]
+    values += [f"- `{name}` = {cell_text(best['config'].get(name))}" for name in drawn]
     return "## Best trial\n\n" + "\n".join(values)
+
+
+INACTIVE = "-"  # a searched parameter the trial's branches did not draw
 
 
 def top_trials_section(results: SearchResults) -> str:
@@ -465,7 +563,8 @@ def top_trials_section(results: SearchResults) -> str:
     top = results.scored.head(TOP_TRIALS)
     header = ["trial", "status", f"best {results.metric}", "epoch", "epochs run", *results.params]
     rows = [[f"`{row['trial_id']}`", row["status"], row[results.score], row["best_epoch"], row["epochs_run"],
-             *(row[f"config.{name}"] for name in results.params)] for _, row in top.iterrows()]
+             *(INACTIVE if pd.isna(row[f"config.{name}"]) else row[f"config.{name}"] for name in results.params)]
+            for _, row in top.iterrows()]
     return f"## Top {len(top)} trials\n\n" + markdown_table(header, rows)
 
 
@@ -511,7 +610,7 @@ def cost_section(results: SearchResults, cost: SearchCost, images: list[str]) ->
                  f"({cost.saved_fraction:.0%})")
     if cost.epochs_not_run:
         lines.append(f"- {cost.epochs_not_run} trial-epochs not run for other reasons (errored, running or "
-                     f"pending trials)")
+                     f"pending trials, or trials the budget stopped)")
     if "cost.png" in images:
         lines += ["", "![cost](cost.png)"]
     return "\n".join(lines)

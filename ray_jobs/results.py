@@ -23,9 +23,10 @@ from ray.tune import Callback
 from sketch_core.config import TrainConfig
 from sketch_core.errors import SketchError
 from ray_jobs.cli import local_path
+from ray_jobs.params import SearchedParams, plain
 from ray_jobs.space import Resources
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: searched parameters a trial left inactive are empty; search.json has base, params
 METRIC_COLUMNS = ("val_acc", "val_loss", "train_loss", "lr", "images_per_s")
 TRIAL_COLUMNS = ("trial_id", "status", "epochs_run", "best_val_acc", "best_epoch", "wall_s", "gpu_hours", "node",
                  "error", "feature_cache")
@@ -104,8 +105,8 @@ class ResultsStore:
 # What the commands read of best.json (ExperimentTables.best writes it) and of search.json
 # (tune.search_summary writes it).
 BEST_KEYS = ("trial_id", "metric", "val_acc", "epoch", "config", "checkpoint")
-SEARCH_KEYS = ("schema", "experiment", "data_dir", "class_names", "metric", "mode", "searched", "resources",
-               "max_failures")
+SEARCH_KEYS = ("schema", "experiment", "data_dir", "class_names", "metric", "mode", "searched", "params", "base",
+               "resources", "max_failures")
 
 
 def read_search(store: ResultsStore) -> dict[str, Any]:
@@ -151,9 +152,11 @@ def _json_default(value: Any) -> Any:
 class ExperimentTables:
     """The per-epoch rows of every trial, and the tables and best trial derived from them."""
 
-    def __init__(self, *, metric: str, mode: str, max_epochs: int, resources: Resources):
+    def __init__(self, *, metric: str, mode: str, max_epochs: int, resources: Resources, params: SearchedParams,
+                 base: dict[str, Any]):
         self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
         self.resources = resources  # what each kind of trial holds: for gpu_hours
+        self.params, self.base = params, base  # searched parameters inactive in a trial are empty in the tables
         self.rows: dict[tuple[str, int], dict[str, Any]] = {}
 
     def add_result(self, trial_id: str, result: dict[str, Any]) -> None:
@@ -218,14 +221,18 @@ class ExperimentTables:
                 f"best_{self.metric}": float(best[self.metric]) if best is not None else math.nan,
                 "best_epoch": int(best["epoch"]) if best is not None else 0,
                 "wall_s": spent,
-                "gpu_hours": spent * self.resources.of_trial(trial.config).get("GPU", 0) / 3600,
+                # The trial's kind as it reported it: validating its config here would cost ~3 ms
+                # per trial on every write, O(trials^2) over a search. (Before it reports, spent is 0.)
+                "gpu_hours": spent * self.resources.held(trial.config["model"], head_only=bool(
+                    feature_cache.get(trial_id, 0))).get("GPU", 0) / 3600,
                 "node": nodes.get(trial_id, ""),
                 "error": trial.error or "",
                 # 1 when the head trained on cached backbone features (freeze: head)
                 "feature_cache": int(feature_cache.get(trial_id, 0)),
             }
-            record.update({f"config.{key}": value for key, value in trial.config.items()
-                           if key in TrainConfig.field_names()})
+            active = self.params.active(trial.config)
+            record.update({f"config.{key}": value if key in active or key not in self.params else None
+                           for key, value in trial.config.items() if key in TrainConfig.field_names()})
             records.append(record)
         frame = pd.DataFrame(records)
         return frame if len(frame) else pd.DataFrame(columns=list(TRIAL_COLUMNS))
@@ -238,7 +245,7 @@ class ExperimentTables:
         row = scored.loc[scored[column].idxmax() if self.mode == "max" else scored[column].idxmin()]
         epochs = self.epochs_frame()
         at_best = epochs[(epochs["trial_id"] == row["trial_id"]) & (epochs["epoch"] == row["best_epoch"])]
-        config = config_of(row)
+        config = config_of(row, self.base)
         return {
             "schema": SCHEMA_VERSION,
             "trial_id": row["trial_id"],
@@ -274,24 +281,32 @@ def _error_line(trial) -> str | None:
     return lines[-1][:500] if lines else None
 
 
+# The statuses of trials that ended with whatever results they reported (not error, not unfinished).
+ENDED_STATUSES = ("finished", "stopped_early", "stopped_by_budget")
+
+
 def trial_status(tune_status: str, epochs_run: int, max_epochs: int) -> str:
     """Our name for a trial's state: ``finished`` and ``stopped_early`` (by ASHA) tell apart what
-    Tune calls TERMINATED."""
+    Tune calls TERMINATED; ResultsRecorder's own INTERRUPTED and STOPPED_BY_BUDGET are lower-cased.
+    A trial that the budget stopped after its last epoch (before it returned) has finished."""
+    if tune_status in ("TERMINATED", "STOPPED_BY_BUDGET") and epochs_run >= max_epochs:
+        return "finished"
     if tune_status == "TERMINATED":
-        return "finished" if epochs_run >= max_epochs else "stopped_early"
+        return "stopped_early"
     return {"ERROR": "error", "RUNNING": "running", "PENDING": "pending", "PAUSED": "paused"}.get(tune_status,
                                                                                                  tune_status.lower())
 
 
-def config_of(trial_row: pd.Series) -> dict[str, Any]:
-    """The TrainConfig dict of a trials.parquet row (its ``config.*`` columns)."""
-    return {key.removeprefix("config."): plain(value) for key, value in trial_row.items()
-            if key.startswith("config.")}
+def config_of(trial_row: pd.Series, base: dict[str, Any]) -> dict[str, Any]:
+    """The TrainConfig dict of a trials.parquet row: its ``config.*`` columns, and for a searched
+    parameter the trial left inactive (an empty cell) the search's ``base`` value, which it ran with."""
+    values = {key.removeprefix("config."): plain(value) for key, value in trial_row.items()
+              if key.startswith("config.") and not _empty(value)}
+    return {**base, **values}
 
 
-def plain(value: Any) -> Any:
-    """A numpy scalar as the Python value (for JSON and configs)."""
-    return value.item() if hasattr(value, "item") else value
+def _empty(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 class ResultsRecorder(Callback):
@@ -308,12 +323,21 @@ class ResultsRecorder(Callback):
     def setup(self, **info):
         # Runs at the start of every fit, including a restored one (whose callback was unpickled).
         self._unended: set[str] = set()
+        # Trials Tune told this callback had ended (on_trial_complete), here or in an earlier run.
+        self._completed: set[str] = set()
         if self.store.exists("epochs.parquet"):
             self.tables.add_rows(self.store.read_parquet("epochs.parquet"))
+        if self.store.exists("trials.parquet"):
+            earlier = self.store.read_parquet("trials.parquet")
+            self._completed = set(earlier.loc[earlier["status"].isin(["finished", "stopped_early"]), "trial_id"])
 
     def write(self, trials: list, final_status: dict[str, str] | None = None) -> dict[str, Any] | None:
         """Rewrite the tables; ``final_status`` gives trials whose Tune status is about to change."""
-        final_status = final_status or {}
+        # Tune's stop_all (the search's budget: tuning.Budget, the only stopper) ends the running and
+        # pending trials as TERMINATED without on_trial_complete: they are not ASHA's stops.
+        by_budget = {t.trial_id: "STOPPED_BY_BUDGET" for t in trials
+                     if t.status == "TERMINATED" and t.trial_id not in self._completed}
+        final_status = {**by_budget, **(final_status or {})}
         states = [TrialState.from_tune(t, final_status.get(t.trial_id)) for t in trials]
         trials_frame = self.tables.trials_frame(states)
         self.store.write_parquet("epochs.parquet", self.tables.epochs_frame())
@@ -334,6 +358,7 @@ class ResultsRecorder(Callback):
             self.tables.add_checkpoint(trial.trial_id, int(trial.last_result["epoch"]), checkpoint.path)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._completed.add(trial.trial_id)
         self.write(trials, {trial.trial_id: "TERMINATED"})  # Tune sets the status after this call
 
     def on_trial_error(self, iteration, trials, trial, **info):

@@ -167,8 +167,9 @@ class OwnRequest(PlacementGroupFactory):
 
 def make_trainable(loop: Callable[[dict, Any], None], *, resources: Resources, keep_checkpoints: int, metric: str,
                    mode: str, train_config: Callable[[dict], dict] = lambda config: config) -> Callable:
-    """A Tune function trainable running ``loop(train_config(config), session)``: in the trial's own
-    process for a head on cached features, else on every worker of one TorchTrainer. Tune (and so
+    """A Tune function trainable running ``loop(config, session)``: in the trial's own process for a
+    head on cached features, else on every worker of one TorchTrainer (``resources`` of the trial's
+    model). ``train_config`` reads the TrainConfig dict in a trial's config. Tune (and so
     ASHA) sees each epoch either reports. Failed trials of both kinds are retried by Tune (its
     FailureConfig: tuning.py), so the TorchTrainer itself never retries: retries do not multiply."""
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -183,12 +184,13 @@ def make_trainable(loop: Callable[[dict, Any], None], *, resources: Resources, k
         # The Train run lives in the trial's own folder under a fixed name, so a retried or restored
         # trial finds its checkpoints. (get_trial_dir() is session-local and changes on restore.)
         storage = tune.get_context().get_storage()
+        own = resources.of_model(train_config(config)["model"])
         TorchTrainer(
             OnTrainWorkers(loop),
             train_loop_config=config,
-            scaling_config=ray.train.ScalingConfig(num_workers=resources.workers, use_gpu=resources.use_gpu,
-                                                   resources_per_worker=resources.per_worker()),
-            torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(num_workers=own.workers, use_gpu=own.use_gpu,
+                                                   resources_per_worker=own.per_worker()),
+            torch_config=TorchConfig(backend="nccl" if own.use_gpu else "gloo"),
             run_config=ray.train.RunConfig(
                 name="train",
                 storage_path=storage.trial_fs_path,
@@ -209,7 +211,7 @@ def trial_request(config: dict[str, Any], resources: Resources) -> PlacementGrou
     equal for all of them (so their processes are reused); a TorchTrainer trial its own 0.05 CPU
     (its workers ask for theirs), in a request equal to no other."""
     if runs_in_trial_process(config):
-        return PlacementGroupFactory([resources.head_trial()])
+        return PlacementGroupFactory([resources.of_model(config["model"]).head_trial()])
     return OwnRequest([{"CPU": Resources.TRIAL_CPUS}])
 
 

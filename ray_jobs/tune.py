@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
@@ -33,6 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--address", help="Ray cluster to join ('auto' on a cluster node); default: start local Ray")
     parser.add_argument("--num-cpus", type=int, help="CPUs local Ray may use (default: all)")
     parser.add_argument("--resume", action="store_true", help="continue the experiment after an interruption")
+    parser.add_argument("--warm-start", action="append", default=[], metavar="EXPERIMENT",
+                        help="give the searcher the trials of an earlier experiment (a name under --results, or its "
+                             "folder) that fit this space; repeatable")
     parser.add_argument("--verbose", action="store_true",
                         help="also print Ray's own output: Tune's tables and configuration boxes, the workers' lines")
     return parser.parse_args(argv)
@@ -51,7 +55,7 @@ def search(args: argparse.Namespace) -> None:
     from ray_jobs.report import write_report
     from ray_jobs.results import ResultsStore
     from ray_jobs.space import load_space
-    from ray_jobs.tuning import TUNE_FOLDER, build_tuner, fit_noting_ctrl_c, study_file
+    from ray_jobs.tuning import TUNE_FOLDER, build_tuner, fit_noting_ctrl_c, study_file, warm_start_trials
 
     # Everything that can be checked is checked before Ray starts.
     space = load_space(args.space).with_overrides(experiment=args.name, data_dir=args.data_dir,
@@ -61,8 +65,9 @@ def search(args: argparse.Namespace) -> None:
     verify_images(table.paths)
     # Nothing relative reaches a Ray worker: each runs in a working directory of its own.
     space = space.with_overrides(data_dir=data_dir, checkpoint_file=local_path(space.base["checkpoint_file"]))
-    check_pretrained_weights(space.base["model"], pretrained=space.base.get("pretrained", False),
-                             checkpoint_file=space.base.get("checkpoint_file", ""))
+    for model in space.models():
+        check_pretrained_weights(model, pretrained=space.base.get("pretrained", False),
+                                 checkpoint_file=space.base.get("checkpoint_file", ""))
     store = ResultsStore(args.results, space.experiment)
     started_before = store.exists(f"{TUNE_FOLDER}/tuner.pkl")
     if args.resume and not started_before:
@@ -74,6 +79,11 @@ def search(args: argparse.Namespace) -> None:
         for name in ("epochs.parquet", "trials.parquet"):
             if store.exists(name):
                 store.read_parquet(name)
+    if args.warm_start and (args.resume or space.search.searcher != "optuna"):
+        raise SketchError("--warm-start: " + ("a resumed search keeps the warm start it began with" if args.resume else
+                                              f"search.searcher {space.search.searcher} does not learn from earlier "
+                                              "trials; use optuna"))
+    warm_start = warm_start_trials(space, [experiment_store(name, args.results) for name in args.warm_start])
 
     import ray
 
@@ -90,8 +100,12 @@ def search(args: argparse.Namespace) -> None:
         check_trial_fits(space.resources, space.source)
         if not args.resume:
             store.write_json("search.json", search_summary(space, table.class_names))
-        tuner = build_tuner(space, store, resume=args.resume, verbose=args.verbose)
-        _, interrupted = fit_noting_ctrl_c(tuner)
+        tuner = build_tuner(space, store, resume=args.resume, verbose=args.verbose, warm_start=warm_start)
+        started = time.monotonic()
+        try:
+            _, interrupted = fit_noting_ctrl_c(tuner)
+        finally:
+            record_spent(store, space, hours=(time.monotonic() - started) / 3600)
     finally:
         ray.shutdown()
     print(f"report: {write_report(store)}", flush=True)
@@ -105,12 +119,39 @@ def search_summary(space, class_names: list[str]) -> dict:
     return {"schema": SCHEMA_VERSION, "experiment": space.experiment, "space_file": space.source,
             "data_dir": space.base["data_dir"], "class_names": class_names, "metric": space.search.metric,
             "mode": space.search.mode, "max_epochs": space.scheduler.max_epochs,
-            "searched": sorted(space.params), "num_samples": space.search.num_samples,
+            "searched": space.params.names, "num_samples": space.search.num_samples,
+            "params": {param.name: param.describe() for param in space.params}, "base": space.base,
+            "start_from": list(space.start_from),
+            "budget": {"gpu_hours": space.search.budget_gpu_hours, "hours": space.search.budget_hours},
             "resources": dataclasses.asdict(space.resources),
             "max_failures": space.search.max_failures}
 
 
+def record_spent(store, space, *, hours: float) -> None:
+    """Add this run's hours to search.json's ``spent`` (the budget counts every run of the search),
+    with the GPU-hours of all trials so far and the budget that ended the search, if one did."""
+    from ray_jobs.tuning import ended_by
+
+    search = store.read_json("search.json")
+    trials = store.read_parquet("trials.parquet") if store.exists("trials.parquet") else None
+    spent = {"hours": search.get("spent", {}).get("hours", 0.0) + hours,
+             "gpu_hours": float(trials["gpu_hours"].sum()) if trials is not None and len(trials) else 0.0}
+    store.write_json("search.json", {**search, "spent": spent, "ended_by": ended_by(space.search, spent)})
+
+
+def experiment_store(name: str, results: str):
+    """``--warm-start`` and the like: an experiment name under ``results``, or an experiment folder."""
+    from ray_jobs.results import ResultsStore
+
+    if "/" in name or "://" in name:
+        root, _, experiment = name.rstrip("/").rpartition("/")
+        return ResultsStore(root, experiment)
+    return ResultsStore(results, name)
+
+
 def print_summary(store, *, interrupted: bool) -> None:
+    import pandas as pd
+
     from ray_jobs.results import BEST_KEYS
 
     trials = store.read_parquet("trials.parquet") if store.exists("trials.parquet") else None
@@ -123,9 +164,15 @@ def print_summary(store, *, interrupted: bool) -> None:
         raise SketchError(f"{store.uri()}: the search reported no results")
     if not store.exists("best.json"):
         raise SketchError(f"{store.uri()}: no trial reported a metric; see the error column of trials.parquet")
-    best = store.read_json("best.json", required=BEST_KEYS)
+    best, search = store.read_json("best.json", required=BEST_KEYS), store.read_json("search.json")
+    if search.get("ended_by"):
+        spent, budget = search["spent"], search["budget"]
+        print(f"the search ended on its budget ({search['ended_by']}): spent {spent['hours']:.3f} of "
+              f"{budget['hours'] or '-'} hours, {spent['gpu_hours']:.3f} of {budget['gpu_hours'] or '-'} GPU-hours")
     print(f"best trial {best['trial_id']}: {best['metric']} {best[best['metric']]:.4f} at epoch {best['epoch']}")
-    print("  " + ", ".join(f"{k}={best['config'][k]}" for k in store.read_json("search.json")["searched"]))
+    best_row = trials[trials["trial_id"] == best["trial_id"]].iloc[0]
+    print("  " + ", ".join(f"{k}={best['config'][k]}" for k in search["searched"]  # those it drew
+                           if not pd.isna(best_row.get(f"config.{k}"))))
     for name in ("trials.parquet", "epochs.parquet", "best.json", "tune"):
         print(f"  {name:15s} {store.uri(name)}")
 

@@ -4,17 +4,24 @@ running one while telling a Ctrl-C apart from the end of the search."""
 from __future__ import annotations
 
 import os
+import pickle
 import signal
+import time
 from pathlib import Path
 
+import numpy as np
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.stopper import Stopper
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
 
 from sketch_core.errors import SketchError
 from ray_jobs.console import ConsoleReporter
-from ray_jobs.results import ExperimentTables, ResultsRecorder, ResultsStore
-from ray_jobs.space import SearchSpace
+from ray_jobs.results import (ENDED_STATUSES, ExperimentTables, ResultsRecorder, ResultsStore, config_of,
+                              read_search)
+from ray_jobs.params import BRANCH_MARK
+from ray_jobs.space import Resources, SearchSettings, SearchSpace
 from ray_jobs.trial import make_trainable, train_loop
 
 TUNE_FOLDER = "tune"
@@ -22,10 +29,12 @@ TUNE_FOLDER = "tune"
 STUDY_FILE = "study.journal"
 
 
-def build_tuner(space: SearchSpace, store: ResultsStore, *, resume: bool, verbose: bool = False) -> tune.Tuner:
+def build_tuner(space: SearchSpace, store: ResultsStore, *, resume: bool, verbose: bool = False,
+                warm_start: list | None = None) -> tune.Tuner:
     """A new Tuner for ``space``, or (``resume``) the one saved in ``store``, with its searcher,
     scheduler and callbacks as they were. ``verbose``: Tune's own progress output (configuration
-    boxes, status tables) instead of only ``ConsoleReporter``'s lines."""
+    boxes, status tables) instead of only ``ConsoleReporter``'s lines. ``warm_start``: Optuna trials
+    of earlier searches for the new study."""
     trainable = make_trainable(train_loop, resources=space.resources, keep_checkpoints=space.search.keep_checkpoints,
                                metric=space.search.metric, mode=space.search.mode)
     if resume:
@@ -38,17 +47,19 @@ def build_tuner(space: SearchSpace, store: ResultsStore, *, resume: bool, verbos
         except Exception as exc:  # a truncated or foreign state file: pickle, JSON and pyarrow errors alike
             raise SketchError(f"{store.uri(TUNE_FOLDER)}: cannot restore the search from its saved state "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+    searcher, num_samples = _searcher(space, study_file=study_file(store), warm_start=warm_start)
     tables = ExperimentTables(metric=space.search.metric, mode=space.search.mode,
-                              max_epochs=space.scheduler.max_epochs, resources=space.resources)
+                              max_epochs=space.scheduler.max_epochs, resources=space.resources, params=space.params,
+                              base=space.base)
     return tune.Tuner(
         trainable,
         param_space=space.param_space(),
         tune_config=tune.TuneConfig(
             metric=space.search.metric,
             mode=space.search.mode,
-            num_samples=space.search.num_samples,
+            num_samples=num_samples,
             max_concurrent_trials=space.search.max_concurrent,
-            search_alg=_searcher(space, study_file=study_file(store)),
+            search_alg=searcher,
             scheduler=_scheduler(space),
             reuse_actors=True,  # head-only trials only: trial.OwnRequest
         ),
@@ -60,11 +71,52 @@ def build_tuner(space: SearchSpace, store: ResultsStore, *, resume: bool, verbos
                                       keep_checkpoints=space.search.keep_checkpoints, metric=space.search.metric,
                                       mode=space.search.mode),
             callbacks=[ResultsRecorder(store, tables),
-                       ConsoleReporter(searched=sorted(space.params), metric=space.search.metric,
+                       ConsoleReporter(searched=space.params, metric=space.search.metric,
                                        mode=space.search.mode, max_epochs=space.scheduler.max_epochs)],
+            stop=Budget(space.search, space.resources, store)
+            if space.search.budget_hours or space.search.budget_gpu_hours else None,
             verbose=2 if verbose else 0,
         ),
     )
+
+
+class Budget(Stopper):
+    """``search.budget_gpu_hours`` and ``search.budget_hours``: once either is spent, no trial
+    starts and the running ones stop (Tune's ``stop_all``); the search then ends as usual. Both
+    count over every run of the search: what runs before this one spent is in search.json
+    (``spent``, which tune.py updates after each run). A restored Tuner brings back the stopper it
+    was built with, so this one reads that when its run starts."""
+
+    def __init__(self, settings: SearchSettings, resources: Resources, store: ResultsStore):
+        self.settings, self.resources, self.store = settings, resources, store
+        self.earlier: dict[str, float] = {}
+        self._started_at: float | None = None  # this run's clock starts at its first check
+        self._gpu_seconds = 0.0
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        # The trial's kind as it reported it, as the tables' gpu_hours take it (not a config validation per result)
+        gpus = self.resources.held(result["config"]["model"], head_only=bool(result.get("feature_cache"))).get("GPU", 0)
+        self._gpu_seconds += float(result.get("time_this_iter_s") or 0.0) * gpus
+        return False
+
+    def stop_all(self) -> bool:
+        if self._started_at is None:
+            self._started_at = time.monotonic()
+            self.earlier = self.store.read_json("search.json").get("spent", {})
+        return ended_by(self.settings, self.spent()) is not None
+
+    def spent(self) -> dict[str, float]:
+        elapsed = time.monotonic() - self._started_at if self._started_at is not None else 0.0
+        return {"hours": self.earlier.get("hours", 0.0) + elapsed / 3600,
+                "gpu_hours": self.earlier.get("gpu_hours", 0.0) + self._gpu_seconds / 3600}
+
+
+def ended_by(settings: SearchSettings, spent: dict[str, float]) -> str | None:
+    """The budget that ``spent`` used up, if any."""
+    for name, used in (("budget_gpu_hours", spent["gpu_hours"]), ("budget_hours", spent["hours"])):
+        if getattr(settings, name) > 0 and used >= getattr(settings, name):
+            return name
+    return None
 
 
 def retries_and_checkpoints(*, max_failures: int, keep_checkpoints: int, metric: str, mode: str) -> dict:
@@ -86,21 +138,111 @@ def study_file(store: ResultsStore) -> str | None:
     return None if store.scheme else store.uri(STUDY_FILE)
 
 
-def _searcher(space: SearchSpace, *, study_file: str | None = None):
+def _searcher(space: SearchSpace, *, study_file: str | None = None, warm_start: list | None = None):
+    """The searcher and the number of trials it makes. Every searcher draws with the same walk over
+    the parameters and their branches (ray_jobs/params.py) and starts with ``search.start_from``."""
     if space.search.searcher == "optuna":
-        from optuna.storages import JournalStorage
+        import optuna
+        from optuna.storages import InMemoryStorage, JournalStorage
         from optuna.storages.journal import JournalFileBackend
-        from ray.tune.search.optuna import OptunaSearch
 
-        storage = None
         if study_file:
             Path(study_file).parent.mkdir(parents=True, exist_ok=True)
             storage = JournalStorage(JournalFileBackend(study_file))
+        else:
+            storage = InMemoryStorage()
+        if warm_start:  # completed trials of earlier searches, in the study before the searcher opens it
+            study = optuna.create_study(storage=storage, study_name=space.experiment, load_if_exists=True,
+                                        direction="maximize" if space.search.mode == "max" else "minimize")
+            study.add_trials(warm_start)
         # The searcher is pickled into Tune's experiment state with its storage, so --resume goes on
         # with the same study in the same file.
-        return OptunaSearch(seed=space.search.seed, storage=storage, study_name=space.experiment)
-    # Tune applies max_concurrent_trials to Searchers only: a generator passed in must carry it.
-    return BasicVariantGenerator(random_state=space.search.seed, max_concurrent=space.search.max_concurrent)
+        searcher = BranchedOptunaSearch(
+            space=space.params.suggest, metric=space.search.metric, mode=space.search.mode,
+            sampler=optuna.samplers.TPESampler(n_startup_trials=space.search.startup_trials, seed=space.search.seed),
+            storage=storage,
+            study_name=space.experiment,
+            points_to_evaluate=[space.params.optuna_trial_params({**space.base, **point})[0]
+                                for point in space.start_from] or None)
+        return searcher, space.search.num_samples + len(space.start_from)
+    # Random and grid: every trial drawn up front (seeded), run in order.
+    rng = np.random.default_rng(space.search.seed)
+    trials = [*space.start_from, *(values for _ in range(space.search.num_samples) for values in space.params.draw(rng))]
+    return DrawnTrials(trials, metric=space.search.metric, mode=space.search.mode), len(trials)
+
+
+class DrawnTrials(Searcher):
+    """Trials drawn before the search (random and grid searches), handed out in order. A Searcher,
+    not Tune's BasicVariantGenerator with points_to_evaluate: a restored generator looks each
+    point's keys up in a search-space spec that --resume can bring back without them (KeyError)."""
+
+    def __init__(self, trials: list[dict], *, metric: str, mode: str):
+        super().__init__(metric=metric, mode=mode)
+        self.trials, self.handed_out = list(trials), 0
+
+    def suggest(self, trial_id: str):
+        if self.handed_out >= len(self.trials):
+            return Searcher.FINISHED
+        self.handed_out += 1
+        return dict(self.trials[self.handed_out - 1])
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        pass  # nothing to learn: the trials were drawn up front
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as file:
+            pickle.dump(self.__dict__, file)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as file:
+            self.__dict__.update(pickle.load(file))
+
+
+class BranchedOptunaSearch(OptunaSearch):
+    """Ray Tune's OptunaSearch for a define-by-run space whose parameters may have several
+    branches, each a parameter of its own in the study (``lr|freeze=head``): the trial's config gets
+    the TrainConfig names alone (OptunaSearch also adds every name the study suggested)."""
+
+    def suggest(self, trial_id: str):
+        suggested = super().suggest(trial_id)
+        return suggested and {key: value for key, value in suggested.items() if BRANCH_MARK not in key}
+
+
+def warm_start_trials(space: SearchSpace, stores: list[ResultsStore]) -> list:
+    """The finished and early-stopped trials of earlier experiments that this space could have
+    drawn, as completed Optuna trials with the result the searcher would have been told (the metric
+    at the trial's last epoch, as OptunaSearch records). Says how many each experiment gave."""
+    import optuna
+
+    trials = []
+    for store in stores:
+        search = read_search(store)
+        if search["metric"] != space.search.metric:
+            raise SketchError(f"--warm-start {store.uri()}: that search optimised {search['metric']}, "
+                              f"this one {space.search.metric}")
+        table = store.read_parquet("trials.parquet")
+        epochs = store.read_parquet("epochs.parquet").dropna(subset=[space.search.metric]).sort_values("epoch")
+        curves = dict(tuple(epochs.groupby("trial_id")))
+        ended = table[table["status"].isin(ENDED_STATUSES)]
+        outside = unscored = 0
+        for _, row in ended.iterrows():
+            curve = curves.get(row["trial_id"])
+            if curve is None:  # stopped (by a budget, say) before its first epoch ended
+                unscored += 1
+                continue
+            config = config_of(row, search["base"])
+            if space.why_not_drawn(config):
+                outside += 1
+                continue
+            params, distributions = space.params.optuna_trial_params(config)
+            trials.append(optuna.trial.create_trial(
+                params=params, distributions=distributions, value=float(curve[space.search.metric].iloc[-1]),
+                intermediate_values=dict(zip(curve["epoch"].astype(int), curve[space.search.metric].astype(float))),
+                user_attrs={"warm_start": f"{store.experiment}/{row['trial_id']}"}))
+        print(f"warm start: {len(ended) - outside - unscored} trial(s) of {store.uri()}"
+              + (f"; {outside} outside this space skipped" if outside else "")
+              + (f"; {unscored} stopped before a result skipped" if unscored else ""), flush=True)
+    return trials
 
 
 def _scheduler(space: SearchSpace):

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from sketch_core.errors import SketchError
 
 AUGMENTATIONS = ("none", "light", "sketch", "heavy")
+RESIZE_POLICIES = ("letterbox", "stretch")
 FREEZE_POLICIES = ("none", "head", "last_n_blocks")
 HEAD_TYPES = ("linear", "mlp")
 OPTIMIZERS = ("adamw", "sgd")
@@ -34,9 +35,14 @@ class TrainConfig:
     folds: int = field(default=0, metadata=_spec(low=0, help="0: a val_fraction split; K>=2: K folds"))
     fold: int = field(default=0, metadata=_spec(low=0))
     image_size: int = field(default=224, metadata=_spec(low=16))
+    resize: str = field(default="letterbox", metadata=_spec(choices=RESIZE_POLICIES,
+                                                           help="to the square: pad with white, or stretch"))
     augment: str = field(default="sketch", metadata=_spec(choices=AUGMENTATIONS))
     num_workers: int = field(default=2, metadata=_spec(low=0, help="data loader processes"))
     decode_cache: bool = True
+    # Near-duplicates (a mirror, a rotated or re-encoded copy) on one side of the split and of every
+    # fold, so val_acc is not inflated by copies of training images (sketch_core.duplicates).
+    group_duplicates: bool = True
     # Model
     model: str = "test_vit"
     pretrained: bool = False

@@ -1,8 +1,9 @@
 """Datasets of uint8 images, and the per-node decode cache they read from.
 
 Decoding 400-800 px JPEGs dominates the CPU side, and every trial re-reads the same images every
-epoch. ``DecodeCache`` decodes and letterboxes each image once per node into a uint8 memory map
-keyed by the files and the image size; every later trial and epoch on that node reads it.
+epoch. ``DecodeCache`` decodes and resizes each image once per node into a uint8 memory map
+keyed by the files, the image size and the resize policy; every later trial and epoch on that
+node reads it.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ def default_cache_dir() -> Path:
 
 
 class DecodedImages(Dataset):
-    """Image ``i`` of ``paths`` decoded and letterboxed to ``image_size``: HxWx3 uint8."""
+    """Image ``i`` of ``paths`` decoded and made square at ``image_size`` by policy ``resize``
+    (``transforms.base_transform``): HxWx3 uint8."""
 
-    def __init__(self, paths: Sequence[str], image_size: int):
+    def __init__(self, paths: Sequence[str], image_size: int, *, resize: str = "letterbox"):
         self.paths = list(paths)
         self.image_size = image_size
-        self._base = base_transform(image_size)
+        self.resize = resize
+        self._base = base_transform(image_size, resize=resize)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -45,11 +48,12 @@ class DecodedImages(Dataset):
         return self._base(image=load_rgb(self.paths[index]))["image"]
 
 
-def images_key(paths: Sequence[str], image_size: int) -> str:
-    """A digest of the base images of ``paths`` at ``image_size``: changes with any file (path,
-    size, modification time), the size or the base-transform version."""
+def images_key(paths: Sequence[str], image_size: int, *, resize: str) -> str:
+    """A digest of the base images of ``paths`` at ``image_size`` under policy ``resize``: changes
+    with any file (path, size, modification time), the size, the policy or the base-transform
+    version."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([BASE_TRANSFORM_VERSION, image_size]).encode())
+    digest.update(json.dumps([BASE_TRANSFORM_VERSION, image_size, resize]).encode())
     for path in paths:
         stat = os.stat(path)
         digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -59,23 +63,25 @@ def images_key(paths: Sequence[str], image_size: int) -> str:
 class DecodeCache(Dataset):
     """The same images as ``DecodedImages``, read from a node-local memory map built once.
 
-    The key covers every path with its size and modification time, the image size and the
-    base-transform version, so any change to the data or the resize policy builds a new cache.
+    The key covers every path with its size and modification time, the image size, the resize
+    policy and the base-transform version, so any change to the data, the size or the policy
+    builds a new cache (a letterbox cache is never read for a stretch run).
     Several processes may open the same cache at once: one builds it under a file lock, the
     others wait and then read it.
     """
 
     def __init__(self, paths: Sequence[str], image_size: int, cache_dir: str | Path | None = None,
-                 build_workers: int = 2):
+                 build_workers: int = 2, *, resize: str = "letterbox"):
         self.paths = list(paths)
         self.image_size = image_size
+        self.resize = resize
         self.file = Path(cache_dir or default_cache_dir()) / f"decoded-{self.key()}.u8"
         self._array: np.ndarray | None = None
         if not self.file.exists():
             self._build(build_workers)
 
     def key(self) -> str:
-        return images_key(self.paths, self.image_size)
+        return images_key(self.paths, self.image_size, resize=self.resize)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -100,8 +106,8 @@ class DecodeCache(Dataset):
                 return
             partial = self.file.with_suffix(f".partial-{os.getpid()}")
             array = np.memmap(partial, dtype=np.uint8, mode="w+", shape=self.shape)
-            loader = DataLoader(DecodedImages(self.paths, self.image_size), batch_size=32, num_workers=workers,
-                                collate_fn=np.stack)
+            loader = DataLoader(DecodedImages(self.paths, self.image_size, resize=self.resize), batch_size=32,
+                                num_workers=workers, collate_fn=np.stack)
             start = 0
             for batch in progress(loader, f"decoding {len(self.paths)} images once for this node"):
                 array[start:start + len(batch)] = batch
@@ -157,9 +163,12 @@ class EpochSampler(Sampler):
         return ((index, epoch) for index in self.sampler)
 
 
-def image_source(paths: Sequence[str], image_size: int, *, cached: bool, workers: int = 2) -> Dataset:
-    """Base images for ``paths``: from the node's decode cache, or decoded on every read."""
-    return DecodeCache(paths, image_size, build_workers=workers) if cached else DecodedImages(paths, image_size)
+def image_source(paths: Sequence[str], image_size: int, *, resize: str, cached: bool, workers: int = 2) -> Dataset:
+    """Base images for ``paths`` under policy ``resize``: from the node's decode cache, or decoded
+    on every read."""
+    if cached:
+        return DecodeCache(paths, image_size, build_workers=workers, resize=resize)
+    return DecodedImages(paths, image_size, resize=resize)
 
 
 def subset(dataset: Dataset, indices: Sequence[int]) -> torch.utils.data.Subset:

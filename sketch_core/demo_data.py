@@ -5,6 +5,7 @@ Writes the same layout as the real data::
     OUT_DIR/train.csv          class_name,image_path,target
     OUT_DIR/test.csv           image_path
     OUT_DIR/test_answers.csv   image_path,target   (labels for test.csv, kept apart)
+    OUT_DIR/duplicates.csv     image_path,original,kind   (only with planted near-duplicates)
     OUT_DIR/train/<class_name>/sketch_<k>.JPEG
     OUT_DIR/test/<k>.JPEG
 
@@ -12,6 +13,11 @@ Each class is a base shape combined with a drawing variant (plain outline, inner
 concentric copy, hatched fill, centre dot).  Every image is drawn at its own size
 with hand-drawn wobble, random placement, scale, rotation, stretch, stroke width,
 occasional stray strokes and horizontal flips.
+
+Like ImageNet-Sketch, whose authors filled small classes by flipping and rotating images, the
+training set can hold near-duplicates (``duplicates``): copies of a fraction of the training images
+within their class (a mirror, a quarter turn, a small rotation or a rescaled re-encode) under file
+names of their own, listed with their originals in ``duplicates.csv``.
 
 Usage: ``python -m sketch_core.demo_data OUT_DIR [--classes N] [--seed S] ...``
 """
@@ -136,6 +142,12 @@ VARIANTS = ("plain", "concentric", "hatched", "dotted")
 MAX_CLASSES = len(SHAPES) * len(VARIANTS)
 SHAPE_NAMES = tuple(SHAPES)
 GRAYSCALE_FRACTION = 0.25
+JPEG_QUALITY = (85, 95)  # of every image written, except re-encoded copies
+COPY_KINDS = ("mirror", "quarter_turn", "small_rotation", "reencode")
+SMALL_ROTATION_DEGREES = (5.0, 10.0)  # either way
+REENCODE_QUALITY = (60, 80)
+REENCODE_SCALE = (0.9, 1.1)
+WHITE = (255, 255, 255)
 
 
 def class_name(target: int) -> str:
@@ -270,7 +282,36 @@ def _write_image(path: Path, target: int, grayscale: bool, min_size: int, max_si
     rng = np.random.default_rng(seed_sequence)
     width, height = (int(v) for v in rng.integers(min_size, max_size, size=2, endpoint=True))
     image = render_sketch(target, width, height, rng)
-    path.write_bytes(_encode_jpeg(image, grayscale, int(rng.integers(85, 95, endpoint=True))))
+    path.write_bytes(_encode_jpeg(image, grayscale, int(rng.integers(*JPEG_QUALITY, endpoint=True))))
+
+
+def _near_duplicate(image: np.ndarray, kind: str, min_size: int, max_size: int,
+                    rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """A copy of BGR ``image`` of kind ``kind`` (one of COPY_KINDS), and the JPEG quality to write it at.
+
+    A re-encode is rescaled slightly, each side kept within ``min_size``..``max_size``; a small
+    rotation keeps the canvas and fills the corners it uncovers with white."""
+    quality = int(rng.integers(*(REENCODE_QUALITY if kind == "reencode" else JPEG_QUALITY), endpoint=True))
+    if kind == "mirror":
+        return cv2.flip(image, 1), quality
+    if kind == "quarter_turn":
+        turn = (cv2.ROTATE_90_CLOCKWISE, cv2.ROTATE_180, cv2.ROTATE_90_COUNTERCLOCKWISE)[rng.integers(3)]
+        return cv2.rotate(image, turn), quality
+    height, width = image.shape[:2]
+    if kind == "small_rotation":
+        angle = rng.choice([-1.0, 1.0]) * rng.uniform(*SMALL_ROTATION_DEGREES)
+        rotation = cv2.getRotationMatrix2D((width / 2, height / 2), angle, 1.0)
+        return cv2.warpAffine(image, rotation, (width, height), flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=WHITE), quality
+    size = np.clip(np.round(np.array([width, height]) * rng.uniform(*REENCODE_SCALE)), min_size, max_size)
+    return cv2.resize(image, tuple(int(v) for v in size), interpolation=cv2.INTER_AREA), quality  # a re-encode
+
+
+def _write_copy(path: Path, original: Path, kind: str, grayscale: bool, min_size: int, max_size: int,
+                seed_sequence: np.random.SeedSequence) -> None:
+    image = cv2.imread(str(original), cv2.IMREAD_COLOR)  # the original as written: copies of the file
+    copy, quality = _near_duplicate(image, kind, min_size, max_size, np.random.default_rng(seed_sequence))
+    path.write_bytes(_encode_jpeg(copy, grayscale, quality))
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -280,31 +321,72 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         writer.writerows(rows)
 
 
+def known_answers(data_dir, image_paths) -> np.ndarray | None:
+    """The targets of ``image_paths`` (test.csv's) in their order, from the demo data's
+    test_answers.csv; None where there is no such file (real competition data)."""
+    answers_file = Path(data_dir) / "test_answers.csv"
+    if not answers_file.is_file():
+        return None
+    with answers_file.open(newline="") as file:
+        answers = {row["image_path"]: int(row["target"]) for row in csv.DictReader(file)}
+    return np.array([answers[path] for path in image_paths])
+
+
 def _grayscale_mask(count: int, rng: np.random.Generator) -> np.ndarray:
     mask = np.zeros(count, dtype=bool)
     mask[rng.permutation(count)[: round(count * GRAYSCALE_FRACTION)]] = True
     return mask
 
 
+def planted_copies(originals: int, duplicates: float) -> int:
+    """How many near-duplicates ``duplicates`` (a fraction) plants among ``originals`` training images."""
+    return round(duplicates * originals)
+
+
+def _plan_copies(seed_sequence: np.random.SeedSequence, originals: int,
+                 duplicates: float) -> list[tuple[int, str, np.random.SeedSequence]]:
+    """(original's index, kind, seed) of each planted copy: distinct originals, in index order, the
+    kinds in equal shares."""
+    count = planted_copies(originals, duplicates)
+    choice_seed, *copy_seeds = seed_sequence.spawn(count + 1)
+    rng = np.random.default_rng(choice_seed)
+    chosen = np.sort(rng.choice(originals, size=count, replace=False)).tolist()
+    kinds = [COPY_KINDS[k] for k in rng.permutation(np.arange(count) % len(COPY_KINDS))]
+    return list(zip(chosen, kinds, copy_seeds))
+
+
+def _train_image(name: str, k: int) -> str:
+    return f"{name}/sketch_{k}.JPEG"
+
+
 def _write_dataset(root: Path, classes: int, images_per_class: int, test_images: int,
-                   min_size: int, max_size: int, seed: int) -> None:
-    plan_seed, train_seed, test_seed = np.random.SeedSequence(seed).spawn(3)
+                   min_size: int, max_size: int, seed: int, duplicates: float) -> None:
+    # A fourth child leaves the first three, and so the data without copies, as they were.
+    plan_seed, train_seed, test_seed, copy_seed = np.random.SeedSequence(seed).spawn(4)
     plan_rng = np.random.default_rng(plan_seed)
     test_targets = plan_rng.permutation(np.arange(test_images) % classes)
     train_grayscale = _grayscale_mask(classes * images_per_class, plan_rng)
     test_grayscale = _grayscale_mask(test_images, plan_rng)
 
-    train_rows = []
+    train_rows, duplicate_rows = [], []
     train_seeds = train_seed.spawn(classes * images_per_class)
+    copies = _plan_copies(copy_seed, classes * images_per_class, duplicates)
     for target in range(classes):
         name = class_name(target)
         (root / "train" / name).mkdir(parents=True)
         for k in range(images_per_class):
             index = target * images_per_class + k
-            relative = f"{name}/sketch_{k}.JPEG"
+            relative = _train_image(name, k)
             _write_image(root / "train" / relative, target, bool(train_grayscale[index]),
                          min_size, max_size, train_seeds[index])
             train_rows.append([name, relative, target])
+        class_copies = [copy for copy in copies if copy[0] // images_per_class == target]
+        for k, (index, kind, seed_sequence) in enumerate(class_copies, start=images_per_class):
+            relative, original = _train_image(name, k), _train_image(name, index % images_per_class)
+            _write_copy(root / "train" / relative, root / "train" / original, kind, bool(train_grayscale[index]),
+                        min_size, max_size, seed_sequence)
+            train_rows.append([name, relative, target])
+            duplicate_rows.append([relative, original, kind])
 
     (root / "test").mkdir()
     test_rows = []
@@ -316,10 +398,12 @@ def _write_dataset(root: Path, classes: int, images_per_class: int, test_images:
     _write_csv(root / "train.csv", ["class_name", "image_path", "target"], train_rows)
     _write_csv(root / "test.csv", ["image_path"], [[path] for path, _ in test_rows])
     _write_csv(root / "test_answers.csv", ["image_path", "target"], test_rows)
+    if duplicate_rows:
+        _write_csv(root / "duplicates.csv", ["image_path", "original", "kind"], duplicate_rows)
 
 
 def _validate(classes: int, images_per_class: int, test_images: int, min_size: int, max_size: int,
-              seed: int) -> None:
+              seed: int, duplicates: float) -> None:
     if not 2 <= classes <= MAX_CLASSES:
         raise ValueError(f"classes must be between 2 and {MAX_CLASSES}, got {classes}")
     if images_per_class < 2:
@@ -332,6 +416,8 @@ def _validate(classes: int, images_per_class: int, test_images: int, min_size: i
         raise ValueError(f"min_size ({min_size}) must not exceed max_size ({max_size})")
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    if not 0 <= duplicates <= 1:
+        raise ValueError(f"duplicates must be a fraction between 0 and 1, got {duplicates}")
 
 
 def _already_exists(target: Path) -> FileExistsError:
@@ -339,13 +425,16 @@ def _already_exists(target: Path) -> FileExistsError:
 
 
 def generate(out_dir, *, classes: int = 24, images_per_class: int = 30, test_images: int = 240,
-             min_size: int = 150, max_size: int = 800, seed: int = 0) -> Path:
+             min_size: int = 150, max_size: int = 800, seed: int = 0, duplicates: float = 0.0) -> Path:
     """Write a synthetic sketch data set in the competition layout to ``out_dir``.
 
     The output depends only on the arguments: the same options and seed give
     byte-identical files.  Test labels are balanced round-robin over the classes in
     a seeded random order and are written to ``test_answers.csv``, never to
     ``test.csv``.  Roughly a quarter of the images are single-channel JPEGs.
+    ``duplicates`` (a fraction of the training images) plants that many near-duplicates
+    in the training set, each kind of COPY_KINDS an equal share, listed in
+    ``duplicates.csv``; with 0 (the default) nothing is planted and no such file written.
 
     The data set is built in a hidden sibling directory and renamed into place, so
     ``out_dir`` is either absent, left as it was, or complete.  An existing empty
@@ -357,9 +446,9 @@ def generate(out_dir, *, classes: int = 24, images_per_class: int = 30, test_ima
 
     Returns the absolute path of the data set.  Raises ValueError for arguments out
     of range (2 <= classes <= MAX_CLASSES, images_per_class >= 2, test_images >= 1,
-    16 <= min_size <= max_size, seed >= 0).
+    16 <= min_size <= max_size, seed >= 0, 0 <= duplicates <= 1).
     """
-    _validate(classes, images_per_class, test_images, min_size, max_size, seed)
+    _validate(classes, images_per_class, test_images, min_size, max_size, seed, duplicates)
     target = Path(out_dir).resolve()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise _already_exists(target)
@@ -368,7 +457,7 @@ def generate(out_dir, *, classes: int = 24, images_per_class: int = 30, test_ima
     staging = target.parent / f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     staging.mkdir()
     try:
-        _write_dataset(staging, classes, images_per_class, test_images, min_size, max_size, seed)
+        _write_dataset(staging, classes, images_per_class, test_images, min_size, max_size, seed, duplicates)
         try:
             os.rename(staging, target)
         except OSError as error:
@@ -398,15 +487,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-size", type=int, metavar="PX", default=150, help="smallest image side in pixels")
     parser.add_argument("--max-size", type=int, metavar="PX", default=800, help="largest image side in pixels")
     parser.add_argument("--seed", type=int, metavar="S", default=0, help="random seed")
+    parser.add_argument("--duplicates", type=float, metavar="F", default=0.0,
+                        help="fraction of training images that get a planted near-duplicate in their class "
+                             "(mirror, quarter turn, 5-10 degree rotation or re-encode; listed in duplicates.csv)")
     args = parser.parse_args(argv)
     try:
         written = generate(args.out_dir, classes=args.classes, images_per_class=args.images_per_class,
                            test_images=args.test_images, min_size=args.min_size,
-                           max_size=args.max_size, seed=args.seed)
+                           max_size=args.max_size, seed=args.seed, duplicates=args.duplicates)
     except (ValueError, OSError) as error:
         parser.error(str(error))
-    print(f"wrote {args.classes * args.images_per_class} train and {args.test_images} test images "
-          f"({args.classes} classes, seed {args.seed}) to {written}")
+    originals = args.classes * args.images_per_class
+    copies = planted_copies(originals, args.duplicates)
+    print(f"wrote {originals + copies} train ({copies} of them planted near-duplicates) and {args.test_images} "
+          f"test images ({args.classes} classes, seed {args.seed}) to {written}")
     return 0
 
 

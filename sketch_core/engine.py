@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from sketch_core.config import TrainConfig
 from sketch_core.data import TrainTable, read_train_table, split_indices
+from sketch_core.duplicates import duplicate_groups
 from sketch_core.dataset import AugmentedImages, EpochSampler, image_source, subset
 from sketch_core.errors import SketchError
 from sketch_core.features import (PLAIN_VIEW, FeatureBatches, FeatureStore, encode_batches, frozen_backbone,
@@ -115,6 +116,8 @@ class TrainingRun:
         self.mixup = (Mixup(mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha, prob=config.mixup_prob,
                             label_smoothing=config.label_smoothing, num_classes=self.table.num_classes)
                       if config.uses_mixup else None)
+        self.batches_this_epoch = 0  # training batches through train_step since the epoch began
+        self.train_model.train()  # train_step restores it only after evaluate() (see there)
 
     @property
     def eval_model(self) -> SketchClassifier:
@@ -184,33 +187,50 @@ class TrainingRun:
         self.epoch = int(state["epoch"])
         self.last_metrics = dict(state.get("metrics") or {})
 
-    def _train_one_epoch(self) -> tuple[float, float]:
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
+        """Train on one batch as the train loader hands it over (normalised, on the device): the
+        step every trial runs for each of its batches, and the one bench/gpu_throughput.py times.
+
+        Mixup/CutMix if configured; forward and loss under autocast (bf16 on CUDA with ``amp``) and
+        backward of the loss over ``grad_accum_steps``; on the batch that ends an accumulation (or
+        the epoch), gradient clipping, the optimiser and scheduler steps and the EMA update.
+        Returns ``loss`` (the batch's mean loss, a tensor on the device, so the step does not wait
+        for the GPU), ``images`` (the batch size) and ``updated`` (whether the optimiser stepped).
+        """
         config = self.config
-        self.train_model.train()
+        # Only evaluate() leaves the model in eval mode; train() every batch would cost ms on a large model.
+        if not self.trained.training:
+            self.train_model.train()
+        batch = self.batches_this_epoch
+        self.batches_this_epoch += 1
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        updates_now = (batch + 1) % config.grad_accum_steps == 0 or batch + 1 == len(self.train_loader)
+        sync = nullcontext() if updates_now or self.world_size == 1 else self.train_model.no_sync()
+        with sync, self._autocast():
+            loss = self.train_loss_fn(self.train_model(self._prepare(images)), targets)
+            (loss / config.grad_accum_steps).backward()
+        if updates_now:
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            update = self.epoch * self.updates_per_epoch + (batch // config.grad_accum_steps) + 1
+            self.scheduler.step_update(num_updates=update)
+            if self.ema is not None:
+                self.ema.update(self.trained, step=update)
+        return {"loss": loss.detach(), "images": len(targets), "updated": updates_now}
+
+    def _train_one_epoch(self) -> tuple[float, float]:
         self.train_sampler.set_epoch(self.epoch)  # the order of the image and the feature batches
+        self.batches_this_epoch = 0
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, images
         started = time.perf_counter()
-        batches = len(self.train_loader)
-        self.optimizer.zero_grad(set_to_none=True)
-        for step, (images, targets) in enumerate(self.train_loader):
-            if self.mixup is not None:
-                images, targets = self.mixup(images, targets)
-            updates_now = (step + 1) % config.grad_accum_steps == 0 or step + 1 == batches
-            sync = nullcontext() if updates_now or self.world_size == 1 else self.train_model.no_sync()
-            with sync, self._autocast():
-                loss = self.train_loss_fn(self.train_model(self._prepare(images)), targets)
-                (loss / config.grad_accum_steps).backward()
-            if updates_now:
-                if config.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                update = self.epoch * self.updates_per_epoch + (step // config.grad_accum_steps) + 1
-                self.scheduler.step_update(num_updates=update)
-                if self.ema is not None:
-                    self.ema.update(self.trained, step=update)
-            totals += torch.stack([loss.detach().double() * len(targets),
-                                   torch.tensor(len(targets), dtype=torch.float64, device=self.device)])
+        self.optimizer.zero_grad(set_to_none=True)  # drops an accumulation train_step left unfinished
+        for images, targets in self.train_loader:
+            result = self.train_step(images, targets)
+            totals += torch.stack([result["loss"].double() * result["images"],
+                                   torch.tensor(result["images"], dtype=torch.float64, device=self.device)])
         self.scheduler.step(self.epoch + 1)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -221,9 +241,12 @@ class TrainingRun:
 
     def _loaders(self) -> tuple[PrefetchLoader, PrefetchLoader | None]:
         config, table = self.config, self.table
+        held_out = config.folds or config.val_fraction  # an all-training refit has no split to keep groups out of
+        groups = duplicate_groups(table.paths, table.targets, workers=config.num_workers) \
+            if config.group_duplicates and held_out else None
         train_idx, val_idx = split_indices(table.targets, val_fraction=config.val_fraction, folds=config.folds,
-                                           fold=config.fold, seed=config.seed)
-        images = image_source(table.paths, config.image_size, cached=config.decode_cache,
+                                           fold=config.fold, seed=config.seed, groups=groups)
+        images = image_source(table.paths, config.image_size, resize=config.resize, cached=config.decode_cache,
                               workers=config.num_workers)
         self.images, self.split = images, (train_idx, val_idx)  # what the feature cache encodes
         train_set = AugmentedImages(subset(images, train_idx), table.targets[train_idx], config.augment,

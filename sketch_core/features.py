@@ -39,12 +39,12 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler
 
 from sketch_core.config import TrainConfig
-from sketch_core.dataset import default_cache_dir, images_key
+from sketch_core.dataset import AugmentedImages, default_cache_dir, images_key
 from sketch_core.models import create_backbone
-from sketch_core.transforms import augmentation, seed_pipeline, to_chw
+from sketch_core.transforms import augmentation
 
 # Bump when the way features are computed or stored changes, so older files are not reused.
-FEATURE_CACHE_VERSION = 2
+FEATURE_CACHE_VERSION = 3
 
 
 def training_views(config: TrainConfig) -> list[tuple[str, int]]:
@@ -55,26 +55,6 @@ def training_views(config: TrainConfig) -> list[tuple[str, int]]:
 
 
 PLAIN_VIEW = ("none", 0)  # what validation (and augment=none training) reads
-
-
-class AugmentedView(Dataset):
-    """(CHW uint8 image, 0) pairs: view ``view`` of preset ``augment`` of every image in ``images``.
-
-    The augmentation of image ``i`` is drawn from a generator seeded by (view, i), so a view is the
-    same images whichever process, loader worker or batch computes it.
-    """
-
-    def __init__(self, images: Dataset, augment: str, image_size: int, view: int):
-        self.images = images
-        self.augment = augmentation(augment, image_size)
-        self.view = view
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        seed_pipeline(self.augment, self.view, index)
-        return to_chw(self.augment(image=np.asarray(self.images[index]))["image"]), 0
 
 
 # What this process keeps for its next run: one frozen backbone (key, module, weights digest), and
@@ -121,8 +101,8 @@ def file_fingerprint(path: str) -> str:
 
 class FeatureStore:
     """Cached features of one frozen backbone (``weights``: its ``weights_digest``) over the base
-    images ``images`` (a ``DecodeCache`` or ``DecodedImages``: anything with ``paths`` and
-    ``image_size``), one file per view.
+    images ``images`` (a ``DecodeCache`` or ``DecodedImages``: anything with ``paths``,
+    ``image_size`` and ``resize``), one file per view.
 
     ``encode(dataset)`` computes the features of a dataset of (CHW uint8 image, target) pairs, in
     order, as an (N, num_features) tensor. Several processes may ask for the same view at once: one
@@ -140,7 +120,8 @@ class FeatureStore:
             "version": FEATURE_CACHE_VERSION, "model": model, "pretrained": pretrained,
             "checkpoint_file": file_fingerprint(checkpoint_file), "weights": weights,
             "mean": [float(v) for v in mean], "std": [float(v) for v in std], "precision": precision,
-            "images": images_key(images.paths, images.image_size), "image_size": images.image_size,
+            "images": images_key(images.paths, images.image_size, resize=images.resize),
+            "image_size": images.image_size, "resize": images.resize,
         }
 
     def key(self, augment: str, view: int) -> str:
@@ -167,7 +148,9 @@ class FeatureStore:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if file.exists():  # another process built it while we waited
                 return
-            features = self.encode(AugmentedView(self.images, augment, self.image_size, view))
+            # View v's draws for image i are fixed by (v, i): the same in any process, worker or batch.
+            images = AugmentedImages(self.images, np.zeros(len(self.images)), augment, self.image_size, seed=view)
+            features = self.encode(images)
             if len(features) != len(self.images):
                 raise RuntimeError(f"encode returned {len(features)} features for {len(self.images)} images")
             partial = file.with_suffix(f".partial-{os.getpid()}")

@@ -23,6 +23,7 @@ def predict_probs(
     paths: Sequence[str],
     *,
     image_size: int,
+    resize: str,
     mean: Sequence[float],
     std: Sequence[float],
     device: torch.device,
@@ -33,11 +34,12 @@ def predict_probs(
     amp: bool = True,
 ) -> np.ndarray:
     """Class probabilities, shape (len(paths), classes): softmax, averaged over the original and
-    its horizontal flip when ``tta``. Under ``torch.distributed`` every rank predicts a strided
-    shard and every rank gets the whole result."""
+    its horizontal flip when ``tta``. ``resize`` must be the run's policy: the model sees the test
+    images made square as its training images were. Under ``torch.distributed`` every rank
+    predicts a strided shard and every rank gets the whole result."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    images = AugmentedImages(image_source(paths, image_size, cached=cached, workers=num_workers),
+    images = AugmentedImages(image_source(paths, image_size, resize=resize, cached=cached, workers=num_workers),
                              np.zeros(len(paths), dtype=np.int64), "none", image_size)
     shard = list(range(rank, len(paths), world_size))
     loader = PrefetchLoader(

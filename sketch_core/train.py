@@ -75,7 +75,7 @@ def predict_test(training, out: Path) -> None:
 
     config = training.config
     test = read_test_table(config.data_dir)
-    probs = predict_probs(training.eval_model, test.paths, image_size=config.image_size,
+    probs = predict_probs(training.eval_model, test.paths, image_size=config.image_size, resize=config.resize,
                           mean=training.normalisation["mean"], std=training.normalisation["std"],
                           device=training.device, num_workers=config.num_workers)
     path = write_submission(unused_path(str(out / "submission.csv")), test.frame, probs)

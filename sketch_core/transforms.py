@@ -1,8 +1,11 @@
 """albumentations pipelines, chosen by name.
 
-Every image first goes through ``base_transform``: fit the longest side to ``image_size`` and pad
-to a square with white, so a sketch is never cropped and the result is deterministic (the
-decode cache stores exactly this). Augmentations then run on that uint8 square; normalisation
+Every image first goes through ``base_transform``, which makes it a square of side ``image_size``
+by the run's resize policy (``TrainConfig.resize``): ``letterbox`` fits the longest side and pads
+with white, so a sketch keeps its aspect ratio (a 4:5 one gets a fifth of white columns);
+``stretch`` resizes each side on its own, so every pixel is the sketch's but its strokes are
+stretched. Either way nothing is cropped and the result is deterministic (the decode cache stores
+exactly this, keyed by the policy). Augmentations then run on that uint8 square; normalisation
 happens on the device (``timm.data.PrefetchLoader``), never per sample.
 """
 
@@ -14,12 +17,17 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from sketch_core.config import AUGMENTATIONS
+from sketch_core.config import AUGMENTATIONS, RESIZE_POLICIES
 
 WHITE = 255
 
 
-def base_transform(image_size: int) -> A.Compose:
+def base_transform(image_size: int, *, resize: str = "letterbox") -> A.Compose:
+    """The pipeline that makes an image a square of side ``image_size`` by policy ``resize``."""
+    if resize not in RESIZE_POLICIES:
+        raise ValueError(f"resize: expected one of {', '.join(RESIZE_POLICIES)}, got {resize!r}")
+    if resize == "stretch":
+        return A.Compose([A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA)])
     return A.Compose([
         A.LongestMaxSize(max_size=image_size, interpolation=cv2.INTER_AREA),
         A.PadIfNeeded(min_height=image_size, min_width=image_size, position="center",

@@ -1,6 +1,7 @@
 """Shared fixtures: small real data sets made by the demo generator, and a private decode cache."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -154,6 +155,17 @@ def wait_for(probe, what: str, driver=None, *, timeout: float = 300, interval: f
             return found
         time.sleep(interval)
     pytest.fail(f"{what} never came" + (f"\n{log.read_text()[-3000:]}" if log else ""))
+
+
+# Ray prefixes each line it forwards from a worker process with "(ActorName pid=N, ip=...)", coloured.
+RAY_WORKER_LINE = re.compile(r"^(\x1b\[\d+m)?\((\w+ )?pid=\d+(, ip=[\d.]+)?\)")
+
+
+def own_output(output: str) -> str:
+    """A driver's output less the lines Ray forwarded from worker processes. A worker that Ray
+    stops with SIGTERM inside an import prints Python's "Exception ignored ... SystemExit"
+    traceback, which is Ray's, not the driver's."""
+    return "\n".join(line for line in output.splitlines() if not RAY_WORKER_LINE.match(line))
 
 
 def trial_pids(epochs, trial_id: str) -> list[int]:

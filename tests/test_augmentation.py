@@ -1,10 +1,17 @@
-"""Augmentation is random per sample and reproducible per seed, with loader workers and ranks."""
+"""Augmentation is random per sample and reproducible per seed, with loader workers and ranks; the
+resize policy makes images square the same way in training and in prediction."""
 
+import cv2
 import numpy as np
 import pytest
+import torch
+from timm.data.loader import PrefetchLoader, fast_collate
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sketch_core.dataset import AugmentedImages, DecodedImages, EpochSampler
+from sketch_core.models import create_classifier, data_config
+from sketch_core.predict import predict_probs
+from sketch_core.transforms import WHITE, base_transform
 
 
 class OneImage(Dataset):
@@ -67,3 +74,59 @@ def test_every_preset_keeps_the_image_shape_and_type(demo_dir, augment):
     images = AugmentedImages(OneImage(demo_dir, 2), np.zeros(2), augment, 48, seed=0)
     image, target = images[(1, 2)]
     assert image.shape == (3, 48, 48) and image.dtype == np.uint8 and target == 0
+
+
+def portrait_sketches(folder, count=3) -> list[str]:
+    """``count`` 4:5 (32 x 40 px) PNGs of dark noise: no pixel of theirs is white."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(count):
+        path = str(folder / f"portrait-{index}.png")
+        cv2.imwrite(path, rng.integers(0, 128, size=(40, 32, 3), dtype=np.uint8))
+        paths.append(path)
+    return paths
+
+
+def white_lines(image: np.ndarray) -> tuple[int, int]:
+    """(rows, columns) of ``image`` that are white all along."""
+    white = (image == WHITE).all(axis=2)
+    return int(white.all(axis=1).sum()), int(white.all(axis=0).sum())
+
+
+def test_stretch_fills_the_square_and_letterbox_pads_it_with_white():
+    portrait = np.zeros((40, 32, 3), dtype=np.uint8)  # 4:5, black: any white pixel is padding
+    stretched = base_transform(20, resize="stretch")(image=portrait)["image"]
+    letterboxed = base_transform(20, resize="letterbox")(image=portrait)["image"]
+    assert stretched.shape == letterboxed.shape == (20, 20, 3)
+    assert white_lines(stretched) == (0, 0)
+    assert white_lines(letterboxed) == (0, 4)  # 16 px of sketch between two 2 px white bands
+    assert (letterboxed[:, :2] == WHITE).all() and (letterboxed[:, -2:] == WHITE).all()
+    assert np.array_equal(base_transform(20)(image=portrait)["image"], letterboxed)  # the default
+    with pytest.raises(ValueError, match="resize: expected one of letterbox, stretch, got 'crop'"):
+        base_transform(20, resize="crop")
+
+
+def test_prediction_makes_test_images_square_by_the_runs_policy(tmp_path):
+    paths = portrait_sketches(tmp_path)
+    torch.manual_seed(0)
+    model = create_classifier("test_resnet", num_classes=3).eval()
+    normalisation = data_config(model)
+
+    def predicted(resize, cached=False):
+        return predict_probs(model, paths, image_size=32, resize=resize, mean=normalisation["mean"],
+                             std=normalisation["std"], device=torch.device("cpu"), tta=False, num_workers=0,
+                             cached=cached)
+
+    def direct(resize):  # the model on the images as training decodes them
+        images = AugmentedImages(DecodedImages(paths, 32, resize=resize), np.zeros(len(paths)), "none", 32)
+        loader = PrefetchLoader(DataLoader(images, batch_size=len(paths), collate_fn=fast_collate),
+                                mean=normalisation["mean"], std=normalisation["std"], device=torch.device("cpu"))
+        (batch, _), = list(loader)
+        with torch.no_grad():
+            return model(batch).softmax(1).numpy()
+
+    stretched, letterboxed = predicted("stretch"), predicted("letterbox")
+    assert np.allclose(stretched, direct("stretch"), atol=1e-6)
+    assert np.allclose(predicted("stretch", cached=True), stretched, atol=1e-6)  # through the decode cache
+    assert np.allclose(letterboxed, direct("letterbox"), atol=1e-6)
+    assert not np.allclose(stretched, letterboxed, atol=1e-3)

@@ -26,6 +26,10 @@ def three_node_cluster():
 
 
 def test_multi_node_search_survives_a_lost_node(tmp_path, demo_dir, three_node_cluster):
+    """A node lost mid-trial, its training worker with it, as a preempted spot node: the trial
+    restarts on the nodes left from its checkpoint and the search completes. (Ended trials freeing
+    their workers: the quickstart's and tests/test_trial_kinds.py; a configuration that always
+    fails: tests/test_trial_kinds.py.)"""
     cluster, workers = three_node_cluster
     space = write_space(tmp_path / "space.yaml", demo_dir, experiment="multinode", num_samples=1, max_epochs=3,
                         scheduler={"type": "none"}, resources={"workers": 2})
@@ -54,6 +58,10 @@ def test_multi_node_search_survives_a_lost_node(tmp_path, demo_dir, three_node_c
     assert all(len(nodes.split(",")) == 2 for nodes in epochs["nodes"].dropna())
     after = epochs[epochs["timestamp"] > removed + 1]
     assert len(after) and not after["nodes"].str.contains(doomed.node_id[:8]).any()  # retried on the nodes left
+    # ... from its last checkpoint, not from the start: every epoch once, in order.
+    assert (after["started_at_epoch"] > 0).all(), epochs[["epoch", "started_at_epoch", "nodes"]]
+    assert epochs["epoch"].tolist() == list(range(1, len(epochs) + 1))
+    assert (shared_results / "multinode" / "best.json").is_file()
 
 
 def test_local_dashboard_on_localhost_and_ray_ports_need_the_token(finished_search):

@@ -1,5 +1,7 @@
 import pytest
+import yaml
 
+from ray_jobs.space import parse_space
 from sketch_core.config import TrainConfig
 from sketch_core.errors import SketchError
 
@@ -14,6 +16,7 @@ def test_yaml_scalars_are_typed():
     ({"lr": -0.1}, "lr: expected a value > 0.0, got -0.1"),
     ({"lr": 0}, "lr: expected a value > 0.0"),
     ({"augment": "wild"}, "augment: expected one of none, light, sketch, heavy, got 'wild'"),
+    ({"resize": "crop"}, "resize: expected one of letterbox, stretch, got 'crop'"),
     ({"freeze": "some"}, "freeze: expected one of none, head, last_n_blocks"),
     ({"model": "not_a_timm_model"}, "model: unknown timm model 'not_a_timm_model'"),
     ({"epochs": "three"}, "epochs: expected int, got 'three'"),
@@ -32,3 +35,17 @@ def test_bad_values_are_one_line_naming_the_field(values, message):
 def test_replace_revalidates():
     with pytest.raises(SketchError, match="epochs"):
         TrainConfig().replace(epochs=0)
+
+
+def test_resize_defaults_to_letterbox_and_is_searchable():
+    assert TrainConfig().resize == "letterbox"
+    document = yaml.safe_load("""
+        experiment: resize
+        model: {name: test_resnet, image_size: 32}
+        space: {resize: {choice: [letterbox, stretch]}}""")
+    space = parse_space(document, source="space.yaml")
+    assert "resize" in space.params and "resize" in space.param_space() and space.base["resize"] == "letterbox"
+    fixed = parse_space({**document, "space": {}, "fixed": {"resize": "stretch"}}, source="space.yaml")
+    assert fixed.base["resize"] == "stretch"
+    with pytest.raises(SketchError, match="space.resize.*expected one of letterbox, stretch, got 'crop'"):
+        parse_space({**document, "space": {"resize": {"choice": ["letterbox", "crop"]}}}, source="space.yaml")

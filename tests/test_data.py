@@ -103,3 +103,80 @@ def test_splits_are_stratified_seeded_and_disjoint():
     assert len(all_train) == 50 and len(none) == 0
     with pytest.raises(SketchError, match="need at least 12 images per class"):
         split_indices(targets, val_fraction=0.2, folds=12)
+
+
+def test_splits_without_groups_are_the_ones_made_before_groups_existed():
+    # Recorded from split_indices before it took groups.
+    targets = np.repeat(np.arange(3), 5)
+    assert split_indices(targets, val_fraction=0.4, seed=3)[1].tolist() == [0, 2, 5, 9, 12, 13]
+    folds = [split_indices(targets, val_fraction=0.2, folds=3, fold=k, seed=4)[1].tolist() for k in range(3)]
+    assert folds == [[0, 2, 5, 9, 12], [1, 4, 6, 13, 14], [3, 7, 8, 10, 11]]
+
+
+def grouped_classes(classes=6, images=30, seed=0):
+    """Targets and group ids: each class's images in groups of 1 to 4, like copies made within a class."""
+    rng = np.random.default_rng(seed)
+    targets, groups = np.repeat(np.arange(classes), images), []
+    for _ in range(classes):
+        sizes = rng.integers(1, 5, size=images)
+        groups += list(len(set(groups)) + np.repeat(np.arange(images), sizes)[:images])
+    return targets, np.array(groups)
+
+
+def sides_of_every_group(groups, train, val):
+    return set(groups[train]) & set(groups[val])
+
+
+@pytest.mark.parametrize("val_fraction, share", [(0.1, 1 / 10), (0.15, 1 / 7), (0.2, 1 / 5), (0.3, 1 / 3), (0.8, 4 / 5)])
+def test_grouped_split_keeps_groups_whole_stratified_and_near_val_fraction(val_fraction, share):
+    targets, groups = grouped_classes()
+    train, val = split_indices(targets, val_fraction=val_fraction, seed=1, groups=groups)
+    assert not sides_of_every_group(groups, train, val)
+    assert sorted(np.concatenate([train, val]).tolist()) == list(range(len(targets)))
+    assert set(targets[train]) == set(range(6))
+    per_class = np.bincount(targets[val], minlength=6) / 30
+    assert np.abs(per_class - share).max() <= 4 / 30  # within the largest group of each class
+    assert abs(len(val) / len(targets) - share) <= 0.03
+
+
+def test_grouped_folds_keep_groups_whole_and_cover_every_image_once():
+    targets, groups = grouped_classes()
+    vals = []
+    for fold in range(5):
+        train, val = split_indices(targets, val_fraction=0.2, folds=5, fold=fold, seed=2, groups=groups)
+        assert not sides_of_every_group(groups, train, val)
+        assert set(targets[train]) == set(targets[val]) == set(range(6))
+        vals.append(val)
+    assert sorted(np.concatenate(vals).tolist()) == list(range(len(targets)))
+
+
+def test_grouped_split_follows_the_seed():
+    targets, groups = grouped_classes()
+    first = split_indices(targets, val_fraction=0.2, seed=1, groups=groups)[1]
+    assert (split_indices(targets, val_fraction=0.2, seed=1, groups=groups)[1] == first).all()
+    assert set(split_indices(targets, val_fraction=0.2, seed=2, groups=groups)[1]) != set(first)
+    assert set(split_indices(targets, val_fraction=0.2, seed=1, folds=5, groups=groups)[1]) != set(
+        split_indices(targets, val_fraction=0.2, seed=2, folds=5, groups=groups)[1])
+
+
+def test_grouped_split_without_a_hold_out_is_all_training():
+    targets, groups = grouped_classes()
+    train, val = split_indices(targets, val_fraction=0.0, groups=groups)
+    assert len(train) == len(targets) and len(val) == 0
+
+
+@pytest.mark.parametrize("split, message", [
+    (dict(val_fraction=0.2), "val_fraction: a split that keeps groups whole needs at least 2 groups per class "
+                             r"\(near-duplicates are one group\); class 1 has 1"),
+    (dict(val_fraction=0.2, folds=3), "folds: .* needs at least 3 groups per class .*; class 1 has 1"),
+])
+def test_grouped_split_refuses_a_class_with_too_few_groups(split, message):
+    targets = np.repeat(np.arange(3), 4)
+    groups = np.array([0, 1, 2, 3, 4, 4, 4, 4, 5, 6, 7, 8])  # class 1: one image and its three copies
+    with pytest.raises(SketchError, match=message):
+        split_indices(targets, groups=groups, **split)
+
+
+def test_groups_must_name_every_image():
+    with pytest.raises(SketchError, match="groups: 3 group ids for 4 images"):
+        split_indices(np.array([0, 0, 1, 1]), val_fraction=0.5, groups=np.array([0, 1, 2]))

@@ -3,19 +3,27 @@ import sys
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pandas as pd
 import pytest
 
 from sketch_core import demo_data
-from sketch_core.demo_data import MAX_CLASSES, class_name, generate
+from sketch_core.demo_data import COPY_KINDS, MAX_CLASSES, class_name, generate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(classes=4, images_per_class=3, test_images=5, min_size=32, max_size=64, seed=7)
+# Half of 24 originals get a copy: 3 of each kind.
+PLANTED = dict(SMALL, images_per_class=6, duplicates=0.5)
 
 
 @pytest.fixture(scope="module")
 def small_set(tmp_path_factory) -> Path:
     return generate(tmp_path_factory.mktemp("small") / "data", **SMALL)
+
+
+@pytest.fixture(scope="module")
+def planted_set(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("planted") / "data", **PLANTED)
 
 
 def listed_images(root: Path) -> list[Path]:
@@ -65,10 +73,16 @@ def test_test_answers_align_with_test_csv(small_set):
     assert answers.target.between(0, SMALL["classes"] - 1).all()
     counts = answers.target.value_counts()
     assert counts.max() - counts.min() <= 1
+    # known_answers: the answers of any test images, in the order asked; none for real data
+    shuffled = test.image_path.sample(frac=1, random_state=0)
+    assert demo_data.known_answers(small_set, shuffled).tolist() == \
+        answers.set_index("image_path").target.loc[shuffled].tolist()
+    assert demo_data.known_answers(small_set / "train", shuffled) is None
 
 
-def test_every_listed_image_decodes_within_size_bounds(small_set):
-    for path in listed_images(small_set):
+@pytest.mark.parametrize("data_set", ["small_set", "planted_set"])
+def test_every_listed_image_decodes_within_size_bounds(data_set, request):
+    for path in listed_images(request.getfixturevalue(data_set)):
         image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         assert image is not None, path
         height, width = image.shape[:2]
@@ -102,6 +116,57 @@ def test_same_seed_gives_byte_identical_data_and_other_seed_differs(tmp_path, sm
 
     other = generate(tmp_path / "other", **{**SMALL, "seed": SMALL["seed"] + 1})
     assert all_files(other) != all_files(small_set)
+
+
+def test_planted_duplicates_are_extra_rows_of_their_class_listed_with_their_originals(planted_set):
+    train = pd.read_csv(planted_set / "train.csv")
+    pairs = pd.read_csv(planted_set / "duplicates.csv")
+    originals = PLANTED["classes"] * PLANTED["images_per_class"]
+    assert list(pairs.columns) == ["image_path", "original", "kind"]
+    assert len(pairs) == originals // 2 and len(train) == originals + len(pairs)
+    assert pairs.kind.value_counts().to_dict() == {kind: 3 for kind in COPY_KINDS}
+    assert train.image_path.is_unique and train.image_path.str.fullmatch(r"n\d{8}/sketch_\d+\.JPEG").all()
+    target_of = dict(zip(train.image_path, train.target))
+    assert (pairs.image_path.map(target_of) == pairs.original.map(target_of)).all()
+    assert pairs.original.is_unique and not set(pairs.original) & set(pairs.image_path)
+    assert (pairs.original.str.extract(r"sketch_(\d+)")[0].astype(int) < PLANTED["images_per_class"]).all()
+
+
+def copy_errors(root: Path, copy: str, original: str) -> dict[str, float]:
+    """Mean absolute difference (grey levels) between a copy and the closest transform of its
+    original of each kind (inf where none has the copy's shape)."""
+    copied, source = (cv2.imread(str(root / "train" / p), cv2.IMREAD_GRAYSCALE).astype(np.float32)
+                      for p in (copy, original))
+    height, width = source.shape
+
+    def small_rotation(sign, degrees):
+        rotation = cv2.getRotationMatrix2D((width / 2, height / 2), sign * degrees, 1.0)
+        return cv2.warpAffine(source, rotation, (width, height), borderMode=cv2.BORDER_CONSTANT, borderValue=255)
+
+    transforms = {
+        "mirror": [cv2.flip(source, 1)],
+        "quarter_turn": [cv2.rotate(source, turn) for turn in (cv2.ROTATE_90_CLOCKWISE, cv2.ROTATE_180,
+                                                               cv2.ROTATE_90_COUNTERCLOCKWISE)],
+        "small_rotation": [small_rotation(sign, degrees) for sign in (-1, 1) for degrees in np.arange(5, 10.01, 0.25)],
+        "reencode": [cv2.resize(source, copied.shape[::-1], interpolation=cv2.INTER_AREA)],
+    }
+    return {kind: min((np.abs(image - copied).mean() for image in images if image.shape == copied.shape),
+                      default=np.inf) for kind, images in transforms.items()}
+
+
+def test_each_planted_copy_is_the_transform_its_kind_names(planted_set):
+    for row in pd.read_csv(planted_set / "duplicates.csv").itertuples():
+        errors = copy_errors(planted_set, row.image_path, row.original)
+        assert errors[row.kind] < 4 and min(errors, key=errors.get) == row.kind, (row, errors)
+
+
+def test_planting_only_adds_files_and_is_deterministic(tmp_path, planted_set):
+    without = all_files(generate(tmp_path / "without", **{**PLANTED, "duplicates": 0.0}))
+    planted = all_files(planted_set)
+    copies = {f"train/{path}" for path in pd.read_csv(planted_set / "duplicates.csv").image_path}
+    assert set(planted) - set(without) == copies | {"duplicates.csv"}
+    assert all(planted[name] == data for name, data in without.items() if name != "train.csv")
+    assert all_files(generate(tmp_path / "again", **PLANTED)) == planted
 
 
 def test_refuses_to_overwrite_non_empty_directory(tmp_path):
@@ -154,7 +219,7 @@ def test_fills_an_existing_empty_directory(tmp_path):
 @pytest.mark.parametrize("bad", [
     dict(classes=1), dict(classes=MAX_CLASSES + 1), dict(images_per_class=1),
     dict(test_images=0), dict(min_size=15, max_size=64), dict(min_size=65, max_size=64),
-    dict(seed=-1),
+    dict(seed=-1), dict(duplicates=-0.1), dict(duplicates=1.5),
 ])
 def test_rejects_out_of_range_arguments_without_writing(tmp_path, bad):
     with pytest.raises(ValueError):
@@ -180,6 +245,14 @@ def test_cli_writes_data_set_and_reports_one_line(tmp_path):
     assert len(pd.read_csv(tmp_path / "data" / "train.csv")) == 6
 
 
+def test_cli_plants_duplicates_and_counts_them(tmp_path):
+    result = run_cli(tmp_path / "data", "--classes", 3, "--images-per-class", 4, "--test-images", 2,
+                     "--min-size", 32, "--max-size", 48, "--duplicates", 0.5)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 18 train (6 of them planted near-duplicates)" in result.stdout
+    assert len(pd.read_csv(tmp_path / "data" / "duplicates.csv")) == 6
+
+
 def assert_one_line_usage_error(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 2
     assert result.stdout == ""
@@ -193,6 +266,7 @@ def assert_one_line_usage_error(result: subprocess.CompletedProcess) -> None:
     [f"--classes={MAX_CLASSES + 1}"],
     ["--min-size", "100", "--max-size", "50"],
     ["--classes", "many"],
+    ["--duplicates", "1.5"],
 ])
 def test_cli_bad_arguments_print_one_error_line_and_exit_2(tmp_path, args):
     assert_one_line_usage_error(run_cli(tmp_path / "data", *args))

@@ -1,6 +1,9 @@
 """The train loop on real demo files: learning, prediction, resume, DDP."""
 
+import copy
 import dataclasses
+import importlib.util
+import json
 
 import numpy as np
 import pandas as pd
@@ -8,8 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.utils import parameters_to_vector
 
-from conftest import QUICK_TRAINING, free_port
+from conftest import QUICK_TRAINING, REPO_ROOT, free_port
 from sketch_core.config import TrainConfig
 from sketch_core.data import read_test_table
 from sketch_core.engine import TrainingRun, load_checkpoint, save_checkpoint
@@ -33,7 +37,7 @@ def test_learns_well_above_chance_and_predictions_agree_with_answers(demo_dir, t
     assert best_val >= 3 * chance, history
 
     test = read_test_table(demo_dir)
-    probs = predict_probs(run.eval_model, test.paths, image_size=48, mean=run.normalisation["mean"],
+    probs = predict_probs(run.eval_model, test.paths, image_size=48, resize="letterbox", mean=run.normalisation["mean"],
                           std=run.normalisation["std"], device=run.device, num_workers=0)
     assert probs.shape == (80, 8) and np.allclose(probs.sum(1), 1, atol=1e-4)
     submission = write_submission(tmp_path / "submission.csv", test.frame, probs)
@@ -106,6 +110,71 @@ def test_gradient_clipping_bounds_every_step(demo_dir):
     assert min(free_norms) > 0.05  # so the bound above is clipping's doing
 
 
+def first_batch(run: TrainingRun) -> tuple[torch.Tensor, torch.Tensor]:
+    return next(iter(run.train_loader))
+
+
+def test_train_step_returns_the_batch_loss_and_updates_the_weights(demo_dir):
+    run = TrainingRun(quick_config(demo_dir, epochs=1))
+    images, targets = first_batch(run)
+    before = copy.deepcopy(run.model)  # in training mode, as the step runs it
+    expected_loss = run.train_loss_fn(before(images), targets)
+    result = run.train_step(images, targets)
+    assert result["updated"] and result["images"] == len(targets)
+    assert not result["loss"].requires_grad
+    assert result["loss"].item() == pytest.approx(expected_loss.item(), rel=1e-5)
+    moved = {name for (name, after), initial in zip(run.model.named_parameters(), before.parameters())
+             if not torch.equal(after, initial)}
+    assert any(name.startswith("head.") for name in moved) and any(name.startswith("backbone.") for name in moved)
+
+
+def test_train_step_accumulates_gradients_until_the_last_batch_of_an_accumulation(demo_dir):
+    run = TrainingRun(quick_config(demo_dir, epochs=1, grad_accum_steps=2))
+    batch, initial = first_batch(run), parameters_to_vector(run.model.parameters()).clone()
+    assert not run.train_step(*batch)["updated"]
+    assert torch.equal(parameters_to_vector(run.model.parameters()), initial)
+    assert run.train_step(*batch)["updated"]
+    assert not torch.equal(parameters_to_vector(run.model.parameters()), initial)
+
+
+def test_train_step_clips_the_gradient_the_optimiser_applies(demo_dir):
+    """SGD's first step is linear in the gradient (no weight decay): clipped from norm |g| to c, the
+    weights move c / |g| as far as unclipped, from the same weights on the same batch."""
+    moves, norms = {}, {}
+    for clip in (0.05, 0.0):
+        run = TrainingRun(quick_config(demo_dir, epochs=1, optimizer="sgd", weight_decay=0.0, lr=10.0, grad_clip=clip))
+        initial = parameters_to_vector(run.model.parameters()).clone()
+        norms[clip] = gradient_norms(run)
+        run.train_step(*first_batch(run))
+        moves[clip] = torch.linalg.vector_norm(parameters_to_vector(run.model.parameters()) - initial).item()
+    [clipped], [free] = norms[0.05], norms[0.0]
+    assert clipped == pytest.approx(0.05, rel=1e-4) and free > 0.05
+    assert moves[0.05] / moves[0.0] == pytest.approx(0.05 / free, rel=1e-3)
+
+
+def test_epoch_loop_trains_every_batch_through_train_step_and_repeats_with_the_seed(demo_dir):
+    config = quick_config(demo_dir, epochs=2, mixup_alpha=0.2, ema=True, grad_clip=0.5)
+    recorded, repeated = TrainingRun(config), TrainingRun(config)
+    losses, train_step = [], recorded.train_step
+
+    def recording_step(images, targets):
+        result = train_step(images, targets)
+        losses.append(result["loss"].item())
+        return result
+
+    recorded.train_step = recording_step
+    histories = [[{k: v for k, v in m.items() if k != "images_per_s"} for m in run.epochs()]
+                 for run in (recorded, repeated)]
+    batches = len(recorded.train_loader)
+    assert len(losses) == 2 * batches
+    for epoch, metrics in enumerate(histories[0]):  # every batch is full (drop_last): the plain mean
+        assert metrics["train_loss"] == pytest.approx(np.mean(losses[epoch * batches:(epoch + 1) * batches]),
+                                                      rel=1e-9)
+    assert histories[0] == histories[1]
+    for (name, tensor), other in zip(recorded.state_dict()["model"].items(), repeated.state_dict()["model"].values()):
+        assert torch.equal(tensor, other), name
+
+
 def test_accumulating_k_batches_of_b_equals_one_batch_of_k_times_b(demo_dir):
     """Gradient accumulation (K=2 batches of 8) against one batch of 16, same data order and
     updates: with SGD and a model without batch statistics (ConvNeXt's LayerNorm) the weights agree."""
@@ -162,6 +231,33 @@ def test_compiled_model_trains_like_the_eager_one(demo_dir):
     [eager_metrics], [compiled_metrics] = list(eager.epochs()), list(compiled.epochs())
     assert compiled_metrics["train_loss"] == pytest.approx(eager_metrics["train_loss"], rel=1e-3)
     assert compiled.state_dict()["model"].keys() == eager.state_dict()["model"].keys()
+
+
+def test_gpu_throughput_quick_run_times_the_engines_train_step(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("gpu_throughput", REPO_ROOT / "bench" / "gpu_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    batches, train_step = [], TrainingRun.train_step
+
+    def counting_step(run, images, targets):
+        batches.append(len(images))
+        return train_step(run, images, targets)
+
+    monkeypatch.setattr(TrainingRun, "train_step", counting_step)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads spin against each other under other jobs' load on 2 cores
+    try:
+        bench.main(["--quick", "--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    quick = bench.QUICK
+    assert batches == [quick["batch_size"]] * (1 + 2 * (quick["warmup"] + quick["steps"]))  # flop count, 2 variants
+    assert figures["step"] == "TrainingRun.train_step" and figures["grad_clip"] == 1.0  # eva02.yaml's
+    assert figures["model"] == "test_vit" and figures["compile_speedup"] is None
+    for name in ("eager_images_per_s", "eager_channels_last_images_per_s", "best_images_per_s",
+                 "train_tflop_per_image", "achieved_tflops", "channels_last_speedup"):
+        assert figures[name] > 0, name
 
 
 def test_batch_larger_than_the_data_is_refused(demo_dir):

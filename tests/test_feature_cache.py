@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader
 from conftest import QUICK_TRAINING, free_port
 from sketch_core.config import TrainConfig
 from sketch_core.data import read_train_table
-from sketch_core.dataset import DecodeCache
+from sketch_core.dataset import AugmentedImages, DecodeCache
 from sketch_core.engine import TrainingRun, load_checkpoint, save_checkpoint, seed_everything
-from sketch_core.features import AugmentedView, FeatureBatches, FeatureStore, encode_batches, weights_digest
+from sketch_core.features import FeatureBatches, FeatureStore, encode_batches, weights_digest
 from sketch_core.models import create_classifier, data_config
 
 HEAD_ONLY = {**QUICK_TRAINING, "freeze": "head", "augment": "none", "lr": 2e-2}
@@ -107,9 +107,33 @@ def test_cache_is_reused_and_rebuilt_when_its_key_changes(few_images, tmp_path):
     assert not list(tmp_path.glob("*.partial-*"))
 
 
+def test_letterbox_and_stretch_images_never_share_features(few_images, tmp_path):
+    net, normalisation = backbone()
+    letterbox, _ = store_for(DecodeCache(few_images, 32, cache_dir=tmp_path, build_workers=0), net, normalisation,
+                             tmp_path)
+    letterboxed = letterbox.features("none", 0)  # now kept in this process as well as on disk
+    stretch, encode = store_for(DecodeCache(few_images, 32, cache_dir=tmp_path, build_workers=0, resize="stretch"),
+                                net, normalisation, tmp_path)
+    assert stretch.identity["resize"] == "stretch" and letterbox.identity["resize"] == "letterbox"
+    assert stretch.file("none", 0) != letterbox.file("none", 0)
+    stretched = stretch.features("none", 0)
+    assert encode.calls == 1 and not torch.allclose(stretched, letterboxed)  # encoded, not the kept letterbox ones
+
+
+def test_a_head_run_reads_the_features_of_its_resize_policy(demo_dir):
+    """The policy reaches the engine's decode cache and feature store, also in a process that keeps
+    the other policy's backbone and features."""
+    letterbox = TrainingRun(head_config(demo_dir, epochs=1))
+    stretch = TrainingRun(head_config(demo_dir, epochs=1, resize="stretch"))
+    assert (letterbox.images.resize, stretch.images.resize) == ("letterbox", "stretch")
+    assert stretch.model.backbone is letterbox.model.backbone  # the same weights: kept, as they should be
+    assert not torch.equal(stretch.train_loader.views[0], letterbox.train_loader.views[0])
+
+
 def test_augmented_views_are_fixed_per_view_and_differ_between_views(few_images, tmp_path):
     images = DecodeCache(few_images, 32, cache_dir=tmp_path, build_workers=0)
-    view1, view1_again, view2 = (AugmentedView(images, "sketch", 32, view) for view in (1, 1, 2))
+    view1, view1_again, view2 = (AugmentedImages(images, np.zeros(len(images)), "sketch", 32, seed=view)
+                                 for view in (1, 1, 2))
     order = [5, 0, 11, 3]  # another order, as another loader worker would read them
     for index in order:
         assert np.array_equal(view1[index][0], view1_again[index][0])

@@ -1,7 +1,6 @@
 """ray_jobs/report.py on results folders written as a search writes them (its own table code, no
 Ray), and the report a real demo search leaves behind."""
 
-import dataclasses
 import io
 import re
 from dataclasses import dataclass, field
@@ -11,10 +10,10 @@ import pytest
 from PIL import Image
 
 from conftest import run_script
-from ray_jobs.report import inferred_distribution, spans_decades, write_report
+from ray_jobs.report import axis_scale, observed_distribution, write_report
 from ray_jobs.results import ExperimentTables, ResultsStore, TrialState
-from ray_jobs.space import Resources
-from sketch_core.config import TrainConfig
+from ray_jobs.space import parse_space
+from ray_jobs.tune import search_summary
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SMOKE_SEARCHED = ["augment", "head", "label_smoothing", "lr"]
@@ -53,11 +52,24 @@ def wide_search() -> list[Trial]:
     return trials
 
 
+# Distributions the searched values below were drawn from.
+DISTRIBUTIONS = {"lr": {"loguniform": [1.0e-5, 2.0e-2]}, "head": {"choice": ["linear", "mlp"]},
+                 "ema": {"choice": [False, True]}, "label_smoothing": {"uniform": [0.0, 0.2]},
+                 "augment": {"choice": ["none", "light", "sketch"]},
+                 "head_hidden": [{"when": {"head": "mlp"}, "choice": [64, 256]}]}
+
+
 def write_search(store: ResultsStore, trials: list[Trial], *, searched=SMOKE_SEARCHED, max_epochs: int = 6,
                  gpus_per_trial: float = 0.0, with_best: bool = True) -> ResultsStore:
-    """search.json, trials.parquet, epochs.parquet and best.json as ResultsRecorder writes them."""
-    resources = Resources(workers=2, cpus_per_worker=0.9, gpus_per_worker=gpus_per_trial / 2)
-    tables = ExperimentTables(metric="val_acc", mode="max", max_epochs=max_epochs, resources=resources)
+    """search.json, trials.parquet, epochs.parquet and best.json as tune.py and ResultsRecorder write them."""
+    space = parse_space({
+        "experiment": store.experiment, "data": {"dir": "/data"},
+        "model": {"name": "test_resnet", "image_size": 48},
+        "resources": {"workers": 2, "cpus_per_worker": 0.9, "gpus_per_worker": gpus_per_trial / 2},
+        "scheduler": {"type": "asha", "max_epochs": max_epochs},
+        "space": {name: DISTRIBUTIONS[name] for name in searched}}, source="search_spaces/demo.yaml")
+    tables = ExperimentTables(metric="val_acc", mode="max", max_epochs=max_epochs, resources=space.resources,
+                              params=space.params, base=space.base)
     for start, trial in enumerate(trials):
         for epoch, val_acc in enumerate(trial.val_accs, start=1):
             tables.add_result(trial.trial_id, {
@@ -66,15 +78,10 @@ def write_search(store: ResultsStore, trials: list[Trial], *, searched=SMOKE_SEA
                 "time_this_iter_s": 32.0 if epoch == 1 else 2.0,
                 "checkpoint_path": f"/ckpt/{trial.trial_id}/{epoch}", "nodes": "192.0.2.2",
                 "timestamp": 1.7956e9 + 60.0 * start + 2.0 * epoch})
-    base = {**TrainConfig().to_dict(), "augment": "light", "head": "linear", "image_size": 48, "epochs": max_epochs}
+    base = {**space.base, "augment": "light", "head": "linear"}
     states = [TrialState(t.trial_id, t.tune_status, {**base, **t.config}, t.error) for t in trials]
     trials_frame = tables.trials_frame(states)
-    store.write_json("search.json", {
-        "schema": 1, "experiment": store.experiment, "space_file": "search_spaces/demo.yaml", "data_dir": "/data",
-        "class_names": [f"n9000000{i}" for i in range(8)], "metric": "val_acc", "mode": "max",
-        "max_epochs": max_epochs, "searched": sorted(searched), "num_samples": len(trials),
-        "resources": dataclasses.asdict(resources),
-        "max_failures": 2})
+    store.write_json("search.json", search_summary(space, [f"n9000000{i}" for i in range(8)]))
     store.write_parquet("epochs.parquet", tables.epochs_frame())
     store.write_parquet("trials.parquet", trials_frame)
     best = tables.best(trials_frame)
@@ -141,6 +148,15 @@ def test_cost_counts_the_epochs_asha_saved(tmp_path):
     assert "trial-epochs: 12 run of 18 (3 trials x 6 epochs); ASHA's early stopping saved 6 (33%)" in summary
     gpu_hours = store.read_parquet("trials.parquet")["gpu_hours"].sum()
     assert f"- GPU-hours: {gpu_hours:.3f} in all" in summary and "CPU-only" not in summary
+
+
+def test_epochs_a_budget_cut_are_not_counted_as_asha_s(tmp_path):
+    store = local_search(tmp_path, SMOKE2 + [Trial("b0000001", "STOPPED_BY_BUDGET", [0.05, 0.07], {"lr": 0.01})])
+    assert store.read_parquet("trials.parquet").set_index("trial_id").loc["b0000001", "status"] == "stopped_by_budget"
+    write_report(store)
+    summary = store.read_bytes("report/summary.md").decode()
+    assert "trial-epochs: 14 run of 24 (4 trials x 6 epochs); ASHA's early stopping saved 6 (25%)" in summary
+    assert "- 4 trial-epochs not run for other reasons" in summary
 
 
 def test_errored_trials_are_listed_and_marked(tmp_path):
@@ -212,16 +228,21 @@ def test_report_is_written_through_the_store_on_any_filesystem():
     assert "cost.png" in images
 
 
-def test_log_scale_and_distributions_follow_the_span_of_the_values():
+def test_axes_and_distributions_follow_what_the_search_drew_from():
+    """search.json's distributions, not the span of the values seen, decide log axes and categories."""
     import pandas as pd
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-    wide, narrow = pd.Series([1e-5, 3e-4, 2e-2]), pd.Series([0.0055, 0.0069, 0.0135])
-    assert spans_decades(wide) and not spans_decades(narrow) and not spans_decades(pd.Series([0.0, 1.0, 500.0]))
-    assert inferred_distribution(wide) == FloatDistribution(1e-5, 2e-2, log=True)
-    assert inferred_distribution(narrow) == FloatDistribution(0.0055, 0.0135)
-    assert inferred_distribution(pd.Series(["mlp", "linear", "mlp"])) == CategoricalDistribution(["linear", "mlp"])
-    assert inferred_distribution(pd.Series([True, False])) == CategoricalDistribution([False, True])
+    assert axis_scale([{"kind": "loguniform", "args": [1e-5, 1e-2]}]) == "log"
+    assert axis_scale([{"kind": "uniform", "args": [1e-5, 1e-2]}]) == "linear"  # three decades, searched linearly
+    assert axis_scale([{"kind": "choice", "args": [8, 16]}, {"when": {"head": ["mlp"]}, "kind": "grid",
+                                                            "args": [32]}]) == "categories"
+    assert axis_scale([{"kind": "choice", "args": [0.0]}, {"kind": "qloguniform", "args": [1, 9, 1]}]) == "log"
+    values = pd.Series([0.0055, 0.0069, 0.0135])
+    assert observed_distribution(values, "log") == FloatDistribution(0.0055, 0.0135, log=True)
+    assert observed_distribution(values, "linear") == FloatDistribution(0.0055, 0.0135)
+    assert observed_distribution(pd.Series([16, 8, 16]), "categories") == CategoricalDistribution([16, 8])
+    assert observed_distribution(pd.Series([True, False]), "categories") == CategoricalDistribution([False, True])
 
 
 def test_cli_writes_the_report_and_says_where(tmp_path):
@@ -244,3 +265,42 @@ def test_search_writes_a_report_naming_the_best_trial(finished_search):
     summary, images = read_report(store)
     assert_names_best_trial(summary, store.read_json("best.json"))
     assert {"learning_curves.png", "cost.png", "param-lr.png", "param-head.png"} <= set(images)
+
+
+def test_a_conditional_parameter_is_shown_only_where_a_trial_drew_it(tmp_path):
+    """head_hidden is drawn for mlp heads only: the tables leave it empty for linear heads, its plot
+    holds the mlp trials alone, and the report's tables mark the others "-"."""
+    from ray_jobs.report import load_results, param_figure
+
+    trials = [Trial(t.trial_id, t.tune_status, t.val_accs, {**t.config, "head_hidden": 64 + 192 * (i % 3 == 0)})
+              for i, t in enumerate(wide_search())]
+    store = local_search(tmp_path, trials, searched=["head", "head_hidden", "lr"])
+    table = store.read_parquet("trials.parquet")
+    mlp = table["config.head"] == "mlp"
+    assert table.loc[mlp, "config.head_hidden"].isin([64, 256]).all() and table.loc[~mlp, "config.head_hidden"].isna().all()
+    write_report(store)
+    summary, images = read_report(store)
+    assert "param-head_hidden.png" in images
+    results = load_results(store)
+    assert param_figure(results, "head_hidden").axes[0].get_title() == f"head_hidden ({mlp.sum()} trials)"
+    top = summary.split("## Top")[1].split("\n## ")[0]
+    rows = [line.split(" | ") for line in top.splitlines() if line.startswith("| `")]
+    header = [cell.strip("| ") for cell in top.splitlines()[2].split(" | ")]
+    column = header.index("head_hidden")
+    assert {row[column] for row in rows if "linear" in row} == {"-"}
+    assert {row[column] for row in rows if "mlp" in row} <= {"64", "256"}
+
+
+def test_the_reliability_diagram_measures_calibration():
+    from ray_jobs.report import expected_calibration_error, reliability_bins
+
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0.2, 1.0, 4000)
+    right = rng.uniform(size=4000) < confidence  # right as often as confident: calibrated
+    probs = np.stack([confidence, 1 - confidence], axis=1)
+    targets = np.where(right, 0, 1)
+    assert expected_calibration_error(probs, targets) < 0.03
+    table = reliability_bins(probs, targets)
+    assert table["images"].sum() == 4000 and (table["accuracy"] - table["confidence"]).abs().max() < 0.06
+    overconfident = np.stack([np.full(4000, 0.99), np.full(4000, 0.01)], axis=1)  # 99% sure, right ~60%
+    assert expected_calibration_error(overconfident, targets) == pytest.approx(0.99 - (targets == 0).mean(), abs=1e-9)

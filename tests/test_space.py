@@ -21,12 +21,24 @@ def test_shipped_spaces_load(name):
 
 
 def test_eva02_is_the_real_search():
+    from ray_jobs.tuning import _searcher
+
     space = load_space(SPACES / "eva02.yaml")
     assert space.base["model"] == "eva02_large_patch14_448.mim_m38m_ft_in22k_in1k"
     assert space.base["pretrained"] is True and space.base["image_size"] == 448
     assert space.resources.workers == 4 and space.resources.gpus_per_worker == 1
     assert {"lr", "freeze", "head", "weight_decay", "label_smoothing", "augment", "mixup_alpha",
-            "batch_size"} <= set(space.params)
+            "batch_size"} <= set(space.params.names)
+    assert space.search.budget_gpu_hours == 40 and space.start_from[0]["freeze"] == "head"
+    # A recipe per freeze value: every head-only trial trains on cached features, at a head's rates.
+    searcher, _ = _searcher(space)
+    drawn = [{**space.base, **searcher.suggest(f"t{i}")} for i in range(30)]
+    assert drawn[0] == {**space.base, **space.start_from[0]}
+    assert {config["freeze"] for config in drawn} == {"head", "last_n_blocks", "none"}
+    for config in drawn:
+        head = config["freeze"] == "head"
+        assert runs_in_trial_process(config) == head
+        assert (3e-4 <= config["lr"] <= 3e-3) if head else config["lr"] <= 3e-4
 
 
 def test_head_spaces_train_every_trial_in_its_tune_process_with_a_gpu_share():
@@ -35,7 +47,8 @@ def test_head_spaces_train_every_trial_in_its_tune_process_with_a_gpu_share():
     for name, gpus in (("eva02_head.yaml", 0.125), ("demo_head.yaml", 0)):
         space = load_space(SPACES / name)
         for bound in (0, -1):  # the ends of every searched range, and each option
-            config = {**space.base, **{key: d.bounds()[bound] for key, d in space.params.items()}}
+            config = {**space.base, **{param.name: param.branches[0].distribution.bounds()[bound]
+                                       for param in space.params}}
             assert runs_in_trial_process(config)
             assert space.resources.of_trial(config) == {"CPU": 1.0, **({"GPU": gpus} if gpus else {})}
     mixed = load_space(SPACES / "eva02.yaml")
@@ -73,7 +86,8 @@ def changed(path: str, value):
     ("space.lr", {"uniform": [-1.0, 0.1]}, "space.lr: lr: expected a value > 0.0, got -1.0"),
     ("space.augment", {"choice": ["light", "psychedelic"]}, "space.augment: augment: expected one of"),
     ("space.learning_rate", {"uniform": [0.1, 0.2]}, "space: unknown key 'learning_rate'"),
-    ("space.epochs", {"choice": [1, 2]}, "space.epochs: cannot be searched; set scheduler.max_epochs"),
+    ("space.epochs", {"choice": [1, 2]}, "space.epochs: cannot be searched here; set scheduler.max_epochs"),
+    ("space.model", {"choice": ["test_vit"]}, "space.model: cannot be searched here; set model.name: {choice: [...]}"),
     ("fixed.epochs", 3, "fixed.epochs: set it as scheduler.max_epochs instead"),
     ("fixed.lr", 0.1, "space.lr: also set in fixed"),
     ("fixed.optimizer", "lion", "optimizer: expected one of adamw, sgd"),
@@ -81,6 +95,7 @@ def changed(path: str, value):
     ("search.metric", "accuracy", "search.metric: expected one of val_acc, val_loss, train_loss"),
     ("search.mode", "min", "search.mode: val_acc is best at max"),
     ("search.num_samples", 0, "search.num_samples: expected at least 1"),
+    ("search.startup_trials", -1, "search.startup_trials: expected a value >= 0, got -1"),
     ("scheduler.grace_period", 10, "scheduler.grace_period: expected 1..max_epochs (6)"),
     ("scheduler.reduction_factor", 1, "scheduler.reduction_factor: expected a value > 1"),
     ("resources.workers", 0, "resources.workers: expected at least 1"),
@@ -97,9 +112,17 @@ def test_invalid_spaces_are_one_line(path, value, message):
 
 
 def test_grid_searcher_turns_choices_into_a_grid():
-    space = parse_space(changed("search.searcher", "grid") | {"space": {"head": {"choice": ["linear", "mlp"]}}},
-                        source="x.yaml")
-    assert space.param_space()["head"] == {"grid_search": ["linear", "mlp"]}
+    from ray_jobs.tuning import _searcher
+
+    document = changed("search.searcher", "grid") | {"space": {"head": {"choice": ["linear", "mlp"]},
+                                                               "lr": {"grid": [0.1, 0.01]}}}
+    document["search"]["num_samples"] = 2  # the grid twice
+    space = parse_space(document, source="x.yaml")
+    assert [b.distribution.kind for p in space.params for b in p.branches] == ["grid", "grid"]
+    generator, trials = _searcher(space)
+    assert trials == 8 and generator.trials == 2 * [
+        {"head": "linear", "lr": 0.1}, {"head": "linear", "lr": 0.01}, {"head": "mlp", "lr": 0.1},
+        {"head": "mlp", "lr": 0.01}]
 
 
 @pytest.mark.parametrize("searcher", ["optuna", "random", "grid"])
@@ -112,16 +135,14 @@ def test_every_searcher_keeps_max_concurrent(searcher):
     document["search"]["searcher"] = searcher
     document["space"] = {"head": {"choice": ["linear", "mlp"]}}  # a grid takes choices only
     space = parse_space(document, source="x.yaml")
-    made = _searcher(space)
-    # Tune wraps a Searcher in a ConcurrencyLimiter of max_concurrent_trials (the quickstart's
-    # Optuna search is checked to run one trial at a time in test_tune_e2e), but ignores that
-    # setting for a variant generator passed in: the generator itself must hold the limit.
+    made, _ = _searcher(space)
+    # Every searcher is a Searcher, which Tune wraps in a ConcurrencyLimiter of max_concurrent_trials
+    # (the quickstart's search is checked to run one trial at a time in test_tune_e2e).
+    assert isinstance(made, Searcher)
     if searcher == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        assert isinstance(made, OptunaSearch) and isinstance(made, Searcher)
-    else:
-        assert not isinstance(made, Searcher) and made.max_concurrent == 3
+        assert isinstance(made, OptunaSearch)
 
 
 def test_files_that_are_not_spaces(tmp_path):
