@@ -55,7 +55,8 @@ def search(args: argparse.Namespace) -> None:
     from ray_jobs.report import write_report
     from ray_jobs.results import ResultsStore
     from ray_jobs.space import load_space
-    from ray_jobs.tuning import TUNE_FOLDER, build_tuner, fit_noting_ctrl_c, study_file, warm_start_trials
+    from ray_jobs.tuning import (TUNE_FOLDER, build_tuner, check_saved_state, fit_noting_ctrl_c, study_file,
+                                 warm_start_trials)
 
     # Everything that can be checked is checked before Ray starts.
     space = load_space(args.space).with_overrides(experiment=args.name, data_dir=args.data_dir,
@@ -79,6 +80,7 @@ def search(args: argparse.Namespace) -> None:
         for name in ("epochs.parquet", "trials.parquet"):
             if store.exists(name):
                 store.read_parquet(name)
+        check_saved_state(store)
     if args.warm_start and (args.resume or space.search.searcher != "optuna"):
         raise SketchError("--warm-start: " + ("a resumed search keeps the warm start it began with" if args.resume else
                                               f"search.searcher {space.search.searcher} does not learn from earlier "

@@ -3,6 +3,7 @@ running one while telling a Ctrl-C apart from the end of the search."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -25,6 +26,11 @@ from ray_jobs.space import Resources, SearchSettings, SearchSpace
 from ray_jobs.trial import make_trainable, train_loop
 
 TUNE_FOLDER = "tune"
+# The files in TUNE_FOLDER that Tuner.restore reads back a search from (the newest of each, by name):
+# the trials, Tune's search generator, and the searcher.
+# Tune writes the first as JSON, the others with (cloud)pickle.
+SAVED_STATE = (("experiment_state-", ".json", json.loads), ("search_gen_state-", ".json", pickle.loads),
+               ("searcher-state-", ".pkl", pickle.loads))
 # The Optuna study, stored as the search runs so that optuna-dashboard can show it live.
 STUDY_FILE = "study.journal"
 
@@ -40,9 +46,13 @@ def build_tuner(space: SearchSpace, store: ResultsStore, *, resume: bool, verbos
     if resume:
         # The restored Tuner brings back its searcher, scheduler and callbacks (ResultsRecorder
         # re-reads epochs.parquet in setup()); unfinished trials restart from their checkpoints.
+        # param_space: the base the search began with. Tune uploads its state files one by one; after
+        # a kill -9 mid-upload the searcher's may be missing, and Tune then makes new trials from the
+        # param_space given here: without one, from the searched values alone (no model, no data).
+        base = read_search(store)["base"]
         try:
-            return tune.Tuner.restore(store.uri(TUNE_FOLDER), trainable=trainable, resume_unfinished=True,
-                                      resume_errored=False, restart_errored=False,
+            return tune.Tuner.restore(store.uri(TUNE_FOLDER), trainable=trainable, param_space=base,
+                                      resume_unfinished=True, resume_errored=False, restart_errored=False,
                                       storage_filesystem=store.fs if store.scheme else None)
         except Exception as exc:  # a truncated or foreign state file: pickle, JSON and pyarrow errors alike
             raise SketchError(f"{store.uri(TUNE_FOLDER)}: cannot restore the search from its saved state "
@@ -136,6 +146,29 @@ def study_file(store: ResultsStore) -> str | None:
     """Where the Optuna study lives: a journal file in the experiment folder, which Optuna appends
     to safely on local and shared (NFS) file systems; None (in memory) for object storage."""
     return None if store.scheme else store.uri(STUDY_FILE)
+
+
+def check_saved_state(store: ResultsStore) -> None:
+    """One error line unless Tune can restore the search in ``store`` as it was left.
+
+    Tune saves its state locally, then uploads the files one by one in the background; a kill -9
+    amid an upload can leave one cut short or missing. Restoring from such files, Tune logs "Failed
+    to restore the run state" and starts the search again from nothing (or, without the searcher's
+    files, makes no new trial), and the tables would lose the trials already run."""
+    names = store.list_names(TUNE_FOLDER)
+    for prefix, suffix, load in SAVED_STATE:
+        saved = [name for name in names if name.startswith(prefix) and name.endswith(suffix)]
+        if not saved:
+            problem = f"no {prefix}*{suffix}"
+        else:
+            try:
+                load(store.read_bytes(f"{TUNE_FOLDER}/{saved[-1]}"))
+                continue
+            except Exception as exc:  # cut short: JSON, pickle and EOF errors alike
+                problem = f"{saved[-1]} is damaged ({type(exc).__name__})"
+        raise SketchError(f"{store.uri(TUNE_FOLDER)}: cannot resume: {problem}, as when the driver is killed while "
+                          f"Ray Tune saves the search; start a new search that learns from this one's trials: "
+                          f"--name NEW --warm-start {store.experiment}")
 
 
 def _searcher(space: SearchSpace, *, study_file: str | None = None, warm_start: list | None = None):

@@ -56,3 +56,30 @@ def test_checkpoints_load_weights_only(tmp_path):
     torch.save({"model": {}, "trap": Payload()}, tmp_path / "evil.pt")
     with pytest.raises(SketchError, match="not a readable checkpoint"):
         load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_a_search_state_that_tune_cannot_restore_is_refused_before_resuming(tmp_path):
+    """Tune uploads its state files one by one; after a kill -9 amid an upload, one may be cut short
+    or missing, and Tune would silently start the search again. The newest file of each kind counts,
+    as Tune reads the newest. (The user's path, tune.py --resume: tests/test_trial_kinds.py.)"""
+    import json
+    import pickle
+
+    from ray_jobs.results import ResultsStore
+    from ray_jobs.tuning import check_saved_state
+
+    store = ResultsStore(str(tmp_path), "exp")
+    store.write_bytes("tune/experiment_state-2026-01-01_00-00-00.json", b"{truncated")  # an older session's
+    store.write_bytes("tune/experiment_state-2026-01-02_00-00-00.json", json.dumps({"trial_data": []}).encode())
+    store.write_bytes("tune/search_gen_state-2026-01-02_00-00-00.json", pickle.dumps({"counter": 1}))
+    store.write_bytes("tune/searcher-state-2026-01-02_00-00-00.pkl", pickle.dumps({"handed_out": 1}))
+    check_saved_state(store)
+
+    store.write_bytes("tune/experiment_state-2026-01-02_00-00-00.json", b'{"trial_data": [["{\\"trainable')
+    with pytest.raises(SketchError, match=r"cannot resume: experiment_state-2026-01-02_00-00-00.json is damaged "
+                                          r"\(JSONDecodeError\).*--warm-start exp$"):
+        check_saved_state(store)
+    store.write_bytes("tune/experiment_state-2026-01-02_00-00-00.json", b"{}")
+    (tmp_path / "exp" / "tune" / "search_gen_state-2026-01-02_00-00-00.json").unlink()
+    with pytest.raises(SketchError, match=r"cannot resume: no search_gen_state-\*.json,"):
+        check_saved_state(store)

@@ -226,6 +226,10 @@ def test_a_head_only_search_killed_mid_trial_resumes_from_its_checkpoints(tmp_pa
         # From epoch 2: Tune's saved state has caught up with at least one of its checkpoints
         # (with keep_checkpoints 2 it is saved at every second one).
         frozen = freeze_a_head_trial_mid_run(results / "heads" / "tune", driver, from_epoch=2)
+        # Tune uploads its state files one by one in the background, as result.json showed the epoch;
+        # a kill -9 amid that upload may lose the searcher's (tuning.build_tuner says what follows).
+        # The trial is frozen: let the upload end, as it has almost always ended when a user kills.
+        time.sleep(2)
         driver.send_signal(signal.SIGKILL)  # kill -9, a lost SSH session, while the trial is mid-run
         driver.wait()
         os.kill(int(frozen["pids"]), signal.SIGKILL)  # a frozen process would never see its Ray go
@@ -246,3 +250,16 @@ def test_a_head_only_search_killed_mid_trial_resumes_from_its_checkpoints(tmp_pa
     assert attempts["epoch"].is_unique and attempts["epoch"].max() == MAX_EPOCHS, attempts
     after = attempts[attempts["epoch"] > frozen["epoch"]]
     assert len(after) and (after["started_at_epoch"] > 0).all(), attempts  # from a checkpoint, not from scratch
+
+    # A kill -9 amid Tune's upload of its state can leave a file of it cut short. Tune would restore
+    # nothing from it and start the search again; --resume says so instead, and changes nothing.
+    tables = {name: (results / "heads" / name).read_bytes() for name in ("trials.parquet", "epochs.parquet")}
+    searcher_state = max((results / "heads" / "tune").glob("searcher-state-*.pkl"))
+    searcher_state.write_bytes(searcher_state.read_bytes()[:40])
+    refused = run_script(*command, "--resume")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert refused.stderr.strip() == (f"error: {results / 'heads' / 'tune'}: cannot resume: {searcher_state.name} is "
+                                      "damaged (UnpicklingError), as when the driver is killed while Ray Tune saves "
+                                      "the search; start a new search that learns from this one's trials: --name NEW "
+                                      "--warm-start heads"), refused.stderr
+    assert tables == {name: (results / "heads" / name).read_bytes() for name in tables}
