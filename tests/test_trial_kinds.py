@@ -222,13 +222,14 @@ def test_a_head_only_search_killed_mid_trial_resumes_from_its_checkpoints(tmp_pa
     space.write_text(yaml.safe_dump(document))
     results = tmp_path / "results"
     command = ("tune.py", "--space", str(space), "--results", str(results))
-    with started_script(*command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as driver:
-        # From epoch 2: Tune's saved state has caught up with at least one of its checkpoints
-        # (with keep_checkpoints 2 it is saved at every second one).
+    # Tune uploads its saved state in the background, file by file: once per trial's second checkpoint
+    # (keep_checkpoints 2) and every 10 s. A kill -9 amid an upload can cut a file short, which
+    # --resume refuses (below). The 10 s uploads are put off here, and the kill waits for the last
+    # upload to end: the trial is frozen, so none starts meanwhile.
+    with started_script(*command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        env={"TUNE_GLOBAL_CHECKPOINT_S": "3600"}) as driver:
+        # From epoch 2: Tune's saved state has caught up with at least one of its checkpoints.
         frozen = freeze_a_head_trial_mid_run(results / "heads" / "tune", driver, from_epoch=2)
-        # Tune uploads its state files one by one in the background, as result.json showed the epoch;
-        # a kill -9 amid that upload may lose the searcher's (tuning.build_tuner says what follows).
-        # The trial is frozen: let the upload end, as it has almost always ended when a user kills.
         time.sleep(2)
         driver.send_signal(signal.SIGKILL)  # kill -9, a lost SSH session, while the trial is mid-run
         driver.wait()
