@@ -27,8 +27,7 @@ from ray_jobs.trial import make_trainable, train_loop
 
 TUNE_FOLDER = "tune"
 # The files in TUNE_FOLDER that Tuner.restore reads back a search from (the newest of each, by name):
-# the trials, Tune's search generator, and the searcher.
-# Tune writes the first as JSON, the others with (cloud)pickle.
+# the trials (JSON), Tune's search generator and the searcher ((cloud)pickle).
 SAVED_STATE = (("experiment_state-", ".json", json.loads), ("search_gen_state-", ".json", pickle.loads),
                ("searcher-state-", ".pkl", pickle.loads))
 # The Optuna study, stored as the search runs so that optuna-dashboard can show it live.
@@ -46,9 +45,9 @@ def build_tuner(space: SearchSpace, store: ResultsStore, *, resume: bool, verbos
     if resume:
         # The restored Tuner brings back its searcher, scheduler and callbacks (ResultsRecorder
         # re-reads epochs.parquet in setup()); unfinished trials restart from their checkpoints.
-        # param_space: the base the search began with. Tune uploads its state files one by one; after
-        # a kill -9 mid-upload the searcher's may be missing, and Tune then makes new trials from the
-        # param_space given here: without one, from the searched values alone (no model, no data).
+        # param_space: the base the search began with. When Tune cannot read its saved state (beyond
+        # what check_saved_state reads first), it logs the failure and starts the search again from
+        # the param_space given here: without one, its trials would hold the searched values alone.
         base = read_search(store)["base"]
         try:
             return tune.Tuner.restore(store.uri(TUNE_FOLDER), trainable=trainable, param_space=base,
