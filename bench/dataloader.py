@@ -26,19 +26,17 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+import albumentations as A
+import numpy as np
+import torch
+from albumentations.pytorch import ToTensorV2
+from timm.data.loader import PrefetchLoader, fast_collate
+from torch.utils.data import DataLoader, Dataset
 
-import albumentations as A  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from albumentations.pytorch import ToTensorV2  # noqa: E402
-from timm.data.loader import PrefetchLoader, fast_collate  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-
-from sketch_core.data import load_rgb, read_train_table  # noqa: E402
-from sketch_core.dataset import AugmentedImages, DecodeCache  # noqa: E402
-from sketch_core.demo_data import generate  # noqa: E402
-from sketch_core.transforms import augmentation, base_transform, to_chw  # noqa: E402
+from sketch_core.data import load_rgb, read_train_table
+from sketch_core.dataset import AugmentedImages, DecodeCache
+from sketch_core.demo_data import generate
+from sketch_core.transforms import augmentation, base_transform, to_chw
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet, as most timm backbones
 BASELINE = "per-sample imread + albumentations + float"

@@ -29,13 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+import torch
 
-import torch  # noqa: E402
-
-from sketch_core.config import TrainConfig  # noqa: E402
-from sketch_core.demo_data import generate  # noqa: E402
-from sketch_core.engine import TrainingRun  # noqa: E402
+from sketch_core.config import TrainConfig
+from sketch_core.demo_data import generate
+from sketch_core.engine import TrainingRun
 
 
 def timed_run(config: TrainConfig) -> dict:

@@ -31,20 +31,19 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils import benchmark
+from torch.utils.flop_counter import FlopCounterMode
+
+from ray_jobs.space import load_space
+from sketch_core.config import TrainConfig
+from sketch_core.data import TrainTable
+from sketch_core.engine import TrainingRun
+from sketch_core.errors import SketchError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from torch.utils import benchmark  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from ray_jobs.space import load_space  # noqa: E402
-from sketch_core.config import TrainConfig  # noqa: E402
-from sketch_core.data import TrainTable  # noqa: E402
-from sketch_core.engine import TrainingRun  # noqa: E402
-from sketch_core.errors import SketchError  # noqa: E402
 
 # Dense bf16 tensor-core TFLOP/s from NVIDIA's data sheets (SXM parts), by a name fragment.
 DATASHEET_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}

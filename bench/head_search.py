@@ -28,13 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+import torch
 
-import torch  # noqa: E402
-
-from sketch_core.config import TrainConfig  # noqa: E402
-from sketch_core.demo_data import generate  # noqa: E402
-from sketch_core.engine import TrainingRun  # noqa: E402
+from sketch_core.config import TrainConfig
+from sketch_core.demo_data import generate
+from sketch_core.engine import TrainingRun
 
 # 2 x 3 x 2 x 2 x 2 = 48 configurations
 GRID = {"head": ["linear", "mlp"], "lr": [3e-3, 1e-2, 3e-2], "label_smoothing": [0.0, 0.1],

@@ -14,8 +14,6 @@ from pathlib import Path
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # sketch_core, for scripts run from anywhere
-
 
 def small_demo_data(folder: Path) -> Path:
     from sketch_core.demo_data import generate

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import ray
 import yaml
-from ray._private.services import find_gcs_addresses
 
 from sketch_core.errors import SketchError
+from ray_jobs.ray_internals import local_ray_instances
 from ray_jobs.space import Resources
 
 # Written on the head node by `ray up`: the node types the autoscaler may add.
@@ -52,7 +52,7 @@ def _other_local_ray(grace_s: float = 15.0) -> list[str]:
     """The GCS addresses of Ray instances running on this machine, once those still shutting down
     (a script or test that has just called ray.shutdown) have had ``grace_s`` to exit."""
     deadline = time.monotonic() + grace_s
-    while (running := find_gcs_addresses()) and time.monotonic() < deadline:
+    while (running := local_ray_instances()) and time.monotonic() < deadline:
         time.sleep(0.5)
     return list(running)
 

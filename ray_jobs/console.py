@@ -20,7 +20,7 @@ from typing import Any
 from ray.tune import Callback
 
 from ray_jobs.params import SearchedParams
-from ray_jobs.results import trial_status
+from ray_jobs.results import best_first, trial_status
 
 TABLE_ROWS = 8  # trials shown in the live table: those running, then the best ended ones
 
@@ -92,8 +92,8 @@ class ConsoleReporter(Callback):
 
     def _table(self, trials) -> list[str]:
         running = [t for t in trials if t.status == "RUNNING"]
-        ended = sorted((t for t in trials if t.status != "RUNNING" and t.trial_id in self.best),
-                       key=lambda t: self.best[t.trial_id][0], reverse=self.mode == "max")
+        ended = [t for t in trials if t.status != "RUNNING" and t.trial_id in self.best]
+        ended = [ended[i] for i in best_first([self.best[t.trial_id][0] for t in ended], self.mode)]
         counts = Counter(self._status(t) for t in trials)
         elapsed = time.strftime("%H:%M:%S", time.gmtime(time.monotonic() - getattr(self, "_started", time.monotonic())))
         lines = [f"[{elapsed}] trials: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))]

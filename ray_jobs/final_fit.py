@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from ray_jobs.cli import run_cli  # noqa: E402
-from sketch_core.errors import SketchError  # noqa: E402
+from ray_jobs.cli import run_cli
+from sketch_core.config import TTA
+from sketch_core.errors import SketchError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                         help="with --folds: scale each configuration's probabilities by the temperature that "
                              "fits its out-of-fold predictions best, before combining them")
-    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=TTA,
                         help="average the prediction of each image and its horizontal flip")
     parser.add_argument("--epochs", type=int, help="train this many epochs (default: where the trial peaked)")
     parser.add_argument("--max-concurrent", type=int, help="refits at once (default: as many as fit)")

@@ -21,9 +21,8 @@ from ray import tune
 from sketch_core.config import TrainConfig
 from sketch_core.data import read_test_table
 from sketch_core.errors import SketchError
-from sketch_core.predict import predict_probs
 from ray_jobs.console import RefitReporter
-from ray_jobs.results import ResultsStore, config_of
+from ray_jobs.results import ResultsStore, config_of, ranked
 from ray_jobs.space import Resources
 from ray_jobs.trial import make_trainable, report_epoch, resumed_run
 from ray_jobs.tuning import fit_noting_ctrl_c, retries_and_checkpoints
@@ -44,10 +43,8 @@ def choose_models(trials: pd.DataFrame, *, metric: str, mode: str, searched: lis
                   folds: int, epochs: int | None, data_dir: str, trial_id: str | None = None) -> list[ModelSpec]:
     """The ``top_k`` best distinct configurations (or the one of ``trial_id``), each on all data or on
     each of ``folds`` folds."""
-    column = f"best_{metric}"
-    scored = trials.dropna(subset=[column])
-    # Stable, so that among tied scores the first trial wins, as in best.json.
-    scored = scored[scored["best_epoch"] > 0].sort_values(column, ascending=mode == "min", kind="stable")
+    scored = ranked(trials, metric=metric, mode=mode)
+    scored = scored[scored["best_epoch"] > 0]
     searched_columns = [f"config.{name}" for name in searched if f"config.{name}" in scored]
     distinct = scored.drop_duplicates(subset=searched_columns or ["config.model"])
     if trial_id is not None:
@@ -82,10 +79,10 @@ def refit_loop(config: dict[str, Any], session) -> None:
     for metrics in run.epochs(until=job["until_epoch"]):
         report_epoch(metrics, run, session)
     test = read_test_table(run.config.data_dir)
-    probs = predictions(run, test.paths, tta=job["tta"])
+    probs = run.predict(test.paths, tta=job["tta"])
     heldout = run.split[1] if run.config.folds else None  # the training images this fold model never saw
     if heldout is not None:
-        heldout_probs = predictions(run, [run.table.paths[i] for i in heldout], tta=job["tta"])
+        heldout_probs = run.predict([run.table.paths[i] for i in heldout], tta=job["tta"])
     if session.world_rank() == 0:
         store = ResultsStore(job["results"], job["experiment"])
         weights = io.BytesIO()
@@ -98,15 +95,6 @@ def refit_loop(config: dict[str, Any], session) -> None:
                               npz_bytes(rows=np.asarray(heldout), probs=heldout_probs))
     session.report({"epoch": run.epoch, "predicted": len(test.paths),
                     **({"val_acc": metrics["val_acc"]} if "val_acc" in metrics else {})})
-
-
-def predictions(run, paths: list[str], *, tta: bool) -> np.ndarray:
-    """The run's class probabilities for ``paths``, made square and averaged over TTA as its test
-    predictions are."""
-    return predict_probs(run.eval_model, paths, image_size=run.config.image_size, resize=run.config.resize,
-                         mean=run.normalisation["mean"], std=run.normalisation["std"], device=run.device,
-                         tta=tta, batch_size=run.config.batch_size * 2, num_workers=run.config.num_workers,
-                         cached=run.config.decode_cache, amp=run.config.amp)
 
 
 def out_of_fold(store: ResultsStore, folder: str, specs: list[ModelSpec], images: int) -> dict[str, tuple]:

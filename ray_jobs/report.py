@@ -15,26 +15,23 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+import numpy as np
+import optuna
+import pandas as pd
+from matplotlib import pyplot as plt
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from optuna.visualization.matplotlib import plot_parallel_coordinate, plot_param_importances, plot_slice
 
-import numpy as np  # noqa: E402
-import optuna  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib import colormaps  # noqa: E402
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.cm import ScalarMappable  # noqa: E402
-from matplotlib.colors import Normalize  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-
-from ray_jobs.cli import run_cli  # noqa: E402
-from ray_jobs.results import (BEST_KEYS, ENDED_STATUSES, TRIAL_COLUMNS, ResultsStore, latest_experiment,  # noqa: E402
-                              plain, read_search)
+from ray_jobs.cli import run_cli
+from ray_jobs.results import (BEST_KEYS, ENDED_STATUSES, TRIAL_COLUMNS, ResultsStore, latest_experiment,
+                              plain, ranked, read_search)
 
 REPORT_FOLDER = "report"
 TOP_TRIALS = 10
@@ -104,8 +101,7 @@ class SearchResults:
     @cached_property
     def scored(self) -> pd.DataFrame:
         """Trials that reported the metric, best first."""
-        scored = self.trials.dropna(subset=[self.score])
-        return scored.sort_values(self.score, ascending=not self.maximize, kind="stable")
+        return ranked(self.trials, metric=self.metric, mode=self.search["mode"])
 
     @property
     def best_trial_id(self) -> str | None:
@@ -165,22 +161,42 @@ def write_report(store: ResultsStore) -> str:
 
 
 def report_figures(results: SearchResults, importance: Importance, cost: SearchCost | None) -> dict[str, Figure]:
-    """The report's figures by file name; a figure with nothing to show is left out."""
+    """The report's figures by file name; a figure with nothing to show is left out.
+
+    Optuna draws what it can from a study of the trials (``trials_study``): each hyperparameter
+    against the metric (slices), parallel coordinates (an inactive parameter on its own "missing"
+    tick) and fANOVA importance. Drawn here: the learning curves (how each trial ended: ASHA's
+    stops dashed, the best trial in black), the cost (the epochs ASHA saved) and the refit's
+    reliability diagram, which Optuna has no plot for."""
     figures = {}
     if len(results.epochs):
         figures["learning_curves.png"] = learning_curves_figure(results)
-    if len(results.scored):
-        figures.update({param_file(name): param_figure(results, name) for name in results.params
-                        if results.scored[f"config.{name}"].notna().any()})
-        if results.params:
-            figures["parallel_coordinates.png"] = parallel_coordinates_figure(results)
+    drawn = [name for name in results.params if results.scored[f"config.{name}"].notna().any()]
+    if drawn:
+        study = trials_study(results.scored, {name: results.scale(name) for name in drawn}, results.score,
+                             results.maximize)
+        figures.update({param_file(name): optuna_figure(plot_slice, study, params=[name],
+                                                        target_name=f"best {results.metric}") for name in drawn})
+        figures["parallel_coordinates.png"] = optuna_figure(plot_parallel_coordinate, study, params=drawn,
+                                                            target_name=f"best {results.metric}")
     if importance.values:
-        figures["importance.png"] = importance_figure(importance)
+        figures["importance.png"] = optuna_figure(plot_param_importances, importance.study,
+                                                  evaluator=importance.evaluator, target_name=f"best {results.metric}")
     if cost:
         figures["cost.png"] = cost_figure(results, cost)
     if results.refit:
         figures["reliability.png"] = reliability_figure(results.refit)
     return figures
+
+
+def optuna_figure(plot, study: optuna.Study, **options) -> Figure:
+    """The figure of one of Optuna's matplotlib plots (an experimental API: its warning is muted)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        axes = plot(study, **options)
+    figure = np.ravel(axes)[0].figure
+    plt.close(figure)  # Optuna draws through pyplot: let go of its reference, the figure lives on
+    return figure
 
 
 def param_file(name: str) -> str:
@@ -195,7 +211,7 @@ def new_figure(width: float, height: float) -> Figure:
 
 def png_bytes(figure: Figure) -> bytes:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     return buffer.getvalue()
 
 
@@ -242,82 +258,14 @@ def curve_legend(results: SearchResults, statuses: set[str]) -> list[Line2D]:
     return handles
 
 
-# Hyperparameters against the metric --------------------------------------------------------------
-
-def param_figure(results: SearchResults, name: str) -> Figure:
-    figure = new_figure(6, 4.5)
-    axes = figure.subplots()
-    scored = results.scored.dropna(subset=[f"config.{name}"])
-    values, scores = scored[f"config.{name}"], scored[results.score]
-    is_best = (scored["trial_id"] == results.best_trial_id).to_numpy()
-    if results.scale(name) == "categories":
-        choices = sorted(values.astype(str).unique())
-        groups = [scores[values.astype(str) == choice].to_numpy() for choice in choices]
-        axes.boxplot(groups, positions=range(len(choices)), widths=0.5, showfliers=False)
-        jitter = np.random.default_rng(0).uniform(-0.12, 0.12, len(scored))
-        x = values.astype(str).map({choice: i for i, choice in enumerate(choices)}).to_numpy() + jitter
-        axes.set_xticks(range(len(choices)), choices)
-    else:
-        x = values.to_numpy(dtype=float)
-        if results.scale(name) == "log":
-            axes.set_xscale("log")
-    axes.scatter(x[~is_best], scores[~is_best], alpha=0.7, color="tab:blue", zorder=3)
-    axes.scatter(x[is_best], scores[is_best], marker="*", s=250, color="gold", edgecolor="black", zorder=4,
-                 label="best trial")
-    if is_best.any():
-        axes.legend(loc="best", fontsize="small")
-    # Only the trials that drew it: a branch may leave a parameter inactive.
-    axes.set(xlabel=name, ylabel=f"best {results.metric}", title=f"{name} ({len(scored)} trials)")
-    axes.grid(alpha=0.3)
-    return figure
-
-
-def parallel_coordinates_figure(results: SearchResults) -> Figure:
-    columns = [f"config.{name}" for name in results.params] + [results.score]
-    labels = results.params + [f"best {results.metric}"]
-    scored = results.scored.iloc[::-1]  # the best drawn last, on top
-    figure = new_figure(max(6.0, 1.8 * len(columns)), 5)
-    axes = figure.subplots()
-    colour = Normalize(scored[results.score].min(), scored[results.score].max())
-    cmap = colormaps["viridis"] if results.maximize else colormaps["viridis_r"]
-    positions = []
-    for i, column in enumerate(columns):
-        position, ticks = axis_positions(scored[column], results.scale(labels[i]) if i < len(results.params) else "linear")
-        positions.append(position.to_numpy(dtype=float))
-        axes.axvline(i, color="0.3", linewidth=0.8)
-        for y, text in ticks:
-            axes.text(i + 0.04, y, text, fontsize="small", va="center")
-    for row, score in zip(np.column_stack(positions), scored[results.score]):
-        axes.plot(range(len(columns)), row, color=cmap(colour(score)), alpha=0.8, linewidth=1.2)
-    axes.set_xticks(range(len(columns)), labels, rotation=20)
-    axes.set_yticks([])
-    axes.set_ylim(-0.05, 1.05)
-    axes.set_title(f"{results.experiment}: {len(scored)} trials, coloured by best {results.metric}")
-    figure.colorbar(ScalarMappable(colour, cmap), ax=axes, label=f"best {results.metric}")
-    return figure
-
-
-def axis_positions(values: pd.Series, scale: str) -> tuple[pd.Series, list[tuple[float, str]]]:
-    """Each value's place on its 0..1 axis, and the axis's tick labels; missing values stay NaN."""
-    present = values.dropna()
-    if scale == "categories":
-        choices = sorted(present.astype(str).unique())
-        place = {choice: i / (len(choices) - 1) if len(choices) > 1 else 0.5 for i, choice in enumerate(choices)}
-        return values.map(lambda value: place.get(str(value), np.nan)), [(y, c) for c, y in place.items()]
-    numbers = values.astype(float)
-    scaled = np.log10(numbers) if scale == "log" else numbers
-    low, high = scaled.min(), scaled.max()
-    if not high > low:
-        return scaled * 0 + 0.5, [(0.5, number_text(present.min()))]
-    return (scaled - low) / (high - low), [(0.0, number_text(present.min())), (1.0, number_text(present.max()))]
-
-
 # Importance --------------------------------------------------------------------------------------
 
 @dataclass
 class Importance:
     values: dict[str, float]  # empty when skipped
     note: str
+    study: optuna.Study | None = None  # the trials the values were computed on
+    evaluator: optuna.importance.FanovaImportanceEvaluator | None = None
 
 
 def param_importance(results: SearchResults) -> Importance:
@@ -337,16 +285,16 @@ def param_importance(results: SearchResults) -> Importance:
                               f"({', '.join(varying) or 'none'}); at least 2 needed.{constant_note}")
     if ended[results.score].nunique() < 2:
         return Importance({}, f"skipped: every trial scored the same {results.metric}.{constant_note}")
-    study = importance_study(ended, {name: results.scale(name) for name in varying}, results.score, results.maximize)
-    values = optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(
-        seed=0))
+    study = trials_study(ended, {name: results.scale(name) for name in varying}, results.score, results.maximize)
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+    values = optuna.importance.get_param_importances(study, evaluator=evaluator)
     return Importance(values, f"fANOVA (Optuna, seed 0) over {len(ended)} finished or early-stopped trials."
-                              f"{constant_note}")
+                              f"{constant_note}", study, evaluator)
 
 
-def importance_study(trials: pd.DataFrame, params: dict[str, str], score: str, maximize: bool) -> optuna.Study:
-    """An in-memory Optuna study holding the trials: ``params`` maps each parameter to its
-    ``axis_scale``; a trial holds the parameters it drew."""
+def trials_study(trials: pd.DataFrame, params: dict[str, str], score: str, maximize: bool) -> optuna.Study:
+    """An in-memory Optuna study holding the trials, each with its best metric as its value:
+    ``params`` maps each parameter to its ``axis_scale``; a trial holds the parameters it drew."""
     distributions = {name: observed_distribution(trials[f"config.{name}"].dropna(), scale)
                      for name, scale in params.items()}
     verbosity = optuna.logging.get_verbosity()
@@ -373,16 +321,6 @@ def observed_distribution(values: pd.Series, scale: str) -> optuna.distributions
 
 def distribution_value(value: Any, distribution: optuna.distributions.BaseDistribution) -> Any:
     return plain(value) if isinstance(distribution, optuna.distributions.CategoricalDistribution) else float(value)
-
-
-def importance_figure(importance: Importance) -> Figure:
-    names = list(importance.values)[::-1]  # the most important at the top
-    figure = new_figure(6, 1 + 0.45 * len(names))
-    axes = figure.subplots()
-    axes.barh(names, [importance.values[name] for name in names], color="tab:blue")
-    axes.set(xlabel="importance (fANOVA, sums to 1)", title="hyperparameter importance")
-    axes.grid(axis="x", alpha=0.3)
-    return figure
 
 
 # Time and cost -----------------------------------------------------------------------------------

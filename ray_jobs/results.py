@@ -149,6 +149,20 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def best_first(scores: list[float], mode: str) -> list[int]:
+    """The positions of ``scores`` from the best to the worst by ``mode`` (max or min). Equal scores
+    keep their order, the earlier trial first: the one ordering of trials that best.json, the
+    refit's choice, the report and the console all use."""
+    return sorted(range(len(scores)), key=lambda i: -scores[i] if mode == "max" else scores[i])
+
+
+def ranked(trials: pd.DataFrame, *, metric: str, mode: str) -> pd.DataFrame:
+    """The rows of trials.parquet that reported ``metric``, best first (``best_first``)."""
+    column = f"best_{metric}"
+    scored = trials.dropna(subset=[column]) if column in trials else trials.iloc[:0]
+    return scored.iloc[best_first(scored[column].tolist(), mode)]
+
+
 class ExperimentTables:
     """The per-epoch rows of every trial, and the tables and best trial derived from them."""
 
@@ -221,10 +235,7 @@ class ExperimentTables:
                 f"best_{self.metric}": float(best[self.metric]) if best is not None else math.nan,
                 "best_epoch": int(best["epoch"]) if best is not None else 0,
                 "wall_s": spent,
-                # The trial's kind as it reported it: validating its config here would cost ~3 ms
-                # per trial on every write, O(trials^2) over a search. (Before it reports, spent is 0.)
-                "gpu_hours": spent * self.resources.held(trial.config["model"], head_only=bool(
-                    feature_cache.get(trial_id, 0))).get("GPU", 0) / 3600,
+                "gpu_hours": spent * self.resources.of_trial(trial.config).get("GPU", 0) / 3600,
                 "node": nodes.get(trial_id, ""),
                 "error": trial.error or "",
                 # 1 when the head trained on cached backbone features (freeze: head)
@@ -238,11 +249,11 @@ class ExperimentTables:
         return frame if len(frame) else pd.DataFrame(columns=list(TRIAL_COLUMNS))
 
     def best(self, trials_frame: pd.DataFrame) -> dict[str, Any] | None:
-        column = f"best_{self.metric}"
-        scored = trials_frame.dropna(subset=[column]) if column in trials_frame else trials_frame.iloc[:0]
+        scored = ranked(trials_frame, metric=self.metric, mode=self.mode)
         if not len(scored):
             return None
-        row = scored.loc[scored[column].idxmax() if self.mode == "max" else scored[column].idxmin()]
+        row = scored.iloc[0]
+        column = f"best_{self.metric}"
         epochs = self.epochs_frame()
         at_best = epochs[(epochs["trial_id"] == row["trial_id"]) & (epochs["epoch"] == row["best_epoch"])]
         config = config_of(row, self.base)

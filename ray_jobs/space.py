@@ -47,6 +47,7 @@ import yaml
 
 from sketch_core.config import TrainConfig
 from sketch_core.errors import SketchError
+from sketch_core.settings import from_mapping, spec
 from ray_jobs.params import DISTRIBUTIONS, Branch, Distribution, Param, SearchedParams
 
 SEARCHERS = ("optuna", "random", "grid")
@@ -69,11 +70,12 @@ class Resources:
     process with ``head_cpus`` and ``head_gpus`` (a fraction: several share a GPU); any other is a
     TorchTrainer of ``workers`` DDP workers plus the trial process's ``TRIAL_CPUS``."""
 
-    workers: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    head_cpus: float = 1.0
-    head_gpus: float = 0.0  # parse_space: HEAD_GPUS when the workers have GPUs and the file sets none
+    workers: int = field(default=1, metadata=spec(low=1))
+    cpus_per_worker: float = field(default=1.0, metadata=spec(low=0.0, low_open=True))
+    gpus_per_worker: float = field(default=0.0, metadata=spec(low=0.0))
+    head_cpus: float = field(default=1.0, metadata=spec(low=0.0, low_open=True))
+    # parse_space: HEAD_GPUS when the workers have GPUs and the file sets none
+    head_gpus: float = field(default=0.0, metadata=spec(low=0.0))
     # What a trial of one of the searched models holds instead (resources.by_model in the file).
     by_model: dict[str, "Resources"] = field(default_factory=dict)
 
@@ -109,13 +111,9 @@ class Resources:
         return self.by_model.get(model, self)
 
     def of_trial(self, config: dict[str, Any]) -> dict[str, float]:
-        """What the trial of this TrainConfig dict holds in all."""
-        return self.held(config["model"], head_only=runs_in_trial_process(config))
-
-    def held(self, model: str, *, head_only: bool) -> dict[str, float]:
-        """What a trial of ``model`` holds in all, of either kind."""
-        resources = self.of_model(model)
-        return resources.head_trial() if head_only else resources.per_trial()
+        """What the trial of this TrainConfig dict holds in all, of either kind."""
+        resources = self.of_model(config["model"])
+        return resources.head_trial() if runs_in_trial_process(config) else resources.per_trial()
 
 
 def runs_in_trial_process(config: dict[str, Any]) -> bool:
@@ -126,27 +124,29 @@ def runs_in_trial_process(config: dict[str, Any]) -> bool:
 
 @dataclass(frozen=True)
 class SearchSettings:
-    searcher: str = "optuna"
-    num_samples: int = 8
-    max_concurrent: int = 1
-    metric: str = "val_acc"
-    mode: str = "max"
+    searcher: str = field(default="optuna", metadata=spec(choices=SEARCHERS))
+    num_samples: int = field(default=8, metadata=spec(low=1))
+    max_concurrent: int = field(default=1, metadata=spec(low=1))
+    metric: str = field(default="val_acc", metadata=spec(choices=tuple(METRICS)))
+    mode: str = field(default="max", metadata=spec(choices=("max", "min")))
     seed: int = 0
     # Optuna's n_startup_trials: TPE draws at random until the study holds this many trials
     # (warm-start and start_from trials count), so a search of fewer trials is a random search.
-    startup_trials: int = 10
-    max_failures: int = 2
-    keep_checkpoints: int = 2
-    budget_gpu_hours: float = 0.0  # 0: no budget. Once spent no trial starts and the running ones stop
-    budget_hours: float = 0.0      # wall clock, over every run of the search (--resume included)
+    startup_trials: int = field(default=10, metadata=spec(low=0))
+    max_failures: int = field(default=2, metadata=spec(low=0))
+    keep_checkpoints: int = field(default=2, metadata=spec(low=1))
+    # 0: no budget. Once spent no trial starts and the running ones stop
+    budget_gpu_hours: float = field(default=0.0, metadata=spec(low=0.0))
+    # wall clock, over every run of the search (--resume included)
+    budget_hours: float = field(default=0.0, metadata=spec(low=0.0))
 
 
 @dataclass(frozen=True)
 class SchedulerSettings:
-    type: str = "asha"
-    max_epochs: int = 4
-    grace_period: int = 1
-    reduction_factor: float = 2.0
+    type: str = field(default="asha", metadata=spec(choices=SCHEDULERS))
+    max_epochs: int = field(default=4, metadata=spec(low=1))
+    grace_period: int = field(default=1, metadata=spec(low=1))
+    reduction_factor: float = field(default=2.0, metadata=spec(low=1.0, low_open=True))
 
 
 @dataclass(frozen=True)
@@ -284,8 +284,12 @@ def parse_space(document: Any, *, source: str) -> SearchSpace:
         params = [Param(p.name, tuple(Branch(b.when, Distribution("grid", b.distribution.args)) for b in p.branches))
                   for p in params]
     searched = SearchedParams(tuple(params))
+    from sketch_core.models import check_model_name  # imports timm: only where a space file is read
+
+    for model in searched["model"].values() if "model" in searched else [base_config["model"]]:
+        check_model_name(model, f"{source}: model.name")
     resources = _resources(document.get("resources"), searched, source)
-    _check_settings(resources, search, scheduler, source)
+    _check_settings(search, scheduler, source)
     return SearchSpace(source=source, experiment=experiment, data=data, resources=resources, search=search,
                        scheduler=scheduler, base=base_config, params=searched,
                        start_from=_start_from(start_from, searched, base_config, source))
@@ -392,31 +396,11 @@ def _start_from(points: Any, params: SearchedParams, base: dict[str, Any], sourc
     return tuple(trials)
 
 
-def _check_settings(resources: Resources, search: SearchSettings, scheduler: SchedulerSettings,
-                    source: str) -> None:
-    checks = [
-        (resources.workers >= 1, "resources.workers", "at least 1", resources.workers),
-        (resources.cpus_per_worker > 0, "resources.cpus_per_worker", "a value > 0", resources.cpus_per_worker),
-        (resources.gpus_per_worker >= 0, "resources.gpus_per_worker", "a value >= 0", resources.gpus_per_worker),
-        (resources.head_cpus > 0, "resources.head_cpus", "a value > 0", resources.head_cpus),
-        (resources.head_gpus >= 0, "resources.head_gpus", "a value >= 0", resources.head_gpus),
-        (search.searcher in SEARCHERS, "search.searcher", f"one of {', '.join(SEARCHERS)}", search.searcher),
-        (search.num_samples >= 1, "search.num_samples", "at least 1", search.num_samples),
-        (search.max_concurrent >= 1, "search.max_concurrent", "at least 1", search.max_concurrent),
-        (search.metric in METRICS, "search.metric", f"one of {', '.join(METRICS)}", search.metric),
-        (search.mode in ("max", "min"), "search.mode", "max or min", search.mode),
-        (search.startup_trials >= 0, "search.startup_trials", "a value >= 0", search.startup_trials),
-        (search.max_failures >= 0, "search.max_failures", "a value >= 0", search.max_failures),
-        (search.keep_checkpoints >= 1, "search.keep_checkpoints", "at least 1", search.keep_checkpoints),
-        (scheduler.type in SCHEDULERS, "scheduler.type", f"one of {', '.join(SCHEDULERS)}", scheduler.type),
-        (scheduler.max_epochs >= 1, "scheduler.max_epochs", "at least 1", scheduler.max_epochs),
-        (1 <= scheduler.grace_period <= scheduler.max_epochs, "scheduler.grace_period",
-         f"1..max_epochs ({scheduler.max_epochs})", scheduler.grace_period),
-        (scheduler.reduction_factor > 1, "scheduler.reduction_factor", "a value > 1", scheduler.reduction_factor),
-    ]
-    for ok, name, expected, got in checks:
-        if not ok:
-            raise SketchError(f"{source}: {name}: expected {expected}, got {got!r}")
+def _check_settings(search: SearchSettings, scheduler: SchedulerSettings, source: str) -> None:
+    """The checks that involve several settings (each one's own range: ``from_mapping``)."""
+    if scheduler.grace_period > scheduler.max_epochs:
+        raise SketchError(f"{source}: scheduler.grace_period: expected 1..max_epochs ({scheduler.max_epochs}), "
+                          f"got {scheduler.grace_period}")
     if search.mode != METRICS[search.metric]:
         raise SketchError(f"{source}: search.mode: {search.metric} is best at {METRICS[search.metric]}, got {search.mode}")
 
@@ -452,23 +436,7 @@ def _distribution(spec: Any, where: str) -> Distribution:
 
 
 def _section(kind, values: Any, source: str, name: str):
-    values = _mapping(values or {}, source, name)
-    fields = {f.name: f for f in dataclasses.fields(kind)}
-    _no_unknown(values, set(fields), source, f"{name}.")
-    typed = {}
-    for key, value in values.items():
-        expected = type(getattr(kind(), key))
-        if expected is float and isinstance(value, str):
-            try:
-                value = float(value)  # YAML reads 1e-3 as text
-            except ValueError:
-                pass
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
-            raise SketchError(f"{source}: {name}.{key}: expected {expected.__name__}, got {value!r}")
-        typed[key] = value
-    return kind(**typed)
+    return from_mapping(kind, _mapping(values or {}, source, name), source=source, prefix=f"{name}.")
 
 
 def _mapping(value: Any, source: str, name: str) -> dict:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import gc
 import os
 import tempfile
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -28,6 +27,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune import PlacementGroupFactory
 
 from sketch_core.config import TrainConfig
+from ray_jobs.ray_internals import OwnRequest
 from ray_jobs.space import Resources, runs_in_trial_process
 
 if TYPE_CHECKING:
@@ -148,23 +148,6 @@ class OnTrainWorkers:
         self.loop(config, IN_TRAIN_WORKER)
 
 
-class OwnRequest(PlacementGroupFactory):
-    """A resource request equal to no other trial's. Ray Tune hands a cached trial process only to
-    a trial with an equal request, and the process of a TorchTrainer trial that ASHA stopped is
-    still blocked in its Train controller: the next trial given it would fail its reset
-    (ray-project/ray#29268). So only head-only trials' processes are ever reused."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.owner = uuid.uuid4().hex
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, OwnRequest) and other.owner == self.owner
-
-    def __hash__(self) -> int:
-        return hash(self.owner)
-
-
 def make_trainable(loop: Callable[[dict, Any], None], *, resources: Resources, keep_checkpoints: int, metric: str,
                    mode: str, train_config: Callable[[dict], dict] = lambda config: config) -> Callable:
     """A Tune function trainable running ``loop(config, session)``: in the trial's own process for a
@@ -228,12 +211,10 @@ def _free_what_the_last_trial_left() -> None:
 
 
 def worker_env() -> dict[str, str]:
-    """Environment every Ray worker process needs: this repository importable, Train's timeouts, the
-    cache folder as an absolute path."""
+    """Environment every Ray worker process needs: Train's timeouts and the cache folder as an
+    absolute path. (The code itself reaches the workers as the installed package: requirements.txt
+    installs this project on every node, and `ray job submit --working-dir .` ships it.)"""
     from ray_jobs.cli import PATH_VARIABLES, local_path
 
-    repo_root = str(Path(__file__).resolve().parents[1])
-    python_path = os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH", "")) if p)
-    return {"PYTHONPATH": python_path,
-            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"),
+    return {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"),
             **{name: local_path(os.environ[name]) for name in PATH_VARIABLES if os.environ.get(name)}}

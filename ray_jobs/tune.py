@@ -14,12 +14,9 @@ import argparse
 import dataclasses
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from sketch_core.errors import SketchError  # noqa: E402
-from ray_jobs.cli import run_cli  # noqa: E402
+from sketch_core.errors import SketchError
+from ray_jobs.cli import run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -3,7 +3,6 @@ running one while telling a Ctrl-C apart from the end of the search."""
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import signal
@@ -22,14 +21,11 @@ from ray_jobs.console import ConsoleReporter
 from ray_jobs.results import (ENDED_STATUSES, ExperimentTables, ResultsRecorder, ResultsStore, config_of,
                               read_search)
 from ray_jobs.params import BRANCH_MARK
+from ray_jobs.ray_internals import unreadable_saved_state
 from ray_jobs.space import Resources, SearchSettings, SearchSpace
 from ray_jobs.trial import make_trainable, train_loop
 
 TUNE_FOLDER = "tune"
-# The files in TUNE_FOLDER that Tuner.restore reads back a search from (the newest of each, by name):
-# the trials (JSON), Tune's search generator and the searcher ((cloud)pickle).
-SAVED_STATE = (("experiment_state-", ".json", json.loads), ("search_gen_state-", ".json", pickle.loads),
-               ("searcher-state-", ".pkl", pickle.loads))
 # The Optuna study, stored as the search runs so that optuna-dashboard can show it live.
 STUDY_FILE = "study.journal"
 
@@ -70,7 +66,7 @@ def build_tuner(space: SearchSpace, store: ResultsStore, *, resume: bool, verbos
             max_concurrent_trials=space.search.max_concurrent,
             search_alg=searcher,
             scheduler=_scheduler(space),
-            reuse_actors=True,  # head-only trials only: trial.OwnRequest
+            reuse_actors=True,  # head-only trials only: ray_internals.OwnRequest
         ),
         run_config=tune.RunConfig(
             name=TUNE_FOLDER,
@@ -103,8 +99,7 @@ class Budget(Stopper):
         self._gpu_seconds = 0.0
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        # The trial's kind as it reported it, as the tables' gpu_hours take it (not a config validation per result)
-        gpus = self.resources.held(result["config"]["model"], head_only=bool(result.get("feature_cache"))).get("GPU", 0)
+        gpus = self.resources.of_trial(result["config"]).get("GPU", 0)
         self._gpu_seconds += float(result.get("time_this_iter_s") or 0.0) * gpus
         return False
 
@@ -154,19 +149,11 @@ def check_saved_state(store: ResultsStore) -> None:
     amid an upload can leave one cut short or missing. Restoring from such files, Tune logs "Failed
     to restore the run state" and starts the search again from nothing (or, without the searcher's
     files, makes no new trial), and the tables would lose the trials already run."""
-    names = store.list_names(TUNE_FOLDER)
-    for prefix, suffix, load in SAVED_STATE:
-        saved = [name for name in names if name.startswith(prefix) and name.endswith(suffix)]
-        if not saved:
-            problem = f"no {prefix}*{suffix}"
-        else:
-            try:
-                load(store.read_bytes(f"{TUNE_FOLDER}/{saved[-1]}"))
-                continue
-            except Exception as exc:  # cut short: JSON, pickle and EOF errors alike
-                problem = f"{saved[-1]} is damaged ({type(exc).__name__})"
-        raise SketchError(f"{store.uri(TUNE_FOLDER)}: cannot resume: {problem}, as when the driver is killed while "
-                          f"Ray Tune saves the search; start a new search that learns from this one's trials: "
+    problem = unreadable_saved_state(store.list_names(TUNE_FOLDER),
+                                     lambda name: store.read_bytes(f"{TUNE_FOLDER}/{name}"))
+    if problem:
+        raise SketchError(f"{store.uri(TUNE_FOLDER)}: cannot resume: {problem}, as when the driver is killed "
+                          f"while Ray Tune saves the search; start a new search that learns from this one's trials: "
                           f"--name NEW --warm-start {store.experiment}")
 
 

@@ -3,17 +3,21 @@
 One flat ``TrainConfig`` flows unchanged from a search-space YAML (fixed values plus one sample
 of the searched ones) through Ray into the train loop, so every name a user can search over is a
 field here. ``TrainConfig.from_dict`` is the only way in from untyped data: it rejects unknown
-keys and impossible values with one line that names the field.
+keys and impossible values with one line that names the field (``sketch_core.settings``). It does
+not import timm: whether ``model`` names a timm model is checked where a model is chosen (the
+space file, the command line) or built (``models.check_model_name``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from sketch_core.errors import SketchError
+from sketch_core.settings import check_keys, from_mapping
+from sketch_core.settings import spec as _spec
 
 AUGMENTATIONS = ("none", "light", "sketch", "heavy")
 RESIZE_POLICIES = ("letterbox", "stretch")
@@ -21,10 +25,10 @@ FREEZE_POLICIES = ("none", "head", "last_n_blocks")
 HEAD_TYPES = ("linear", "mlp")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "step")
-
-
-def _spec(*, choices=None, low=None, high=None, low_open=False, help=""):
-    return {"choices": choices, "low": low, "high": high, "low_open": low_open, "help": help}
+# Test-time augmentation by default wherever a model predicts (the original and its horizontal
+# flip averaged; flipped near-duplicates exist in the real data): TrainingRun.predict,
+# sketch_core.train --predict and final_fit.py.
+TTA = True
 
 
 @dataclass(frozen=True)
@@ -86,34 +90,24 @@ class TrainConfig:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> TrainConfig:
         """Build and validate a config; ``source`` names where the values came from in errors."""
-        cls.check_keys(values, source)
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        converted = {key: _convert(known[key], value, source) for key, value in values.items()}
-        config = cls(**converted)
+        config = from_mapping(cls, values, source=source)
         config.validate(source)
         return config
 
     @classmethod
     def check_keys(cls, keys, source: str = "config") -> None:
-        known = cls.field_names()
-        for key in keys:
-            if key not in known:
-                raise SketchError(f"{source}: unknown key '{key}'{_did_you_mean(key, known)}")
+        check_keys(cls, keys, source=source)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
     def validate(self, source: str = "config") -> None:
-        for f in dataclasses.fields(self):
-            _check_range(f, getattr(self, f.name), source)
-        from sketch_core.models import check_model_name  # timm is slow to import; only load it here
-
-        check_model_name(self.model, source)
+        """The checks that involve several fields (each field's own range: ``from_mapping``)."""
         if self.folds == 1:
             raise SketchError(f"{source}: folds: expected 0 (no folds) or at least 2, got 1")
         if self.folds and self.fold >= self.folds:
@@ -133,59 +127,3 @@ class TrainConfig:
         (``sketch_core.features``). Mixup/CutMix blend images (CutMix pastes patches): the features
         of a blended image are not a blend of features, so the cache cannot reproduce them."""
         return self.freeze == "head" and self.feature_cache and not self.uses_mixup
-
-
-def _did_you_mean(key: str, known) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _convert(f: dataclasses.Field, value: Any, source: str) -> Any:
-    """Coerce YAML/JSON scalars to the field's type: YAML reads ``1e-3`` as a string, JSON ints as floats."""
-    kind = f.type if isinstance(f.type, str) else f.type.__name__
-    bad = SketchError(f"{source}: {f.name}: expected {kind}, got {value!r}")
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
-            return value.lower() in ("true", "yes")
-        raise bad
-    if kind == "int":
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                raise bad from None
-        raise bad
-    if kind == "float":
-        if isinstance(value, bool):
-            raise bad
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise bad from None
-    if kind == "str":
-        if isinstance(value, (dict, list)) or value is None:
-            raise bad
-        return str(value)
-    raise bad
-
-
-def _check_range(f: dataclasses.Field, value: Any, source: str) -> None:
-    spec = f.metadata
-    if not spec:
-        return
-    if spec["choices"] is not None and value not in spec["choices"]:
-        raise SketchError(f"{source}: {f.name}: expected one of {', '.join(spec['choices'])}, got {value!r}")
-    low, high = spec["low"], spec["high"]
-    if low is not None and (value <= low if spec["low_open"] else value < low):
-        relation = ">" if spec["low_open"] else ">="
-        raise SketchError(f"{source}: {f.name}: expected a value {relation} {low}, got {value!r}")
-    if high is not None and value > high:
-        raise SketchError(f"{source}: {f.name}: expected a value <= {high}, got {value!r}")

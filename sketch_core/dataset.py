@@ -8,7 +8,6 @@ node reads it.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -20,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from sketch_core.data import load_rgb
-from sketch_core.io import progress
+from sketch_core.io import build_once, file_fingerprint, progress
 from sketch_core.transforms import augmentation, base_transform, seed_pipeline, to_chw
 
 # Bump when base_transform changes, so caches built by older code are not reused.
@@ -55,8 +54,7 @@ def images_key(paths: Sequence[str], image_size: int, *, resize: str) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps([BASE_TRANSFORM_VERSION, image_size, resize]).encode())
     for path in paths:
-        stat = os.stat(path)
-        digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{file_fingerprint(path)}\n".encode())
     return digest.hexdigest()[:24]
 
 
@@ -77,8 +75,7 @@ class DecodeCache(Dataset):
         self.resize = resize
         self.file = Path(cache_dir or default_cache_dir()) / f"decoded-{self.key()}.u8"
         self._array: np.ndarray | None = None
-        if not self.file.exists():
-            self._build(build_workers)
+        build_once(self.file, lambda partial: self._build(partial, build_workers))
 
     def key(self) -> str:
         return images_key(self.paths, self.image_size, resize=self.resize)
@@ -98,23 +95,16 @@ class DecodeCache(Dataset):
     def __getstate__(self):
         return {**self.__dict__, "_array": None}
 
-    def _build(self, workers: int) -> None:
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.file.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if self.file.exists():  # another process built it while we waited
-                return
-            partial = self.file.with_suffix(f".partial-{os.getpid()}")
-            array = np.memmap(partial, dtype=np.uint8, mode="w+", shape=self.shape)
-            loader = DataLoader(DecodedImages(self.paths, self.image_size, resize=self.resize), batch_size=32,
-                                num_workers=workers, collate_fn=np.stack)
-            start = 0
-            for batch in progress(loader, f"decoding {len(self.paths)} images once for this node"):
-                array[start:start + len(batch)] = batch
-                start += len(batch)
-            array.flush()
-            del array
-            os.replace(partial, self.file)  # readers only ever see a complete cache
+    def _build(self, partial: Path, workers: int) -> None:
+        array = np.memmap(partial, dtype=np.uint8, mode="w+", shape=self.shape)
+        loader = DataLoader(DecodedImages(self.paths, self.image_size, resize=self.resize), batch_size=32,
+                            num_workers=workers, collate_fn=np.stack)
+        start = 0
+        for batch in progress(loader, f"decoding {len(self.paths)} images once for this node"):
+            array[start:start + len(batch)] = batch
+            start += len(batch)
+        array.flush()
+        del array
 
 
 class AugmentedImages(Dataset):

@@ -18,7 +18,6 @@ under the cache dir (key: the files' paths, sizes and modification times, ``data
 
 from __future__ import annotations
 
-import fcntl
 from pathlib import Path
 from typing import Sequence
 
@@ -29,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from sketch_core.data import load_rgb
 from sketch_core.dataset import default_cache_dir, images_key
 from sketch_core.errors import SketchError
-from sketch_core.io import atomic_write, progress
+from sketch_core.io import build_once, progress
 from sketch_core.transforms import base_transform
 
 THUMBNAIL_SIDE = 64
@@ -98,18 +97,12 @@ def image_hashes(paths: Sequence[str], *, cache_dir: str | Path | None = None, w
     from this node's hash file, or computed (``workers`` decoding processes) and written there first."""
     file = Path(cache_dir or default_cache_dir()) / (
         f"phash-v{HASH_VERSION}-{images_key(paths, THUMBNAIL_SIDE, resize='stretch')}.npy")
-    if not file.exists():
-        file.parent.mkdir(parents=True, exist_ok=True)
-        with open(file.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one process per node hashes; the others wait, then read
-            if not file.exists():
-                hashes = _compute_hashes(paths, workers)
 
-                def write(temp: Path) -> None:
-                    with temp.open("wb") as handle:  # a handle: np.save would add .npy to a path
-                        np.save(handle, hashes)
+    def write(partial: Path) -> None:
+        with partial.open("wb") as handle:  # a handle: np.save would add .npy to a path
+            np.save(handle, _compute_hashes(paths, workers))
 
-                atomic_write(file, write)
+    build_once(file, write)
     return np.load(file)
 
 

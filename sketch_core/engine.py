@@ -29,14 +29,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from sketch_core.config import TrainConfig
+from sketch_core.config import TTA, TrainConfig
 from sketch_core.data import TrainTable, read_train_table, split_indices
 from sketch_core.duplicates import duplicate_groups
 from sketch_core.dataset import AugmentedImages, EpochSampler, image_source, subset
 from sketch_core.errors import SketchError
+from sketch_core.io import atomic_write
 from sketch_core.features import (PLAIN_VIEW, FeatureBatches, FeatureStore, encode_batches, frozen_backbone,
                                   training_views)
 from sketch_core.models import SketchClassifier, create_classifier, data_config
+from sketch_core.predict import predict_probs
 
 
 def default_device() -> torch.device:
@@ -127,6 +129,18 @@ class TrainingRun:
         if self.uses_feature_cache:
             return SketchClassifier(self.model.backbone, self.ema.module, self.config.freeze)
         return self.ema.module
+
+    def predict(self, paths: list[str], *, tta: bool = TTA) -> np.ndarray:
+        """Class probabilities of ``eval_model`` for the images ``paths`` (shape (images, classes)),
+        made square by the run's resize policy and normalised as its training images were, with
+        test-time augmentation when ``tta``: the one prediction path of trials, refits, ensembles,
+        ``sketch_core.train --predict`` and the benchmarks. Under ``torch.distributed`` every rank
+        predicts a shard and gets the whole result."""
+        config = self.config
+        return predict_probs(self.eval_model, paths, image_size=config.image_size, resize=config.resize,
+                             mean=self.normalisation["mean"], std=self.normalisation["std"], device=self.device,
+                             tta=tta, batch_size=config.batch_size * 2, num_workers=config.num_workers,
+                             cached=config.decode_cache, amp=config.amp)
 
     @property
     def uses_feature_cache(self) -> bool:
@@ -328,10 +342,7 @@ class TrainingRun:
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Atomically: a crash mid-write leaves the previous checkpoint in place."""
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    atomic_write(path, lambda partial: torch.save(state, partial))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -25,11 +25,9 @@ the head then trains on batches of those tensors.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -40,6 +38,7 @@ from torch.utils.data import Dataset, Sampler
 
 from sketch_core.config import TrainConfig
 from sketch_core.dataset import AugmentedImages, default_cache_dir, images_key
+from sketch_core.io import build_once, file_fingerprint
 from sketch_core.models import create_backbone
 from sketch_core.transforms import augmentation
 
@@ -92,13 +91,6 @@ def weights_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def file_fingerprint(path: str) -> str:
-    if not path:
-        return ""
-    stat = os.stat(path)
-    return f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}"
-
-
 class FeatureStore:
     """Cached features of one frozen backbone (``weights``: its ``weights_digest``) over the base
     images ``images`` (a ``DecodeCache`` or ``DecodedImages``: anything with ``paths``,
@@ -137,28 +129,17 @@ class FeatureStore:
         file = self.file(augment, view)
         kept = (str(file), str(device or "cpu"))
         if kept not in _kept_features:
-            if not file.exists():
-                self._build(file, augment, view)
+            build_once(file, lambda partial: self._build(partial, augment, view))
             _kept_features[kept] = torch.load(file, map_location="cpu", mmap=True, weights_only=True).to(device or "cpu")
         return _kept_features[kept]
 
-    def _build(self, file: Path, augment: str, view: int) -> None:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        with open(file.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if file.exists():  # another process built it while we waited
-                return
-            # View v's draws for image i are fixed by (v, i): the same in any process, worker or batch.
-            images = AugmentedImages(self.images, np.zeros(len(self.images)), augment, self.image_size, seed=view)
-            features = self.encode(images)
-            if len(features) != len(self.images):
-                raise RuntimeError(f"encode returned {len(features)} features for {len(self.images)} images")
-            partial = file.with_suffix(f".partial-{os.getpid()}")
-            try:
-                torch.save(features.contiguous(), partial)
-                os.replace(partial, file)  # readers only ever see a complete file
-            finally:
-                partial.unlink(missing_ok=True)
+    def _build(self, partial: Path, augment: str, view: int) -> None:
+        # View v's draws for image i are fixed by (v, i): the same in any process, worker or batch.
+        images = AugmentedImages(self.images, np.zeros(len(self.images)), augment, self.image_size, seed=view)
+        features = self.encode(images)
+        if len(features) != len(self.images):
+            raise RuntimeError(f"encode returned {len(features)} features for {len(self.images)} images")
+        torch.save(features.contiguous(), partial)
 
 
 @torch.no_grad()

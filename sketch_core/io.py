@@ -1,15 +1,23 @@
-"""Writes that users keep are atomic: a temp file beside the target, then a rename."""
+"""Files: atomic writes, files built once per node under a lock, fingerprints, unused names,
+progress bars.
+
+Writes that users keep and caches that other processes read are atomic: a temporary file beside
+the target, then a rename, so a reader sees the old file or the whole new one, never a part.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
+
+from filelock import FileLock
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(temp_path)`` and rename the result onto ``path``; a crash leaves ``path`` as it was."""
+    """Call ``write(temp_path)`` and rename the result onto ``path``; a crash leaves ``path`` as
+    it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
@@ -21,13 +29,31 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda temp: temp.write_text(text))
+def build_once(path: str | Path, build: Callable[[Path], None]) -> Path:
+    """``path``, built by ``build(temp_path)`` if it is not there yet. Several processes of a node
+    may ask at once: one builds it under a file lock, the others wait for the lock and then find
+    the file whole (``atomic_write``)."""
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(path.with_name(f"{path.name}.lock")):
+            if not path.exists():  # another process built it while we waited
+                atomic_write(path, build)
+    return path
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """What identifies a file's content cheaply: its absolute path, size and modification time
+    (empty for no path). Cache keys change whenever a file they depend on does."""
+    if not path:
+        return ""
+    stat = os.stat(path)
+    return f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}"
 
 
 def unused_path(path: str, exists: Callable[[str], bool] = os.path.exists) -> str:
-    """``path`` if nothing is there yet, else the first free ``stem-2.suffix``, ``stem-3.suffix``, ...
-    (``exists`` may check another filesystem, e.g. a results bucket)."""
+    """``path`` if nothing is there yet, else the first free ``stem-2.suffix``, ``stem-3.suffix``,
+    ... (``exists`` may check another filesystem, e.g. a results bucket)."""
     stem, dot, suffix = str(path).rpartition(".")
     if not dot or "/" in suffix:
         stem, dot, suffix = str(path), "", ""
@@ -42,4 +68,6 @@ def progress(iterable: Iterable, description: str, total: int | None = None):
     """A tqdm bar when a person watches a terminal; silent in logs and under Ray."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=description, total=total, disable=not sys.stderr.isatty(), leave=False)
+    return tqdm(
+        iterable, desc=description, total=total, disable=not sys.stderr.isatty(), leave=False
+    )

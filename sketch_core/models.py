@@ -6,8 +6,7 @@ from pathlib import Path
 
 import timm
 import torch
-from timm.models import is_model
-from timm.models._manipulate import group_with_matcher
+from timm.models import group_parameters, is_model
 from torch import nn
 
 from sketch_core.errors import SketchError
@@ -89,7 +88,7 @@ def apply_freeze(model: SketchClassifier, policy: str, trainable_blocks: int = 2
     model.head.requires_grad_(True)
     if policy != "last_n_blocks":
         return
-    groups = group_with_matcher(model.backbone.named_parameters(), model.backbone.group_matcher(coarse=True))
+    groups = group_parameters(model.backbone, model.backbone.group_matcher(coarse=True))
     ordered = [groups[key] for key in sorted(groups)]
     parameters = dict(model.backbone.named_parameters())
     # Trailing groups of 1-D parameters only (final norms) belong with the head.
@@ -129,23 +128,20 @@ def check_pretrained_weights(name: str, *, pretrained: bool, checkpoint_file: st
     anything: they must be in the local cache or reachable on the hub. A search checks this before
     it starts its cluster, instead of every trial failing on it (EVA02-L's weights are 1.2 GB)."""
     from huggingface_hub import file_exists, try_to_load_from_cache
-    from timm.models._builder import _resolve_pretrained_source
-    from timm.models._hub import _get_safe_alternatives, hf_split
+
+    from sketch_core.timm_internals import pretrained_source
 
     if checkpoint_file:
         _require_checkpoint_file(checkpoint_file)
         return
     if not pretrained:
         return
-    pretrained_cfg = timm.models.get_pretrained_cfg(name)
-    source, location = _resolve_pretrained_source(pretrained_cfg.to_dict()) if pretrained_cfg else ("", "")
+    source, location = pretrained_source(name)
     if source != "hf-hub":  # a URL or file timm fetches itself: nothing cheaper to check than loading it
         if not source:
             raise _weights_error(name, "do not exist", "timm has no pretrained weights for this name")
         return
-    repo_id, revision = hf_split(location)
-    wanted = pretrained_cfg.hf_hub_filename or "pytorch_model.bin"
-    filenames = [*_get_safe_alternatives(wanted), wanted]  # the order timm tries them in
+    repo_id, revision, filenames = location.repo_id, location.revision, location.filenames
     if any(isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str) for filename in filenames):
         return
     try:

@@ -27,14 +27,15 @@ def predict_probs(
     mean: Sequence[float],
     std: Sequence[float],
     device: torch.device,
-    tta: bool = True,
-    batch_size: int = 64,
-    num_workers: int = 2,
-    cached: bool = False,
-    amp: bool = True,
+    tta: bool,
+    batch_size: int,
+    num_workers: int,
+    cached: bool,
+    amp: bool,
 ) -> np.ndarray:
     """Class probabilities, shape (len(paths), classes): softmax, averaged over the original and
-    its horizontal flip when ``tta``. ``resize`` must be the run's policy: the model sees the test
+    its horizontal flip when ``tta``. A run predicts through ``TrainingRun.predict``, which passes
+    its own settings. ``resize`` must be the run's policy: the model sees the test
     images made square as its training images were. Under ``torch.distributed`` every rank
     predicts a strided shard and every rank gets the whole result."""
     rank = dist.get_rank() if dist.is_initialized() else 0

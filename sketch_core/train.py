@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from sketch_core.config import TrainConfig
+from sketch_core.config import TTA, TrainConfig
 from sketch_core.errors import SketchError
 
 
@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/debug", help="folder for metrics.jsonl, last.pt, submissions")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     parser.add_argument("--predict", action="store_true", help="after training, write OUT/submission.csv")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=TTA,
+                        help="--predict: average the prediction of each image and its horizontal flip "
+                             "(as final_fit.py does by default)")
     config_options(parser)
     args = parser.parse_args(argv)
     try:
@@ -50,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> None:
     values = {name: getattr(args, name) for name in TrainConfig.field_names() if getattr(args, name) is not None}
     config = TrainConfig.from_dict(values, source="command line")
+    from sketch_core.models import check_model_name  # imports timm: after the cheap checks
+
+    check_model_name(config.model, "command line")
     # torch and timm take seconds to import: after --help and the option checks, not before.
     from sketch_core.engine import TrainingRun, load_checkpoint, save_checkpoint
     out = Path(args.out)
@@ -65,20 +71,16 @@ def run(args: argparse.Namespace) -> None:
             print(json.dumps(metrics), flush=True)
             log.write(json.dumps(metrics) + "\n")
     if args.predict:
-        predict_test(training, out)
+        predict_test(training, out, tta=args.tta)
 
 
-def predict_test(training, out: Path) -> None:
+def predict_test(training, out: Path, *, tta: bool) -> None:
     from sketch_core.data import read_test_table
     from sketch_core.io import unused_path
-    from sketch_core.predict import predict_probs, write_submission
+    from sketch_core.predict import write_submission
 
-    config = training.config
-    test = read_test_table(config.data_dir)
-    probs = predict_probs(training.eval_model, test.paths, image_size=config.image_size, resize=config.resize,
-                          mean=training.normalisation["mean"], std=training.normalisation["std"],
-                          device=training.device, num_workers=config.num_workers)
-    path = write_submission(unused_path(str(out / "submission.csv")), test.frame, probs)
+    test = read_test_table(training.config.data_dir)
+    path = write_submission(unused_path(str(out / "submission.csv")), test.frame, training.predict(test.paths, tta=tta))
     print(f"wrote {path}")
 
 

@@ -97,10 +97,10 @@ def fresh_clone(target: Path) -> Path:
 
 def ray_leftovers() -> str:
     """What of Ray runs on this machine: a search that failed to start may have found another."""
-    from ray._private.services import find_gcs_addresses
+    from ray_jobs.ray_internals import local_ray_instances
 
     raylets = [" ".join(args)[:160] for args in session_processes("raylet").values()]
-    return f"running Ray instances: {sorted(find_gcs_addresses()) or 'none'}; raylet processes: {raylets or 'none'}"
+    return f"running Ray instances: {local_ray_instances() or 'none'}; raylet processes: {raylets or 'none'}"
 
 
 @pytest.fixture(scope="session")

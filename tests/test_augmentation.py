@@ -114,8 +114,8 @@ def test_prediction_makes_test_images_square_by_the_runs_policy(tmp_path):
 
     def predicted(resize, cached=False):
         return predict_probs(model, paths, image_size=32, resize=resize, mean=normalisation["mean"],
-                             std=normalisation["std"], device=torch.device("cpu"), tta=False, num_workers=0,
-                             cached=cached)
+                             std=normalisation["std"], device=torch.device("cpu"), tta=False, batch_size=8,
+                             num_workers=0, cached=cached, amp=False)
 
     def direct(resize):  # the model on the images as training decodes them
         images = AugmentedImages(DecodedImages(paths, 32, resize=resize), np.zeros(len(paths)), "none", 32)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
-from ray.autoscaler._private.util import prepare_config, validate_config
+from ray_jobs.ray_internals import default_inbound_rules, prepare_cluster_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -60,7 +60,7 @@ def config(raw_text):
 
 @pytest.fixture
 def prepared(config, offline):
-    return prepare_config(copy.deepcopy(config))
+    return prepare_cluster_config(copy.deepcopy(config))
 
 
 def node_types(config):
@@ -97,8 +97,8 @@ def is_ssh_only(rule):
     )
 
 
-def test_passes_ray_schema_validation(prepared):
-    validate_config(prepared)
+def test_passes_ray_schema_validation(config, offline):
+    prepare_cluster_config(copy.deepcopy(config))  # raises on what `ray up` would refuse
 
 
 def test_every_command_list_is_set_in_the_file(config):
@@ -127,10 +127,9 @@ def test_declared_inbound_rules_open_only_ssh(config):
 def test_security_group_ray_creates_admits_outsiders_only_on_ssh(config):
     # Ray authorizes these rules on the group it creates for node types without SecurityGroupIds;
     # a group named in SecurityGroupIds is used as is and cannot be checked from the file.
-    aws_config = pytest.importorskip("ray.autoscaler._private.aws.config")
     cluster_group = "sg-cluster"
     declared = config["provider"].get("security_group", {}).get("IpPermissions", [])
-    rules = aws_config._create_default_inbound_rules({cluster_group}, declared)
+    rules = default_inbound_rules(cluster_group, declared)
     from_outside = [
         rule
         for rule in rules
@@ -235,7 +234,7 @@ def test_head_runs_no_trials(config):
 
 def test_eight_gpu_alternative_is_valid_once_uncommented(raw_text, offline):
     config = with_eight_gpu_block_uncommented(raw_text)
-    validate_config(prepare_config(config))
+    prepare_cluster_config(config)
     eight = node_types(config)["gpu_worker_8x"]
     assert eight["resources"].get("GPU") == 8, "the 8-GPU alternative must declare GPU: 8"
     assert eight.get("min_workers") == 0, "the 8-GPU alternative must have min_workers: 0"

@@ -18,7 +18,7 @@ from sketch_core.config import TrainConfig
 from sketch_core.data import read_test_table
 from sketch_core.engine import TrainingRun, load_checkpoint, save_checkpoint
 from sketch_core.errors import SketchError
-from sketch_core.predict import predict_probs, write_submission
+from sketch_core.predict import write_submission
 
 METRICS = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_s", "feature_cache"}
 
@@ -37,8 +37,7 @@ def test_learns_well_above_chance_and_predictions_agree_with_answers(demo_dir, t
     assert best_val >= 3 * chance, history
 
     test = read_test_table(demo_dir)
-    probs = predict_probs(run.eval_model, test.paths, image_size=48, resize="letterbox", mean=run.normalisation["mean"],
-                          std=run.normalisation["std"], device=run.device, num_workers=0)
+    probs = run.predict(test.paths)
     assert probs.shape == (80, 8) and np.allclose(probs.sum(1), 1, atol=1e-4)
     submission = write_submission(tmp_path / "submission.csv", test.frame, probs)
     written = pd.read_csv(submission)

@@ -29,16 +29,13 @@ def best_trial_test_accuracy(best: dict, demo_dir) -> float:
     from sketch_core.config import TrainConfig
     from sketch_core.data import read_test_table
     from sketch_core.engine import TrainingRun, load_checkpoint
-    from sketch_core.predict import predict_probs, submission_frame
+    from sketch_core.predict import submission_frame
     from ray_jobs.trial import CHECKPOINT_FILE
 
     run = TrainingRun(TrainConfig.from_dict(best["config"]),
                       state=load_checkpoint(Path(best["checkpoint"]) / CHECKPOINT_FILE))
     test = read_test_table(str(demo_dir))
-    probs = predict_probs(run.eval_model, test.paths, image_size=run.config.image_size, resize=run.config.resize,
-                          mean=run.normalisation["mean"], std=run.normalisation["std"], device=run.device,
-                          num_workers=0)
-    return accuracy(submission_frame(test.frame, probs), demo_dir)
+    return accuracy(submission_frame(test.frame, run.predict(test.paths)), demo_dir)
 
 
 def test_the_quickstart_refit_writes_a_valid_submission(finished_search):
