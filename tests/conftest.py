@@ -24,6 +24,13 @@ QUICK_TRAINING = dict(model="test_resnet", image_size=48, batch_size=16, lr=5e-3
                       augment="light", num_workers=0)
 
 
+def pytest_collection_modifyitems(items):
+    """A test of the shared quickstart search is an end-to-end test wherever it lives."""
+    for item in items:
+        if "finished_search" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_cache_dir(tmp_path_factory):
     """Keep the per-node decode cache out of the user's home during tests."""
@@ -73,14 +80,22 @@ def run_script(script: str, *args: str, timeout: float = 900, cwd: Path = REPO_R
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
-def quickstart_commands(readme: Path = REPO_ROOT / "README.md") -> list[list[str]]:
+def quickstart_commands(readme: Path = REPO_ROOT / "README.md", python: str = sys.executable) -> list[list[str]]:
     """The commands of README.md's quickstart block as a user types them (comments dropped), with
-    ``python`` and ``pip`` meaning this test session's interpreter."""
+    ``python`` and ``pip`` meaning the interpreter ``python``."""
     section = readme.read_text().split("\n## Quickstart", 1)[1]
     block = section.split("```", 2)[1]
     commands = [line.split("#", 1)[0].split() for line in block.splitlines()[1:]]
-    programs = {"python": [sys.executable], "pip": [sys.executable, "-m", "pip"]}
+    programs = {"python": [python], "pip": [python, "-m", "pip"]}
     return [programs.get(words[0], [words[0]]) + words[1:] for words in commands if words]
+
+
+def newcomer_python(folder: Path) -> str:
+    """The interpreter of a new virtual environment in ``folder`` that sees this machine's installed
+    packages (so the install step installs only the project itself, here, and leaves this test
+    session's installation of the project alone)."""
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(folder)], check=True)
+    return str(folder / "bin" / "python")
 
 
 def fresh_clone(target: Path) -> Path:
@@ -111,10 +126,13 @@ def finished_search(tmp_path_factory):
     generated on first use, 2 DDP workers per trial."""
     root = tmp_path_factory.mktemp("newcomer")
     clone = fresh_clone(root / "sketch-hpo")
-    install, search, refit = quickstart_commands(clone / "README.md")
+    install, search, refit = quickstart_commands(clone / "README.md", newcomer_python(root / "venv"))
     assert install[-3:] == ["install", "-r", "requirements.txt"] and search[1:3] == ["ray_jobs/tune.py", "--space"]
     installed = subprocess.run(install, cwd=clone, capture_output=True, text=True, timeout=900)
     assert installed.returncode == 0, installed.stdout[-3000:] + installed.stderr[-3000:]
+    imported = subprocess.run([search[0], "-c", "import ray_jobs, sketch_core; print(sketch_core.__file__)"],
+                              cwd=root, capture_output=True, text=True, check=True).stdout
+    assert imported.startswith(str(clone)), f"the install step did not install the clone's code: {imported}"
     log = root / "tune.log"
     with log.open("w") as output, started_command(search, cwd=clone, stdout=output,
                                                   stderr=subprocess.STDOUT) as driver:

@@ -12,6 +12,8 @@ import yaml
 
 from conftest import run_script, write_space
 
+pytestmark = pytest.mark.e2e  # real commands on local Ray: the fast tier is pytest -m "not e2e"
+
 BUDGET_HOURS = 0.01  # 36 s of a search whose trials take a second or two each (the first one ~10 s)
 
 

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import started_script, write_space
 
+pytestmark = pytest.mark.e2e  # real commands on local Ray: the fast tier is pytest -m "not e2e"
+
 
 @pytest.fixture
 def three_node_cluster():

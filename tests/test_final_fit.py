@@ -15,6 +15,8 @@ from conftest import own_output, run_script, started_script, wait_for
 from ray_jobs.results import SCHEMA_VERSION
 from sketch_core.demo_data import known_answers
 
+pytestmark = pytest.mark.e2e  # real commands on local Ray: the fast tier is pytest -m "not e2e"
+
 
 def read_fit_logs(experiment_dir):
     return sorted(experiment_dir.glob("final/fit-*/fit.json"))

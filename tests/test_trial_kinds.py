@@ -14,6 +14,8 @@ import yaml
 
 from conftest import QUICK_TRAINING, run_script, started_script, watch_worker_release, write_space
 
+pytestmark = pytest.mark.e2e  # real commands on local Ray: the fast tier is pytest -m "not e2e"
+
 MAX_EPOCHS = 4
 
 

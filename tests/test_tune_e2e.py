@@ -12,6 +12,8 @@ import pytest
 
 from conftest import own_output, run_script, started_script, wait_for, write_space
 
+pytestmark = pytest.mark.e2e  # real commands on local Ray: the fast tier is pytest -m "not e2e"
+
 
 def test_results_exist_and_agree(finished_search):
     """The quickstart's search (search_spaces/demo.yaml: 4 trials, 6 epochs at most, one at a time,
