@@ -50,8 +50,14 @@ class PerSampleImages(Dataset):
 
     def __init__(self, paths, targets, augment: str, image_size: int):
         self.paths, self.targets = paths, targets
-        self.transform = A.Compose([*base_transform(image_size).transforms, *augmentation(augment, image_size).transforms,
-                                    A.Normalize(mean=MEAN, std=STD), ToTensorV2()])
+        self.transform = A.Compose(
+            [
+                *base_transform(image_size).transforms,
+                *augmentation(augment, image_size).transforms,
+                A.Normalize(mean=MEAN, std=STD),
+                ToTensorV2(),
+            ]
+        )
 
     def __len__(self):
         return len(self.targets)
@@ -65,8 +71,13 @@ class DecodeCacheFloat(PerSampleImages):
 
     def __init__(self, cache, targets, augment: str, image_size: int):
         self.images, self.targets = cache, targets
-        self.transform = A.Compose([*augmentation(augment, image_size).transforms, A.Normalize(mean=MEAN, std=STD),
-                                    ToTensorV2()])
+        self.transform = A.Compose(
+            [
+                *augmentation(augment, image_size).transforms,
+                A.Normalize(mean=MEAN, std=STD),
+                ToTensorV2(),
+            ]
+        )
 
     def __getitem__(self, index):
         return self.transform(image=self.images[index])["image"], int(self.targets[index])
@@ -103,7 +114,9 @@ def time_split(paths, cache, augment: str, image_size: int, samples: int = 40) -
         "cache read": lambda i: np.array(cache[i]),
         "augment (uint8)": lambda i: augmenter(image=cache[i])["image"],
         "normalise+ToTensor per sample": lambda i: to_float(image=cache[i])["image"],
-        "uint8 CHW + normalise in batch": lambda i: torch.from_numpy(to_chw(cache[i]))[None].float().sub_(mean).div_(std),
+        "uint8 CHW + normalise in batch": lambda i: (
+            torch.from_numpy(to_chw(cache[i]))[None].float().sub_(mean).div_(std)
+        ),
     }
     split = {}
     for name, stage in stages.items():
@@ -126,12 +139,16 @@ def normalise_batch_ms(batch_size: int, image_size: int, repeats: int = 5) -> fl
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="200 images, 3 epochs: a smoke run")
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--epochs", type=int, default=4, help="per loader; epochs 2+ are measured")
     parser.add_argument("--image-size", type=int, default=448)
-    parser.add_argument("--augment", default="sketch", help="preset for both loaders (sketch: flip + rotate ...)")
+    parser.add_argument(
+        "--augment", default="sketch", help="preset for both loaders (sketch: flip + rotate ...)"
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
@@ -141,24 +158,53 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-dataloader-") as tmp:
         started = time.perf_counter()
         classes = 10
-        data_dir = generate(Path(tmp) / "data", classes=classes, images_per_class=max(2, args.images // classes),
-                            test_images=1, min_size=400, max_size=800, seed=0)
+        data_dir = generate(
+            Path(tmp) / "data",
+            classes=classes,
+            images_per_class=max(2, args.images // classes),
+            test_images=1,
+            min_size=400,
+            max_size=800,
+            seed=0,
+        )
         table = read_train_table(data_dir)
         generate_s = time.perf_counter() - started
-        options = dict(batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                       persistent_workers=args.workers > 0, drop_last=False)
+        options = dict(
+            batch_size=args.batch_size,
+            shuffle=True,
+            num_workers=args.workers,
+            persistent_workers=args.workers > 0,
+            drop_last=False,
+        )
 
         started = time.perf_counter()
-        cache = DecodeCache(table.paths, args.image_size, cache_dir=Path(tmp) / "cache", build_workers=args.workers)
+        cache = DecodeCache(
+            table.paths, args.image_size, cache_dir=Path(tmp) / "cache", build_workers=args.workers
+        )
         cache_build_s = time.perf_counter() - started
         loaders = {
-            BASELINE: DataLoader(PerSampleImages(table.paths, table.targets, args.augment, args.image_size), **options),
-            MIDDLE: DataLoader(DecodeCacheFloat(cache, table.targets, args.augment, args.image_size), **options),
-            OURS: PrefetchLoader(DataLoader(AugmentedImages(cache, table.targets, args.augment, args.image_size),
-                                            collate_fn=fast_collate, **options),
-                                 mean=MEAN, std=STD, device=torch.device("cpu")),
-            UINT8_ONLY: DataLoader(AugmentedImages(cache, table.targets, args.augment, args.image_size),
-                                   collate_fn=fast_collate, **options),
+            BASELINE: DataLoader(
+                PerSampleImages(table.paths, table.targets, args.augment, args.image_size),
+                **options,
+            ),
+            MIDDLE: DataLoader(
+                DecodeCacheFloat(cache, table.targets, args.augment, args.image_size), **options
+            ),
+            OURS: PrefetchLoader(
+                DataLoader(
+                    AugmentedImages(cache, table.targets, args.augment, args.image_size),
+                    collate_fn=fast_collate,
+                    **options,
+                ),
+                mean=MEAN,
+                std=STD,
+                device=torch.device("cpu"),
+            ),
+            UINT8_ONLY: DataLoader(
+                AugmentedImages(cache, table.targets, args.augment, args.image_size),
+                collate_fn=fast_collate,
+                **options,
+            ),
         }
         load_before = os.getloadavg()[0]
         seconds = interleaved_epochs(loaders, args.epochs)
@@ -170,36 +216,63 @@ def main(argv=None) -> int:
     count = len(table.paths)
     rates = {name: count / statistics.median(times[1:]) for name, times in seconds.items()}
     ratio = rates[OURS] / rates[BASELINE]
-    print(f"{count} JPEGs of 400-800 px -> {args.image_size} px, augment={args.augment!r}, "
-          f"{args.workers} workers, batch {args.batch_size}, {len(os.sched_getaffinity(0))} CPUs, normalised on the CPU; "
-          f"load average {load_before:.1f} -> {load_after:.1f} (data generated in {generate_s:.1f}s)")
+    print(
+        f"{count} JPEGs of 400-800 px -> {args.image_size} px, augment={args.augment!r}, "
+        f"{args.workers} workers, batch {args.batch_size}, {len(os.sched_getaffinity(0))} CPUs, normalised on the CPU; "
+        f"load average {load_before:.1f} -> {load_after:.1f} (data generated in {generate_s:.1f}s)"
+    )
     print(f"{'loader':<46}{'epoch s (1, 2, ...)':<36}{'images/s (2+)':>14}{'ratio':>8}")
     for name, times in seconds.items():
-        print(f"{name:<46}{', '.join(f'{s:.2f}' for s in times):<36}{rates[name]:>14.0f}"
-              f"{rates[name] / rates[BASELINE]:>8.2f}")
-    print(f"decode cache build (once per node and image size): {cache_build_s:.2f}s "
-          f"= {count / cache_build_s:.0f} images/s; steady-state ratio {ratio:.2f}x (target >= 3x)")
-    first_epoch_ratio = (count / (cache_build_s + seconds[OURS][0])) / (count / seconds[BASELINE][0])
-    print(f"first epoch including the cache build: {first_epoch_ratio:.2f}x the baseline's first epoch")
-    print("time split, ms per image in one process: "
-          + "; ".join(f"{name} {ms:.2f}" for name, ms in split.items()))
+        print(
+            f"{name:<46}{', '.join(f'{s:.2f}' for s in times):<36}{rates[name]:>14.0f}"
+            f"{rates[name] / rates[BASELINE]:>8.2f}"
+        )
+    print(
+        f"decode cache build (once per node and image size): {cache_build_s:.2f}s "
+        f"= {count / cache_build_s:.0f} images/s; steady-state ratio {ratio:.2f}x (target >= 3x)"
+    )
+    first_epoch_ratio = (count / (cache_build_s + seconds[OURS][0])) / (
+        count / seconds[BASELINE][0]
+    )
+    print(
+        f"first epoch including the cache build: {first_epoch_ratio:.2f}x the baseline's first epoch"
+    )
+    print(
+        "time split, ms per image in one process: "
+        + "; ".join(f"{name} {ms:.2f}" for name, ms in split.items())
+    )
     ceiling = args.batch_size / batch_normalise_ms * 1e3
-    print(f"PrefetchLoader normalises a batch of {args.batch_size} in {batch_normalise_ms:.1f} ms in the main process: "
-          f"a ceiling of {ceiling:.0f} images/s however many workers decode and augment, when the device is the CPU")
-    print(json.dumps({
-        "ratio": round(ratio, 3), "ours_images_per_s": round(rates[OURS], 1),
-        "baseline_images_per_s": round(rates[BASELINE], 1), "cache_build_s": round(cache_build_s, 3),
-        "cache_float_per_sample_images_per_s": round(rates[MIDDLE], 1),
-        "ours_epoch_s": [round(s, 3) for s in seconds[OURS]],
-        "baseline_epoch_s": [round(s, 3) for s in seconds[BASELINE]],
-        "first_epoch_ratio_with_build": round(first_epoch_ratio, 3), "images": count,
-        "time_split_ms_per_image": {name: round(ms, 3) for name, ms in split.items()},
-        "load_average": [round(load_before, 2), round(load_after, 2)],
-        "uint8_only_images_per_s": round(rates[UINT8_ONLY], 1),
-        "normalise_batch_ms": round(batch_normalise_ms, 2), "normalise_ceiling_images_per_s": round(ceiling, 1),
-        "image_size": args.image_size, "augment": args.augment, "workers": args.workers,
-        "batch_size": args.batch_size, "cpus": len(os.sched_getaffinity(0)), "device": "cpu", "target_ratio": 3.0,
-    }))
+    print(
+        f"PrefetchLoader normalises a batch of {args.batch_size} in {batch_normalise_ms:.1f} ms in the main process: "
+        f"a ceiling of {ceiling:.0f} images/s however many workers decode and augment, when the device is the CPU"
+    )
+    print(
+        json.dumps(
+            {
+                "ratio": round(ratio, 3),
+                "ours_images_per_s": round(rates[OURS], 1),
+                "baseline_images_per_s": round(rates[BASELINE], 1),
+                "cache_build_s": round(cache_build_s, 3),
+                "cache_float_per_sample_images_per_s": round(rates[MIDDLE], 1),
+                "ours_epoch_s": [round(s, 3) for s in seconds[OURS]],
+                "baseline_epoch_s": [round(s, 3) for s in seconds[BASELINE]],
+                "first_epoch_ratio_with_build": round(first_epoch_ratio, 3),
+                "images": count,
+                "time_split_ms_per_image": {name: round(ms, 3) for name, ms in split.items()},
+                "load_average": [round(load_before, 2), round(load_after, 2)],
+                "uint8_only_images_per_s": round(rates[UINT8_ONLY], 1),
+                "normalise_batch_ms": round(batch_normalise_ms, 2),
+                "normalise_ceiling_images_per_s": round(ceiling, 1),
+                "image_size": args.image_size,
+                "augment": args.augment,
+                "workers": args.workers,
+                "batch_size": args.batch_size,
+                "cpus": len(os.sched_getaffinity(0)),
+                "device": "cpu",
+                "target_ratio": 3.0,
+            }
+        )
+    )
     return 0
 
 

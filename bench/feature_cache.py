@@ -49,7 +49,12 @@ def timed_run(config: TrainConfig) -> dict:
             break
         epochs.append(time.perf_counter() - started)
         history.append(metrics)
-    return {"setup_s": setup_s, "epoch_s": epochs, "history": history, "uses_cache": run.uses_feature_cache}
+    return {
+        "setup_s": setup_s,
+        "epoch_s": epochs,
+        "history": history,
+        "uses_cache": run.uses_feature_cache,
+    }
 
 
 def pretrain_backbone(config: TrainConfig, out: Path) -> tuple[Path, float, float]:
@@ -62,8 +67,12 @@ def pretrain_backbone(config: TrainConfig, out: Path) -> tuple[Path, float, floa
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="random-init backbone, 3 epochs: a smoke run")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="random-init backbone, 3 epochs: a smoke run"
+    )
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--augment", default="sketch")
@@ -83,22 +92,45 @@ def main(argv=None) -> int:
         os.environ["SKETCH_CACHE_DIR"] = str(tmp / "cache")  # a cold node-local cache
         data = dict(classes=args.classes, test_images=1, min_size=160, max_size=400)
         data_dir = generate(tmp / "data", images_per_class=args.images_per_class, seed=3, **data)
-        common = dict(model=args.model, image_size=args.image_size, batch_size=32, weight_decay=0.01,
-                      num_workers=args.workers, seed=0)
+        common = dict(
+            model=args.model,
+            image_size=args.image_size,
+            batch_size=32,
+            weight_decay=0.01,
+            num_workers=args.workers,
+            seed=0,
+        )
 
         checkpoint, pretrain_s, pretrain_acc = "", 0.0, None
         if args.pretrain_epochs:
-            pretrain_dir = generate(tmp / "pretrain", images_per_class=args.images_per_class, seed=11, **data)
-            pretrain = TrainConfig.from_dict({**common, "data_dir": str(pretrain_dir), "freeze": "none",
-                                              "augment": "light", "lr": args.pretrain_lr,
-                                              "epochs": args.pretrain_epochs})
+            pretrain_dir = generate(
+                tmp / "pretrain", images_per_class=args.images_per_class, seed=11, **data
+            )
+            pretrain = TrainConfig.from_dict(
+                {
+                    **common,
+                    "data_dir": str(pretrain_dir),
+                    "freeze": "none",
+                    "augment": "light",
+                    "lr": args.pretrain_lr,
+                    "epochs": args.pretrain_epochs,
+                }
+            )
             path, pretrain_s, pretrain_acc = pretrain_backbone(pretrain, tmp / "backbone.pth")
             checkpoint = str(path)
 
-        head_only = TrainConfig.from_dict({
-            **common, "data_dir": str(data_dir), "freeze": "head", "checkpoint_file": checkpoint,
-            "augment": args.augment, "feature_views": args.feature_views, "lr": 1e-2, "epochs": args.epochs,
-        })
+        head_only = TrainConfig.from_dict(
+            {
+                **common,
+                "data_dir": str(data_dir),
+                "freeze": "head",
+                "checkpoint_file": checkpoint,
+                "augment": args.augment,
+                "feature_views": args.feature_views,
+                "lr": 1e-2,
+                "epochs": args.epochs,
+            }
+        )
         load = [os.getloadavg()[0]]
         uncached = timed_run(head_only.replace(feature_cache=False))
         cold = timed_run(head_only)  # builds the feature cache
@@ -116,37 +148,65 @@ def main(argv=None) -> int:
     views = 1 if args.augment == "none" else args.feature_views
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only, no GPU"
 
-    print(f"{args.model} at {args.image_size} px, freeze=head, augment={args.augment!r} ({views} cached view(s)), "
-          f"{args.classes * args.images_per_class} images, {args.epochs} epochs, {args.workers} workers, "
-          f"load average {load[0]:.1f} -> {load[1]:.1f}, "
-          f"{len(os.sched_getaffinity(0))} CPUs, {device}")
+    print(
+        f"{args.model} at {args.image_size} px, freeze=head, augment={args.augment!r} ({views} cached view(s)), "
+        f"{args.classes * args.images_per_class} images, {args.epochs} epochs, {args.workers} workers, "
+        f"load average {load[0]:.1f} -> {load[1]:.1f}, "
+        f"{len(os.sched_getaffinity(0))} CPUs, {device}"
+    )
     if checkpoint:
-        print(f"backbone pre-trained on separate demo data: {args.pretrain_epochs} epochs, {pretrain_s:.1f}s, "
-              f"val_acc {pretrain_acc:.3f} there")
+        print(
+            f"backbone pre-trained on separate demo data: {args.pretrain_epochs} epochs, {pretrain_s:.1f}s, "
+            f"val_acc {pretrain_acc:.3f} there"
+        )
     else:
         print("backbone: random init (--quick): accuracies are near chance")
-    print(f"{'run':<12}{'setup s':>9}{'epoch s (1, 2, ...)':>46}{'median 2+':>11}{'train img/s':>13}"
-          f"{'val_acc per epoch':>40}")
+    print(
+        f"{'run':<12}{'setup s':>9}{'epoch s (1, 2, ...)':>46}{'median 2+':>11}{'train img/s':>13}"
+        f"{'val_acc per epoch':>40}"
+    )
     for name, result in (("images", uncached), ("cache cold", cold), ("cache warm", warm)):
         epochs = ", ".join(f"{s:.3f}" for s in result["epoch_s"])
         accs = ", ".join(f"{m['val_acc']:.3f}" for m in result["history"])
-        rate = statistics.median(m["images_per_s"] for m in result["history"][1:] or result["history"])
-        print(f"{name:<12}{result['setup_s']:>9.2f}{epochs:>46}{steady(result):>11.4f}{rate:>13.0f}{accs:>40}")
-    print(f"feature cache build (once per node, model, weights, size, view): {cache_build_s:.2f}s; "
-          f"epoch speed-up {ratio:.1f}x (target >= 50x); final val_acc {acc_cached:.3f} cached vs "
-          f"{acc_uncached:.3f} on images")
-    print(json.dumps({
-        "ratio": round(ratio, 2), "acc_diff": round(acc_cached - acc_uncached, 4), "cache_build_s": round(cache_build_s, 3),
-        "uncached_epoch_s": round(uncached_s, 4), "cached_epoch_s": round(cached_s, 5),
-        "uncached_val_acc": acc_uncached, "cached_val_acc": acc_cached,
-        "uncached_val_acc_best": max(m["val_acc"] for m in uncached["history"]),
-        "cached_val_acc_best": max(m["val_acc"] for m in warm["history"]),
-        "model": args.model, "image_size": args.image_size, "augment": args.augment, "feature_views": views,
-        "epochs": args.epochs, "images": args.classes * args.images_per_class, "pretrain_epochs": args.pretrain_epochs,
-        "pretrain_s": round(pretrain_s, 2), "pretrain_val_acc": pretrain_acc, "cpus": len(os.sched_getaffinity(0)),
-        "device": "cuda" if torch.cuda.is_available() else "cpu", "load_average": [round(v, 2) for v in load],
-        "target_ratio": 50.0,
-    }))
+        rate = statistics.median(
+            m["images_per_s"] for m in result["history"][1:] or result["history"]
+        )
+        print(
+            f"{name:<12}{result['setup_s']:>9.2f}{epochs:>46}{steady(result):>11.4f}{rate:>13.0f}{accs:>40}"
+        )
+    print(
+        f"feature cache build (once per node, model, weights, size, view): {cache_build_s:.2f}s; "
+        f"epoch speed-up {ratio:.1f}x (target >= 50x); final val_acc {acc_cached:.3f} cached vs "
+        f"{acc_uncached:.3f} on images"
+    )
+    print(
+        json.dumps(
+            {
+                "ratio": round(ratio, 2),
+                "acc_diff": round(acc_cached - acc_uncached, 4),
+                "cache_build_s": round(cache_build_s, 3),
+                "uncached_epoch_s": round(uncached_s, 4),
+                "cached_epoch_s": round(cached_s, 5),
+                "uncached_val_acc": acc_uncached,
+                "cached_val_acc": acc_cached,
+                "uncached_val_acc_best": max(m["val_acc"] for m in uncached["history"]),
+                "cached_val_acc_best": max(m["val_acc"] for m in warm["history"]),
+                "model": args.model,
+                "image_size": args.image_size,
+                "augment": args.augment,
+                "feature_views": views,
+                "epochs": args.epochs,
+                "images": args.classes * args.images_per_class,
+                "pretrain_epochs": args.pretrain_epochs,
+                "pretrain_s": round(pretrain_s, 2),
+                "pretrain_val_acc": pretrain_acc,
+                "cpus": len(os.sched_getaffinity(0)),
+                "device": "cuda" if torch.cuda.is_available() else "cpu",
+                "load_average": [round(v, 2) for v in load],
+                "target_ratio": 50.0,
+            }
+        )
+    )
     return 0
 
 

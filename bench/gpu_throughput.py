@@ -47,8 +47,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Dense bf16 tensor-core TFLOP/s from NVIDIA's data sheets (SXM parts), by a name fragment.
 DATASHEET_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
-QUICK = {"model": "test_vit", "image_size": 32, "batch_size": 4, "classes": 10, "steps": 3, "warmup": 1,
-         "no_compile": True}
+QUICK = {
+    "model": "test_vit",
+    "image_size": 32,
+    "batch_size": 4,
+    "classes": 10,
+    "steps": 3,
+    "warmup": 1,
+    "no_compile": True,
+}
 
 
 class Workload:
@@ -59,7 +66,9 @@ class Workload:
         self.config, self.device = config, device
         self.table = synthetic_table(classes, rows=config.batch_size * steps_per_run)
         # As PrefetchLoader hands a batch over: normalised float32, NCHW, on the device.
-        self.images = torch.randn(config.batch_size, 3, config.image_size, config.image_size, device=device)
+        self.images = torch.randn(
+            config.batch_size, 3, config.image_size, config.image_size, device=device
+        )
         self.targets = torch.randint(0, classes, (config.batch_size,), device=device)
 
     def run(self, **changes) -> TrainingRun:
@@ -75,13 +84,19 @@ def synthetic_table(classes: int, rows: int) -> TrainTable:
     targets = np.arange(rows) % classes
     class_names = [f"class_{target}" for target in range(classes)]
     paths = [f"synthetic/{row}.JPEG" for row in range(rows)]
-    frame = pd.DataFrame({"class_name": [class_names[t] for t in targets], "image_path": paths, "target": targets})
+    frame = pd.DataFrame(
+        {"class_name": [class_names[t] for t in targets], "image_path": paths, "target": targets}
+    )
     return TrainTable(frame=frame, paths=paths, targets=targets, class_names=class_names)
 
 
-def measure(workload: Workload, name: str, args, *, channels_last: bool, compile_model: bool) -> dict:
+def measure(
+    workload: Workload, name: str, args, *, channels_last: bool, compile_model: bool
+) -> dict:
     device = workload.device
-    if device.type == "cuda":  # the peak of this variant alone: the previous run's memory freed first
+    if (
+        device.type == "cuda"
+    ):  # the peak of this variant alone: the previous run's memory freed first
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -94,12 +109,22 @@ def measure(workload: Workload, name: str, args, *, channels_last: bool, compile
     for _ in range(args.steps):
         workload.step(run)
     step_s = (benchmark.timer() - started) / args.steps
-    row = {"variant": name, "images_per_s": workload.config.batch_size / step_s, "step_ms": step_s * 1000,
-           "warmup_s": warmup_s, "compile_s": max(warmup_s - args.warmup * step_s, 0.0) if compile_model else None,
-           "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0}
+    row = {
+        "variant": name,
+        "images_per_s": workload.config.batch_size / step_s,
+        "step_ms": step_s * 1000,
+        "warmup_s": warmup_s,
+        "compile_s": max(warmup_s - args.warmup * step_s, 0.0) if compile_model else None,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
+        if device.type == "cuda"
+        else 0.0,
+    }
     compiled = f"  compile {row['compile_s']:6.1f} s" if compile_model else ""
-    print(f"{name:<24} {row['images_per_s']:8.1f} img/s  {row['step_ms']:8.1f} ms/step  "
-          f"warm-up {warmup_s:6.1f} s{compiled}  peak mem {row['peak_mem_gib']:5.1f} GiB", flush=True)
+    print(
+        f"{name:<24} {row['images_per_s']:8.1f} img/s  {row['step_ms']:8.1f} ms/step  "
+        f"warm-up {warmup_s:6.1f} s{compiled}  peak mem {row['peak_mem_gib']:5.1f} GiB",
+        flush=True,
+    )
     return row
 
 
@@ -127,11 +152,23 @@ def benchmark_config(args) -> TrainConfig:
     """The space's settings for a trial, with this benchmark's model and batch; the data loading
     settings are moot (nothing is loaded) and set so that building the run reads no file."""
     base = load_space(args.space).base
-    return TrainConfig.from_dict({
-        **base, "model": args.model or base["model"], "image_size": args.image_size or base["image_size"],
-        "batch_size": args.batch_size, "pretrained": False, "checkpoint_file": "", "data_dir": "",
-        "val_fraction": 0.0, "folds": 0, "decode_cache": False, "num_workers": 0, **dict(args.set),
-    }, source="gpu_throughput")
+    return TrainConfig.from_dict(
+        {
+            **base,
+            "model": args.model or base["model"],
+            "image_size": args.image_size or base["image_size"],
+            "batch_size": args.batch_size,
+            "pretrained": False,
+            "checkpoint_file": "",
+            "data_dir": "",
+            "val_fraction": 0.0,
+            "folds": 0,
+            "decode_cache": False,
+            "num_workers": 0,
+            **dict(args.set),
+        },
+        source="gpu_throughput",
+    )
 
 
 def field_setting(text: str) -> tuple[str, str]:
@@ -142,22 +179,45 @@ def field_setting(text: str) -> tuple[str, str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--space", type=Path, default=REPO_ROOT / "search_spaces" / "eva02.yaml",
-                        help="the space file whose settings a trial trains with")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--space",
+        type=Path,
+        default=REPO_ROOT / "search_spaces" / "eva02.yaml",
+        help="the space file whose settings a trial trains with",
+    )
     parser.add_argument("--model", help="default: the space's model")
     parser.add_argument("--image-size", type=int, help="default: the space's image size")
     parser.add_argument("--batch-size", type=int, default=32, help="per GPU")
     parser.add_argument("--classes", type=int, default=500)
-    parser.add_argument("--set", action="append", default=[], type=field_setting, metavar="FIELD=VALUE",
-                        help="any other TrainConfig field (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        type=field_setting,
+        metavar="FIELD=VALUE",
+        help="any other TrainConfig field (repeatable)",
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant (compilation included)")
+    parser.add_argument(
+        "--warmup", type=int, default=5, help="untimed steps per variant (compilation included)"
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smoke run: {', '.join(f'{key}={value}' for key, value in QUICK.items())}")
-    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the data-sheet table")
-    parser.add_argument("--device", help="default: cuda (with --quick, the CPU where there is no GPU)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: {', '.join(f'{key}={value}' for key, value in QUICK.items())}",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the GPU's dense bf16 peak, if not in the data-sheet table",
+    )
+    parser.add_argument(
+        "--device", help="default: cuda (with --quick, the CPU where there is no GPU)"
+    )
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
     if args.quick:
@@ -167,42 +227,76 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() or not args.quick else "cpu"))
+    device = torch.device(
+        args.device or ("cuda" if torch.cuda.is_available() or not args.quick else "cpu")
+    )
     if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: no CUDA GPU here; this benchmark measures GPU training (--quick for a smoke run on the CPU)")
+        sys.exit(
+            "error: no CUDA GPU here; this benchmark measures GPU training (--quick for a smoke run on the CPU)"
+        )
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     try:
         config = benchmark_config(args)
     except SketchError as exc:
         sys.exit(f"error: {exc}")
     workload = Workload(config, args.classes, steps_per_run=args.warmup + args.steps, device=device)
-    print(f"TrainingRun.train_step: {config.model} at {config.image_size} px, batch {config.batch_size}, "
-          f"{args.classes} classes, {config.optimizer}, grad_clip {config.grad_clip}, "
-          f"{'bf16 autocast' if config.amp and device.type == 'cuda' else 'fp32'}, on {gpu}", flush=True)
+    print(
+        f"TrainingRun.train_step: {config.model} at {config.image_size} px, batch {config.batch_size}, "
+        f"{args.classes} classes, {config.optimizer}, grad_clip {config.grad_clip}, "
+        f"{'bf16 autocast' if config.amp and device.type == 'cuda' else 'fp32'}, on {gpu}",
+        flush=True,
+    )
 
     flops_per_image = train_flops_per_image(workload)
-    rows = [measure(workload, "eager", args, channels_last=False, compile_model=False),
-            measure(workload, "eager, channels-last", args, channels_last=True, compile_model=False)]
+    rows = [
+        measure(workload, "eager", args, channels_last=False, compile_model=False),
+        measure(workload, "eager, channels-last", args, channels_last=True, compile_model=False),
+    ]
     channels_last = rows[1]["images_per_s"] > rows[0]["images_per_s"]
     if not args.no_compile:
-        rows.append(measure(workload, "compiled" + (", channels-last" if channels_last else ""), args,
-                            channels_last=channels_last, compile_model=True))
+        rows.append(
+            measure(
+                workload,
+                "compiled" + (", channels-last" if channels_last else ""),
+                args,
+                channels_last=channels_last,
+                compile_model=True,
+            )
+        )
     best = max(rows, key=lambda row: row["images_per_s"])
     achieved = best["images_per_s"] * flops_per_image / 1e12
-    peak = args.peak_tflops or next((tflops for name, tflops in DATASHEET_BF16_TFLOPS.items() if name in gpu), None)
+    peak = args.peak_tflops or next(
+        (tflops for name, tflops in DATASHEET_BF16_TFLOPS.items() if name in gpu), None
+    )
     measured_peak = matmul_tflops(device) if device.type == "cuda" else None
-    print(f"train step: {flops_per_image / 1e12:.3g} TFLOP per image; best ({best['variant']}): "
-          f"{achieved:.3g} TFLOP/s of {peak or 'unknown'} (data sheet), "
-          f"{measured_peak or float('nan'):.0f} (8192^3 bf16 matmul here)", flush=True)
+    print(
+        f"train step: {flops_per_image / 1e12:.3g} TFLOP per image; best ({best['variant']}): "
+        f"{achieved:.3g} TFLOP/s of {peak or 'unknown'} (data sheet), "
+        f"{measured_peak or float('nan'):.0f} (8192^3 bf16 matmul here)",
+        flush=True,
+    )
 
     figures = {
-        "step": "TrainingRun.train_step", "space": str(args.space), "model": config.model,
-        "image_size": config.image_size, "batch_size": config.batch_size, "grad_clip": config.grad_clip,
-        "amp": config.amp and device.type == "cuda", "gpu": gpu, "torch": torch.__version__,
-        **{f"{row['variant'].replace(', ', '_').replace('-', '_')}_images_per_s": round(row["images_per_s"], 1)
-           for row in rows},
-        "compile_speedup": round(rows[2]["images_per_s"] / rows[int(channels_last)]["images_per_s"], 3)
-        if len(rows) == 3 else None,
+        "step": "TrainingRun.train_step",
+        "space": str(args.space),
+        "model": config.model,
+        "image_size": config.image_size,
+        "batch_size": config.batch_size,
+        "grad_clip": config.grad_clip,
+        "amp": config.amp and device.type == "cuda",
+        "gpu": gpu,
+        "torch": torch.__version__,
+        **{
+            f"{row['variant'].replace(', ', '_').replace('-', '_')}_images_per_s": round(
+                row["images_per_s"], 1
+            )
+            for row in rows
+        },
+        "compile_speedup": round(
+            rows[2]["images_per_s"] / rows[int(channels_last)]["images_per_s"], 3
+        )
+        if len(rows) == 3
+        else None,
         "compile_s": round(rows[2]["compile_s"], 1) if len(rows) == 3 else None,
         "channels_last_speedup": round(rows[1]["images_per_s"] / rows[0]["images_per_s"], 3),
         "best_images_per_s": round(best["images_per_s"], 1),

@@ -15,15 +15,19 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+
 def small_demo_data(folder: Path) -> Path:
     from sketch_core.demo_data import generate
 
-    return generate(folder / "data", classes=8, images_per_class=40, test_images=8, min_size=96, max_size=128)
+    return generate(
+        folder / "data", classes=8, images_per_class=40, test_images=8, min_size=96, max_size=128
+    )
 
 
 def demo_space(data_dir: Path, experiment: str, **sections) -> dict:
     space = {
-        "experiment": experiment, "data": {"dir": str(data_dir)},
+        "experiment": experiment,
+        "data": {"dir": str(data_dir)},
         "model": {"name": "test_resnet", "pretrained": False, "image_size": 48},
         "resources": {"workers": 1, "cpus_per_worker": 0.9},
         "search": {"max_concurrent": 2, "seed": 0},
@@ -50,14 +54,21 @@ def run_command(args: list, *, wait_for_ray_s: float = 1800.0) -> Finished:
     deadline = time.monotonic() + wait_for_ray_s
     while True:
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO_ROOT)
+        done = subprocess.run(
+            [sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO_ROOT
+        )
         if not done.returncode:
             return Finished(done.stdout, time.perf_counter() - started)
         if "another Ray instance is running" not in done.stderr or time.monotonic() > deadline:
             tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
-            raise RuntimeError(f"{' '.join(map(str, args[:2]))} exited with {done.returncode}:\n{tail}")
-        print(f"{Path(str(args[0])).name}: another Ray instance is running on this machine; waiting for it to end",
-              file=sys.stderr, flush=True)
+            raise RuntimeError(
+                f"{' '.join(map(str, args[:2]))} exited with {done.returncode}:\n{tail}"
+            )
+        print(
+            f"{Path(str(args[0])).name}: another Ray instance is running on this machine; waiting for it to end",
+            file=sys.stderr,
+            flush=True,
+        )
         time.sleep(10)
 
 
@@ -65,7 +76,9 @@ def timed_search(space: dict, folder: Path) -> tuple[Path, float]:
     """Run the search as a user would; returns results/<experiment>/ and the command's seconds."""
     space_file = folder / f"{space['experiment']}.yaml"
     space_file.write_text(yaml.safe_dump(space))
-    done = run_command([REPO_ROOT / "ray_jobs" / "tune.py", "--space", space_file, "--results", folder / "results"])
+    done = run_command(
+        [REPO_ROOT / "ray_jobs" / "tune.py", "--space", space_file, "--results", folder / "results"]
+    )
     return folder / "results" / space["experiment"], done.wall_s
 
 
@@ -74,21 +87,44 @@ def run_search(space: dict, folder: Path) -> Path:
     return timed_search(space, folder)[0]
 
 
-def head_problem(folder: Path, *, classes: int, images_per_class: int, model: str = "resnet18", image_size: int = 64,
-                 pretrain_images_per_class: int = 30, pretrain_epochs: int = 8) -> tuple[Path, Path]:
+def head_problem(
+    folder: Path,
+    *,
+    classes: int,
+    images_per_class: int,
+    model: str = "resnet18",
+    image_size: int = 64,
+    pretrain_images_per_class: int = 30,
+    pretrain_epochs: int = 8,
+) -> tuple[Path, Path]:
     """Demo data for head-only trials, and a backbone checkpoint trained briefly on *separate* demo
     images of the same classes (a random-init backbone's features are near useless, as pretrained
     weights' would not be). Returns (data dir, checkpoint file)."""
     from feature_cache import pretrain_backbone
+
     from sketch_core.config import TrainConfig
     from sketch_core.demo_data import generate
 
     shapes = dict(classes=classes, test_images=1, min_size=96, max_size=160)
     data_dir = generate(folder / "data", images_per_class=images_per_class, seed=3, **shapes)
-    pretrain_dir = generate(folder / "pretrain", images_per_class=pretrain_images_per_class, seed=11, **shapes)
-    pretrain = TrainConfig.from_dict({"data_dir": str(pretrain_dir), "model": model, "image_size": image_size,
-                                      "freeze": "none", "augment": "light", "lr": 5e-3, "epochs": pretrain_epochs,
-                                      "batch_size": 32, "weight_decay": 0.01, "num_workers": 0, "seed": 0})
+    pretrain_dir = generate(
+        folder / "pretrain", images_per_class=pretrain_images_per_class, seed=11, **shapes
+    )
+    pretrain = TrainConfig.from_dict(
+        {
+            "data_dir": str(pretrain_dir),
+            "model": model,
+            "image_size": image_size,
+            "freeze": "none",
+            "augment": "light",
+            "lr": 5e-3,
+            "epochs": pretrain_epochs,
+            "batch_size": 32,
+            "weight_decay": 0.01,
+            "num_workers": 0,
+            "seed": 0,
+        }
+    )
     checkpoint, _, _ = pretrain_backbone(pretrain, folder / "backbone.pth")
     return data_dir, checkpoint
 
@@ -96,10 +132,15 @@ def head_problem(folder: Path, *, classes: int, images_per_class: int, model: st
 def test_accuracy(submission_csv: Path, data_dir: Path) -> float:
     """Accuracy of a submission against the demo data's test_answers.csv."""
     import pandas as pd
+
     from sketch_core.demo_data import known_answers
 
     submission = pd.read_csv(submission_csv)
-    return float((submission["target"].to_numpy() == known_answers(data_dir, submission["image_path"])).mean())
+    return float(
+        (
+            submission["target"].to_numpy() == known_answers(data_dir, submission["image_path"])
+        ).mean()
+    )
 
 
 def spread(values) -> dict:
@@ -107,8 +148,12 @@ def spread(values) -> dict:
     present = [v for v in values if v is not None]
     if not present:
         return {"median": None, "min": None, "max": None, "n": 0}
-    return {"median": round(statistics.median(present), 4), "min": round(min(present), 4),
-            "max": round(max(present), 4), "n": len(present)}
+    return {
+        "median": round(statistics.median(present), 4),
+        "min": round(min(present), 4),
+        "max": round(max(present), 4),
+        "n": len(present),
+    }
 
 
 def spread_text(summary: dict, fmt: str = "{:.3f}") -> str:

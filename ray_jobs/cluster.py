@@ -10,15 +10,17 @@ from pathlib import Path
 import ray
 import yaml
 
-from sketch_core.errors import SketchError
 from ray_jobs.ray_internals import local_ray_instances
 from ray_jobs.space import Resources
+from sketch_core.errors import SketchError
 
 # Written on the head node by `ray up`: the node types the autoscaler may add.
 AUTOSCALER_CONFIG = Path.home() / "ray_bootstrap_config.yaml"
 
 
-def start_ray(address: str | None, *, num_cpus: int | None = None, verbose: bool = True) -> str | None:
+def start_ray(
+    address: str | None, *, num_cpus: int | None = None, verbose: bool = True
+) -> str | None:
     """Join the cluster at ``address`` or start local Ray with its dashboard on 127.0.0.1.
 
     ``verbose``: the workers' output and Ray's INFO lines on this console; otherwise they stay in
@@ -31,7 +33,9 @@ def start_ray(address: str | None, *, num_cpus: int | None = None, verbose: bool
 
     runtime_env = {"env_vars": worker_env()}
     if _in_ray_job():
-        runtime_env = None  # `ray job submit --working-dir .` already ships the code to every worker
+        runtime_env = (
+            None  # `ray job submit --working-dir .` already ships the code to every worker
+        )
     if address:
         ray.init(address=address, runtime_env=runtime_env, **output)
         return None
@@ -39,12 +43,19 @@ def start_ray(address: str | None, *, num_cpus: int | None = None, verbose: bool
     if running:
         # Ray Train's PlacementGroupCleaner finds "the" local instance through the State API and
         # fails when there are two, so trials stopped by ASHA would keep their resources forever.
-        raise SketchError(f"another Ray instance is running on this machine ({', '.join(sorted(running))}); "
-                          "stop it (`ray stop`, or end the script that started it) or join it with --address auto")
+        raise SketchError(
+            f"another Ray instance is running on this machine ({', '.join(sorted(running))}); "
+            "stop it (`ray stop`, or end the script that started it) or join it with --address auto"
+        )
     # The dashboard is required, not cosmetic: Ray Train frees the placement group of a trial
     # that ASHA stopped only through the State API it serves.
-    context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=num_cpus,
-                       runtime_env=runtime_env, **output)
+    context = ray.init(
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        num_cpus=num_cpus,
+        runtime_env=runtime_env,
+        **output,
+    )
     return f"http://{context.dashboard_url}" if context.dashboard_url else None
 
 
@@ -66,21 +77,31 @@ def check_trial_fits(resources: Resources, source: str) -> None:
     autoscale to, can ever hold."""
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     node_types = nodes + _autoscaler_node_types()
-    kinds = [("resources", resources), *((f"resources.by_model.{model}", own) for model, own in resources.by_model.items())]
+    kinds = [
+        ("resources", resources),
+        *((f"resources.by_model.{model}", own) for model, own in resources.by_model.items()),
+    ]
     for section, kind in kinds:
-        for what, needs, fields in (("one worker", kind.per_worker(), "cpus_per_worker/gpus_per_worker"),
-                                    ("one head-only trial", kind.head_trial(), "head_cpus/head_gpus")):
-            if not any(all(node.get(key, 0) >= amount for key, amount in needs.items()) for node in node_types):
+        for what, needs, fields in (
+            ("one worker", kind.per_worker(), "cpus_per_worker/gpus_per_worker"),
+            ("one head-only trial", kind.head_trial(), "head_cpus/head_gpus"),
+        ):
+            if not any(
+                all(node.get(key, 0) >= amount for key, amount in needs.items())
+                for node in node_types
+            ):
                 raise SketchError(
                     f"{source}: {section}: {what} needs {_describe(needs)}, but no node of this cluster "
-                    f"has that much (largest: {_describe(_largest(node_types, needs))}); lower {fields}")
+                    f"has that much (largest: {_describe(_largest(node_types, needs))}); lower {fields}"
+                )
         trial = kind.per_trial()
         capacity = {key: sum(node.get(key, 0) for node in node_types) for key in trial}
         if any(capacity[key] < amount for key, amount in trial.items()):
             raise SketchError(
                 f"{source}: {section}: one trial needs {_describe(trial)} ({kind.workers} workers plus the trial's "
                 f"own {Resources.TRIAL_CPUS} CPU), but this cluster can have at most {_describe(capacity)}; "
-                "lower workers, cpus_per_worker or gpus_per_worker, or use a larger cluster")
+                "lower workers, cpus_per_worker or gpus_per_worker, or use a larger cluster"
+            )
 
 
 def _autoscaler_node_types() -> list[dict[str, float]]:

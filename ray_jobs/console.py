@@ -44,13 +44,17 @@ class ConsoleReporter(Callback):
             return
         self.last[trial.trial_id] = result
         value = result.get(self.metric)
-        if value is not None and (trial.trial_id not in self.best or self._better(value, self.best[trial.trial_id][0])):
+        if value is not None and (
+            trial.trial_id not in self.best or self._better(value, self.best[trial.trial_id][0])
+        ):
             self.best[trial.trial_id] = (float(value), int(result["epoch"]))
         if self._tty():
             self._redraw(trials)
         else:
-            self._print(f"trial {trial.trial_id} epoch {int(result['epoch'])}/{self.max_epochs}: "
-                        + self._metrics(result))
+            self._print(
+                f"trial {trial.trial_id} epoch {int(result['epoch'])}/{self.max_epochs}: "
+                + self._metrics(result)
+            )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         # Tune sets the status after the callbacks: say what it is about to be.
@@ -64,10 +68,16 @@ class ConsoleReporter(Callback):
 
     def _ended(self, trials, trial, status: str) -> None:
         best = self.best.get(trial.trial_id)
-        outcome = f"best {self.metric} {best[0]:.4f} at epoch {best[1]}" if best else f"no {self.metric} reported"
+        outcome = (
+            f"best {self.metric} {best[0]:.4f} at epoch {best[1]}"
+            if best
+            else f"no {self.metric} reported"
+        )
         self._erase()
-        self._print(f"trial {trial.trial_id} {status} after {self._epochs(trial)} epoch(s): {outcome}; "
-                    f"{self._values(trial)}")
+        self._print(
+            f"trial {trial.trial_id} {status} after {self._epochs(trial)} epoch(s): {outcome}; "
+            f"{self._values(trial)}"
+        )
         if self._tty():
             self._redraw(trials)
 
@@ -95,16 +105,30 @@ class ConsoleReporter(Callback):
         ended = [t for t in trials if t.status != "RUNNING" and t.trial_id in self.best]
         ended = [ended[i] for i in best_first([self.best[t.trial_id][0] for t in ended], self.mode)]
         counts = Counter(self._status(t) for t in trials)
-        elapsed = time.strftime("%H:%M:%S", time.gmtime(time.monotonic() - getattr(self, "_started", time.monotonic())))
-        lines = [f"[{elapsed}] trials: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))]
+        elapsed = time.strftime(
+            "%H:%M:%S", time.gmtime(time.monotonic() - getattr(self, "_started", time.monotonic()))
+        )
+        lines = [
+            f"[{elapsed}] trials: "
+            + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        ]
         header = ["trial", "status", "epoch", self.metric, "best", *self.searched.names]
-        rows = [[t.trial_id, self._status(t), str(self._epochs(t)),
-                 _number(self.last.get(t.trial_id, {}).get(self.metric)), _number(self.best.get(t.trial_id, (None,))[0]),
-                 *(self._value(t, name) for name in self.searched.names)]
-                for t in (running + ended)[:TABLE_ROWS]]
+        rows = [
+            [
+                t.trial_id,
+                self._status(t),
+                str(self._epochs(t)),
+                _number(self.last.get(t.trial_id, {}).get(self.metric)),
+                _number(self.best.get(t.trial_id, (None,))[0]),
+                *(self._value(t, name) for name in self.searched.names),
+            ]
+            for t in (running + ended)[:TABLE_ROWS]
+        ]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-        return lines + ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-                        for row in [header, *rows]]
+        return lines + [
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+            for row in [header, *rows]
+        ]
 
     def _redraw(self, trials) -> None:
         self._erase()
@@ -115,7 +139,9 @@ class ConsoleReporter(Callback):
 
     def _erase(self) -> None:
         if self._drawn:
-            sys.stdout.write(f"\x1b[{self._drawn}F\x1b[J")  # up to the table's first line, clear below
+            sys.stdout.write(
+                f"\x1b[{self._drawn}F\x1b[J"
+            )  # up to the table's first line, clear below
             self._drawn = 0
 
     def _print(self, line: str) -> None:
@@ -131,20 +157,30 @@ class RefitReporter(Callback):
     when it has predicted the test set. (Ray's own output: ``final_fit.py --verbose``.)"""
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        job = trial.config["job"]  # refit.fit_models' job: the model's id and the epoch it trains to
+        job = trial.config[
+            "job"
+        ]  # refit.fit_models' job: the model's id and the epoch it trains to
         if "predicted" in result:
-            print(f"{job['model_id']} trained {int(result['epoch'])} epoch(s) and predicted "
-                  f"{int(result['predicted'])} test images", flush=True)
+            print(
+                f"{job['model_id']} trained {int(result['epoch'])} epoch(s) and predicted "
+                f"{int(result['predicted'])} test images",
+                flush=True,
+            )
         elif "epoch" in result:
-            print(f"{job['model_id']} epoch {int(result['epoch'])}/{job['until_epoch']}: "
-                  + metrics_text(result, "val_acc"), flush=True)
+            print(
+                f"{job['model_id']} epoch {int(result['epoch'])}/{job['until_epoch']}: "
+                + metrics_text(result, "val_acc"),
+                flush=True,
+            )
 
 
 def metrics_text(result: dict[str, Any], metric: str) -> str:
     """``metric``, val_loss and train_loss of a reported result, as far as it has them, and images/s."""
     shown = [name for name in dict.fromkeys((metric, "val_loss", "train_loss")) if name in result]
     text = "  ".join(f"{name} {float(result[name]):.4f}" for name in shown)
-    return text + (f"  images/s {float(result['images_per_s']):.0f}" if "images_per_s" in result else "")
+    return text + (
+        f"  images/s {float(result['images_per_s']):.0f}" if "images_per_s" in result else ""
+    )
 
 
 def _short(value: Any) -> str:

@@ -16,14 +16,23 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 # name: number of arguments (low, high[, q]) or None for a list of values
-DISTRIBUTIONS = {"loguniform": 2, "uniform": 2, "quniform": 3, "qloguniform": 3, "randint": 2, "qrandint": 3,
-                 "choice": None, "grid": None}
+DISTRIBUTIONS = {
+    "loguniform": 2,
+    "uniform": 2,
+    "quniform": 3,
+    "qloguniform": 3,
+    "randint": 2,
+    "qrandint": 3,
+    "choice": None,
+    "grid": None,
+}
 # Joins a parameter's name and its branch in Optuna's name for that branch.
 BRANCH_MARK = "|"
 
@@ -45,10 +54,18 @@ class Distribution:
     def contains(self, value: Any) -> bool:
         if self.finite:
             return value in self.args
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
             return False
         # randint's high is exclusive, as in Ray Tune
-        return self.args[0] <= value < self.args[1] if self.kind == "randint" else self.args[0] <= value <= self.args[1]
+        return (
+            self.args[0] <= value < self.args[1]
+            if self.kind == "randint"
+            else self.args[0] <= value <= self.args[1]
+        )
 
     def tune_domain(self):
         from ray import tune
@@ -72,16 +89,20 @@ class Distribution:
 
 @dataclass(frozen=True)
 class Branch:
-    when: tuple[tuple[str, tuple], ...]  # (parameter, the values it matches), all must hold; () matches always
+    when: tuple[
+        tuple[str, tuple], ...
+    ]  # (parameter, the values it matches), all must hold; () matches always
     distribution: Distribution
 
     def matches(self, values: dict[str, Any]) -> bool:
         return all(name in values and values[name] in allowed for name, allowed in self.when)
 
-    def covers(self, other: "Branch") -> bool:
+    def covers(self, other: Branch) -> bool:
         """Whether every trial ``other`` matches is matched by this branch too."""
         theirs = dict(other.when)
-        return all(name in theirs and set(theirs[name]) <= set(allowed) for name, allowed in self.when)
+        return all(
+            name in theirs and set(theirs[name]) <= set(allowed) for name, allowed in self.when
+        )
 
     def condition_values(self) -> Iterator[dict[str, Any]]:
         """Every combination of values the conditions match."""
@@ -91,11 +112,16 @@ class Branch:
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{name}={' or '.join(map(str, allowed))}" for name, allowed in self.when) or "otherwise"
+        return (
+            ", ".join(f"{name}={' or '.join(map(str, allowed))}" for name, allowed in self.when)
+            or "otherwise"
+        )
 
     def describe(self) -> dict[str, Any]:
-        return {**({"when": {name: list(allowed) for name, allowed in self.when}} if self.when else {}),
-                **self.distribution.describe()}
+        return {
+            **({"when": {name: list(allowed) for name, allowed in self.when}} if self.when else {}),
+            **self.distribution.describe(),
+        }
 
 
 @dataclass(frozen=True)
@@ -117,7 +143,9 @@ class Param:
 
     def values(self) -> list[Any]:
         """Every value a finite parameter can take, over all its branches."""
-        return list(dict.fromkeys(value for branch in self.branches for value in branch.distribution.args))
+        return list(
+            dict.fromkeys(value for branch in self.branches for value in branch.distribution.args)
+        )
 
     def describe(self) -> dict[str, Any]:
         return {"branches": [branch.describe() for branch in self.branches]}
@@ -161,7 +189,9 @@ class SearchedParams:
         for param in self.params:
             branch = param.active(values)
             if branch is not None:
-                values[param.name] = suggest_value(trial, param.optuna_name(branch), branch.distribution.optuna())
+                values[param.name] = suggest_value(
+                    trial, param.optuna_name(branch), branch.distribution.optuna()
+                )
         return values
 
     def draw(self, rng: np.random.Generator) -> list[dict[str, Any]]:
@@ -196,7 +226,10 @@ class SearchedParams:
         params, distributions = {}, {}
         for name, branch in self.active(config).items():
             optuna_name = self[name].optuna_name(branch)
-            params[optuna_name], distributions[optuna_name] = config[name], branch.distribution.optuna()
+            params[optuna_name], distributions[optuna_name] = (
+                config[name],
+                branch.distribution.optuna(),
+            )
         return params, distributions
 
 
@@ -207,11 +240,13 @@ def suggest_value(trial, name: str, distribution) -> Any:
     if isinstance(distribution, CategoricalDistribution):
         return trial.suggest_categorical(name, distribution.choices)
     if isinstance(distribution, IntDistribution):
-        return trial.suggest_int(name, distribution.low, distribution.high, step=distribution.step,
-                                 log=distribution.log)
+        return trial.suggest_int(
+            name, distribution.low, distribution.high, step=distribution.step, log=distribution.log
+        )
     if isinstance(distribution, FloatDistribution):
-        return trial.suggest_float(name, distribution.low, distribution.high, step=distribution.step,
-                                   log=distribution.log)
+        return trial.suggest_float(
+            name, distribution.low, distribution.high, step=distribution.step, log=distribution.log
+        )
     raise TypeError(f"{name}: no Optuna suggestion for {type(distribution).__name__}")
 
 

@@ -18,14 +18,14 @@ import pandas as pd
 import torch
 from ray import tune
 
-from sketch_core.config import TrainConfig
-from sketch_core.data import read_test_table
-from sketch_core.errors import SketchError
 from ray_jobs.console import RefitReporter
 from ray_jobs.results import ResultsStore, config_of, ranked
 from ray_jobs.space import Resources
 from ray_jobs.trial import make_trainable, report_epoch, resumed_run
 from ray_jobs.tuning import fit_noting_ctrl_c, retries_and_checkpoints
+from sketch_core.config import TrainConfig
+from sketch_core.data import read_test_table
+from sketch_core.errors import SketchError
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,19 @@ class ModelSpec:
     until_epoch: int
 
 
-def choose_models(trials: pd.DataFrame, *, metric: str, mode: str, searched: list[str], base: dict[str, Any], top_k: int,
-                  folds: int, epochs: int | None, data_dir: str, trial_id: str | None = None) -> list[ModelSpec]:
+def choose_models(
+    trials: pd.DataFrame,
+    *,
+    metric: str,
+    mode: str,
+    searched: list[str],
+    base: dict[str, Any],
+    top_k: int,
+    folds: int,
+    epochs: int | None,
+    data_dir: str,
+    trial_id: str | None = None,
+) -> list[ModelSpec]:
     """The ``top_k`` best distinct configurations (or the one of ``trial_id``), each on all data or on
     each of ``folds`` folds."""
     scored = ranked(trials, metric=metric, mode=mode)
@@ -51,9 +62,13 @@ def choose_models(trials: pd.DataFrame, *, metric: str, mode: str, searched: lis
         distinct = scored[scored["trial_id"] == trial_id]
         if not len(distinct):
             known = ", ".join(scored["trial_id"].head(8))
-            raise SketchError(f"--trial {trial_id}: no trial with that id reported a result (trials with one: {known})")
+            raise SketchError(
+                f"--trial {trial_id}: no trial with that id reported a result (trials with one: {known})"
+            )
     if len(distinct) < top_k:
-        raise SketchError(f"--top-k {top_k}: the search has only {len(distinct)} distinct configuration(s) with a result")
+        raise SketchError(
+            f"--top-k {top_k}: the search has only {len(distinct)} distinct configuration(s) with a result"
+        )
     specs = []
     for rank, (_, trial) in enumerate(distinct.head(top_k).iterrows()):
         config = config_of(trial, base)
@@ -61,12 +76,23 @@ def choose_models(trials: pd.DataFrame, *, metric: str, mode: str, searched: lis
         until = int(trial["best_epoch"])
         if epochs:  # a whole schedule of the given length
             config["epochs"], until = epochs, epochs
-        splits = [(k, {"folds": folds, "fold": k}) for k in range(folds)] if folds else [(None, {"val_fraction": 0.0, "folds": 0})]
+        splits = (
+            [(k, {"folds": folds, "fold": k}) for k in range(folds)]
+            if folds
+            else [(None, {"val_fraction": 0.0, "folds": 0})]
+        )
         for fold, split in splits:
             member = f"top{rank + 1}"
             model_id = member + (f"-fold{fold}" if fold is not None else "")
-            specs.append(ModelSpec(model_id=model_id, member=member, source_trial=str(trial["trial_id"]),
-                                   config=TrainConfig.from_dict({**config, **split}).to_dict(), until_epoch=until))
+            specs.append(
+                ModelSpec(
+                    model_id=model_id,
+                    member=member,
+                    source_trial=str(trial["trial_id"]),
+                    config=TrainConfig.from_dict({**config, **split}).to_dict(),
+                    until_epoch=until,
+                )
+            )
     return specs
 
 
@@ -80,40 +106,64 @@ def refit_loop(config: dict[str, Any], session) -> None:
         report_epoch(metrics, run, session)
     test = read_test_table(run.config.data_dir)
     probs = run.predict(test.paths, tta=job["tta"])
-    heldout = run.split[1] if run.config.folds else None  # the training images this fold model never saw
+    heldout = (
+        run.split[1] if run.config.folds else None
+    )  # the training images this fold model never saw
     if heldout is not None:
         heldout_probs = run.predict([run.table.paths[i] for i in heldout], tta=job["tta"])
     if session.world_rank() == 0:
         store = ResultsStore(job["results"], job["experiment"])
         weights = io.BytesIO()
-        torch.save({"model": run.eval_model.state_dict(), "config": run.config.to_dict(),
-                    "class_names": run.table.class_names, "epoch": run.epoch}, weights)
+        torch.save(
+            {
+                "model": run.eval_model.state_dict(),
+                "config": run.config.to_dict(),
+                "class_names": run.table.class_names,
+                "epoch": run.epoch,
+            },
+            weights,
+        )
         store.write_bytes(f"{job['folder']}/{job['model_id']}.pt", weights.getvalue())
         store.write_bytes(f"{job['folder']}/probs-{job['model_id']}.npy", npy_bytes(probs))
         if heldout is not None:
-            store.write_bytes(f"{job['folder']}/heldout-{job['model_id']}.npz",
-                              npz_bytes(rows=np.asarray(heldout), probs=heldout_probs))
-    session.report({"epoch": run.epoch, "predicted": len(test.paths),
-                    **({"val_acc": metrics["val_acc"]} if "val_acc" in metrics else {})})
+            store.write_bytes(
+                f"{job['folder']}/heldout-{job['model_id']}.npz",
+                npz_bytes(rows=np.asarray(heldout), probs=heldout_probs),
+            )
+    session.report(
+        {
+            "epoch": run.epoch,
+            "predicted": len(test.paths),
+            **({"val_acc": metrics["val_acc"]} if "val_acc" in metrics else {}),
+        }
+    )
 
 
-def out_of_fold(store: ResultsStore, folder: str, specs: list[ModelSpec], images: int) -> dict[str, tuple]:
+def out_of_fold(
+    store: ResultsStore, folder: str, specs: list[ModelSpec], images: int
+) -> dict[str, tuple]:
     """Each fold-refitted configuration's out-of-fold probabilities, rows in train.csv order, and
     the fold that predicted each row."""
     members: dict[str, tuple] = {}
     for spec in specs:
-        with np.load(io.BytesIO(store.read_bytes(f"{folder}/heldout-{spec.model_id}.npz"))) as heldout:
+        with np.load(
+            io.BytesIO(store.read_bytes(f"{folder}/heldout-{spec.model_id}.npz"))
+        ) as heldout:
             rows, probs = heldout["rows"], heldout["probs"]
         if spec.member not in members:
             members[spec.member] = (np.full((images, probs.shape[1]), np.nan), np.full(images, -1))
         oof, fold_of_row = members[spec.member]
         if (fold_of_row[rows] >= 0).any():
-            raise SketchError(f"{store.uri(folder)}: folds of {spec.member} overlap; the refit is damaged")
+            raise SketchError(
+                f"{store.uri(folder)}: folds of {spec.member} overlap; the refit is damaged"
+            )
         oof[rows], fold_of_row[rows] = probs, spec.config["fold"]
     for member, (_, fold_of_row) in members.items():
         if (fold_of_row < 0).any():
-            raise SketchError(f"{store.uri(folder)}: the folds of {member} leave {int((fold_of_row < 0).sum())} "
-                              "training images unpredicted")
+            raise SketchError(
+                f"{store.uri(folder)}: the folds of {member} leave {int((fold_of_row < 0).sum())} "
+                "training images unpredicted"
+            )
     return members
 
 
@@ -122,40 +172,80 @@ def refit_train_config(config: dict[str, Any]) -> dict[str, Any]:
     return config["job"]["config"]
 
 
-def fit_models(specs: list[ModelSpec], *, store: ResultsStore, folder: str, resources: Resources, tta: bool,
-               max_failures: int, max_concurrent: int, verbose: bool = False) -> tuple[pd.DataFrame, bool]:
+def fit_models(
+    specs: list[ModelSpec],
+    *,
+    store: ResultsStore,
+    folder: str,
+    resources: Resources,
+    tta: bool,
+    max_failures: int,
+    max_concurrent: int,
+    verbose: bool = False,
+) -> tuple[pd.DataFrame, bool]:
     """Run every refit, side by side as far as ``max_concurrent`` and the cluster allow, with a
     line per epoch (``verbose``: Tune's own tables instead).
 
     Returns one row per model (model_id, epoch, val_acc of fold models, done, error) and whether
     Ctrl-C ended the run.
     """
-    jobs = [{"model_id": s.model_id, "config": s.config, "until_epoch": s.until_epoch, "tta": tta,
-             "results": store.root, "experiment": store.experiment, "folder": folder} for s in specs]
-    trainable = make_trainable(refit_loop, resources=resources, keep_checkpoints=1, metric="epoch", mode="max",
-                               train_config=refit_train_config)
+    jobs = [
+        {
+            "model_id": s.model_id,
+            "config": s.config,
+            "until_epoch": s.until_epoch,
+            "tta": tta,
+            "results": store.root,
+            "experiment": store.experiment,
+            "folder": folder,
+        }
+        for s in specs
+    ]
+    trainable = make_trainable(
+        refit_loop,
+        resources=resources,
+        keep_checkpoints=1,
+        metric="epoch",
+        mode="max",
+        train_config=refit_train_config,
+    )
     tuner = tune.Tuner(
         trainable,
         param_space={"job": tune.grid_search(jobs)},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
-        run_config=tune.RunConfig(name="tune", storage_path=store.uri(folder),
-                                  storage_filesystem=store.fs if store.scheme else None,
-                                  callbacks=[] if verbose else [RefitReporter()],
-                                  verbose=2 if verbose else 0,
-                                  **retries_and_checkpoints(max_failures=max_failures, keep_checkpoints=1,
-                                                            metric="epoch", mode="max")),
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=store.uri(folder),
+            storage_filesystem=store.fs if store.scheme else None,
+            callbacks=[] if verbose else [RefitReporter()],
+            verbose=2 if verbose else 0,
+            **retries_and_checkpoints(
+                max_failures=max_failures, keep_checkpoints=1, metric="epoch", mode="max"
+            ),
+        ),
     )
     # A refit that Ctrl-C stopped before it started has no result config: it stays not done, no error.
-    rows = {job["model_id"]: {"model_id": job["model_id"], "epoch": None, "val_acc": None, "done": False,
-                              "error": ""} for job in jobs}
+    rows = {
+        job["model_id"]: {
+            "model_id": job["model_id"],
+            "epoch": None,
+            "val_acc": None,
+            "done": False,
+            "error": "",
+        }
+        for job in jobs
+    }
     results, interrupted = fit_noting_ctrl_c(tuner)
     for result in results:
         if result.config is None:
             continue
         metrics = result.metrics or {}
         rows[result.config["job"]["model_id"]].update(
-            epoch=metrics.get("epoch"), val_acc=metrics.get("val_acc"), done="predicted" in metrics,
-            error=str(result.error).strip().splitlines()[-1][:300] if result.error else "")
+            epoch=metrics.get("epoch"),
+            val_acc=metrics.get("val_acc"),
+            done="predicted" in metrics,
+            error=str(result.error).strip().splitlines()[-1][:300] if result.error else "",
+        )
     return pd.DataFrame(list(rows.values())), interrupted
 
 

@@ -27,11 +27,23 @@ from matplotlib import pyplot as plt
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from optuna.visualization.matplotlib import plot_parallel_coordinate, plot_param_importances, plot_slice
+from optuna.visualization.matplotlib import (
+    plot_parallel_coordinate,
+    plot_param_importances,
+    plot_slice,
+)
 
 from ray_jobs.cli import run_cli
-from ray_jobs.results import (BEST_KEYS, ENDED_STATUSES, TRIAL_COLUMNS, ResultsStore, latest_experiment,
-                              plain, ranked, read_search)
+from ray_jobs.results import (
+    BEST_KEYS,
+    ENDED_STATUSES,
+    TRIAL_COLUMNS,
+    ResultsStore,
+    latest_experiment,
+    plain,
+    ranked,
+    read_search,
+)
 
 REPORT_FOLDER = "report"
 TOP_TRIALS = 10
@@ -46,17 +58,24 @@ BEST_STYLE = dict(color="black", linestyle="-", linewidth=2.5, zorder=5)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python ray_jobs/report.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python ray_jobs/report.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--name", help="experiment (default: the latest under --results)")
-    parser.add_argument("--results", default="results", help="results root: a path, NFS path or s3://, gs:// URI")
+    parser.add_argument(
+        "--results", default="results", help="results root: a path, NFS path or s3://, gs:// URI"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli(lambda: print(f"report: {write_report(open_store(args.results, args.name))}"),
-                   after_interrupt="run report.py again")
+    return run_cli(
+        lambda: print(f"report: {write_report(open_store(args.results, args.name))}"),
+        after_interrupt="run report.py again",
+    )
 
 
 def open_store(results: str, name: str | None) -> ResultsStore:
@@ -74,7 +93,7 @@ class SearchResults:
     trials: pd.DataFrame
     epochs: pd.DataFrame
     best: dict[str, Any] | None
-    refit: "FoldRefit | None" = None
+    refit: FoldRefit | None = None
 
     @property
     def metric(self) -> str:
@@ -92,8 +111,11 @@ class SearchResults:
     @cached_property
     def params(self) -> list[str]:
         """The searched hyperparameters that some trial drew (a branch may leave one inactive in all)."""
-        return [name for name in self.search["searched"]
-                if f"config.{name}" in self.trials and self.trials[f"config.{name}"].notna().any()]
+        return [
+            name
+            for name in self.search["searched"]
+            if f"config.{name}" in self.trials and self.trials[f"config.{name}"].notna().any()
+        ]
 
     def scale(self, name: str) -> str:
         return axis_scale(self.search["params"][name]["branches"])
@@ -125,23 +147,37 @@ def latest_fold_refit(store: ResultsStore) -> FoldRefit | None:
 
     for name in reversed(store.list_names("final")):
         folder = f"final/{name}"
-        if name.startswith("fit-") and store.exists(f"{folder}/fit.json") and store.exists(f"{folder}/oof-ensemble.npy"):
+        if (
+            name.startswith("fit-")
+            and store.exists(f"{folder}/fit.json")
+            and store.exists(f"{folder}/oof-ensemble.npy")
+        ):
             fit = store.read_json(f"{folder}/fit.json")
             if fit.get("out_of_fold"):
-                return FoldRefit(folder, fit, load_npy(store.read_bytes(f"{folder}/oof-ensemble.npy")),
-                                 read_train_table(fit["data_dir"]).targets)
+                return FoldRefit(
+                    folder,
+                    fit,
+                    load_npy(store.read_bytes(f"{folder}/oof-ensemble.npy")),
+                    read_train_table(fit["data_dir"]).targets,
+                )
     return None
 
 
 def load_results(store: ResultsStore) -> SearchResults:
     search = read_search(store)
     metric = search["metric"]
-    trials = store.read_parquet("trials.parquet") if store.exists("trials.parquet") else pd.DataFrame(
-        columns=list(TRIAL_COLUMNS))
+    trials = (
+        store.read_parquet("trials.parquet")
+        if store.exists("trials.parquet")
+        else pd.DataFrame(columns=list(TRIAL_COLUMNS))
+    )
     if f"best_{metric}" not in trials:
         trials[f"best_{metric}"] = np.nan
-    epochs = store.read_parquet("epochs.parquet") if store.exists("epochs.parquet") else pd.DataFrame(
-        columns=["trial_id", "epoch", metric])
+    epochs = (
+        store.read_parquet("epochs.parquet")
+        if store.exists("epochs.parquet")
+        else pd.DataFrame(columns=["trial_id", "epoch", metric])
+    )
     best = store.read_json("best.json", required=BEST_KEYS) if store.exists("best.json") else None
     return SearchResults(store.experiment, search, trials, epochs, best, latest_fold_refit(store))
 
@@ -160,7 +196,9 @@ def write_report(store: ResultsStore) -> str:
     return store.uri(REPORT_FOLDER)
 
 
-def report_figures(results: SearchResults, importance: Importance, cost: SearchCost | None) -> dict[str, Figure]:
+def report_figures(
+    results: SearchResults, importance: Importance, cost: SearchCost | None
+) -> dict[str, Figure]:
     """The report's figures by file name; a figure with nothing to show is left out.
 
     Optuna draws what it can from a study of the trials (``trials_study``): each hyperparameter
@@ -173,15 +211,30 @@ def report_figures(results: SearchResults, importance: Importance, cost: SearchC
         figures["learning_curves.png"] = learning_curves_figure(results)
     drawn = [name for name in results.params if results.scored[f"config.{name}"].notna().any()]
     if drawn:
-        study = trials_study(results.scored, {name: results.scale(name) for name in drawn}, results.score,
-                             results.maximize)
-        figures.update({param_file(name): optuna_figure(plot_slice, study, params=[name],
-                                                        target_name=f"best {results.metric}") for name in drawn})
-        figures["parallel_coordinates.png"] = optuna_figure(plot_parallel_coordinate, study, params=drawn,
-                                                            target_name=f"best {results.metric}")
+        study = trials_study(
+            results.scored,
+            {name: results.scale(name) for name in drawn},
+            results.score,
+            results.maximize,
+        )
+        figures.update(
+            {
+                param_file(name): optuna_figure(
+                    plot_slice, study, params=[name], target_name=f"best {results.metric}"
+                )
+                for name in drawn
+            }
+        )
+        figures["parallel_coordinates.png"] = optuna_figure(
+            plot_parallel_coordinate, study, params=drawn, target_name=f"best {results.metric}"
+        )
     if importance.values:
-        figures["importance.png"] = optuna_figure(plot_param_importances, importance.study,
-                                                  evaluator=importance.evaluator, target_name=f"best {results.metric}")
+        figures["importance.png"] = optuna_figure(
+            plot_param_importances,
+            importance.study,
+            evaluator=importance.evaluator,
+            target_name=f"best {results.metric}",
+        )
     if cost:
         figures["cost.png"] = cost_figure(results, cost)
     if results.refit:
@@ -226,21 +279,39 @@ def axis_scale(branches: list[dict[str, Any]]) -> str:
 
 # Learning curves ---------------------------------------------------------------------------------
 
+
 def learning_curves_figure(results: SearchResults) -> Figure:
     figure = new_figure(9, 5.5)
     axes = figure.subplots()
     status_of = results.trials.set_index("trial_id")["status"].to_dict()
     drawn = set()
-    for trial_id, epochs in results.epochs.dropna(subset=[results.metric]).groupby("trial_id", sort=True):
+    for trial_id, epochs in results.epochs.dropna(subset=[results.metric]).groupby(
+        "trial_id", sort=True
+    ):
         status = status_of.get(trial_id, "")
-        axes.plot(epochs["epoch"], epochs[results.metric],
-                  **(BEST_STYLE if trial_id == results.best_trial_id else curve_style(status)))
+        axes.plot(
+            epochs["epoch"],
+            epochs[results.metric],
+            **(BEST_STYLE if trial_id == results.best_trial_id else curve_style(status)),
+        )
         drawn.add(status)
     if results.best:
-        axes.plot([results.best["epoch"]], [results.best[results.metric]], marker="*", markersize=16,
-                  color="gold", markeredgecolor="black", zorder=6, linestyle="none")
+        axes.plot(
+            [results.best["epoch"]],
+            [results.best[results.metric]],
+            marker="*",
+            markersize=16,
+            color="gold",
+            markeredgecolor="black",
+            zorder=6,
+            linestyle="none",
+        )
     axes.legend(handles=curve_legend(results, drawn), loc="best", fontsize="small")
-    axes.set(xlabel="epoch", ylabel=results.metric, title=f"{results.experiment}: {results.metric} per epoch")
+    axes.set(
+        xlabel="epoch",
+        ylabel=results.metric,
+        title=f"{results.experiment}: {results.metric} per epoch",
+    )
     axes.grid(alpha=0.3)
     return figure
 
@@ -250,15 +321,29 @@ def curve_style(status: str) -> dict[str, Any]:
 
 
 def curve_legend(results: SearchResults, statuses: set[str]) -> list[Line2D]:
-    handles = [Line2D([], [], label=status, **{"color": "tab:blue", **curve_style(status)})
-               for status in sorted(statuses) if status]
+    handles = [
+        Line2D([], [], label=status, **{"color": "tab:blue", **curve_style(status)})
+        for status in sorted(statuses)
+        if status
+    ]
     if results.best:
-        handles.append(Line2D([], [], marker="*", markersize=12, markerfacecolor="gold", markeredgecolor="black",
-                              label=f"best: {results.best_trial_id}", **BEST_STYLE))
+        handles.append(
+            Line2D(
+                [],
+                [],
+                marker="*",
+                markersize=12,
+                markerfacecolor="gold",
+                markeredgecolor="black",
+                label=f"best: {results.best_trial_id}",
+                **BEST_STYLE,
+            )
+        )
     return handles
 
 
 # Importance --------------------------------------------------------------------------------------
+
 
 @dataclass
 class Importance:
@@ -276,27 +361,47 @@ def param_importance(results: SearchResults) -> Importance:
     """
     ended = results.scored[results.scored["status"].isin(ENDED_STATUSES)]
     if len(ended) < 2:
-        return Importance({}, f"skipped: {len(ended)} trial(s) ended with a {results.metric}; at least 2 needed.")
+        return Importance(
+            {}, f"skipped: {len(ended)} trial(s) ended with a {results.metric}; at least 2 needed."
+        )
     varying = [name for name in results.params if ended[f"config.{name}"].nunique() > 1]
     constant = [name for name in results.params if name not in varying]
-    constant_note = f" Constant over these trials, so left out: {', '.join(constant)}." if constant else ""
+    constant_note = (
+        f" Constant over these trials, so left out: {', '.join(constant)}." if constant else ""
+    )
     if len(varying) < 2:
-        return Importance({}, f"skipped: {len(varying)} searched hyperparameter(s) varied "
-                              f"({', '.join(varying) or 'none'}); at least 2 needed.{constant_note}")
+        return Importance(
+            {},
+            f"skipped: {len(varying)} searched hyperparameter(s) varied "
+            f"({', '.join(varying) or 'none'}); at least 2 needed.{constant_note}",
+        )
     if ended[results.score].nunique() < 2:
-        return Importance({}, f"skipped: every trial scored the same {results.metric}.{constant_note}")
-    study = trials_study(ended, {name: results.scale(name) for name in varying}, results.score, results.maximize)
+        return Importance(
+            {}, f"skipped: every trial scored the same {results.metric}.{constant_note}"
+        )
+    study = trials_study(
+        ended, {name: results.scale(name) for name in varying}, results.score, results.maximize
+    )
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
     values = optuna.importance.get_param_importances(study, evaluator=evaluator)
-    return Importance(values, f"fANOVA (Optuna, seed 0) over {len(ended)} finished or early-stopped trials."
-                              f"{constant_note}", study, evaluator)
+    return Importance(
+        values,
+        f"fANOVA (Optuna, seed 0) over {len(ended)} finished or early-stopped trials."
+        f"{constant_note}",
+        study,
+        evaluator,
+    )
 
 
-def trials_study(trials: pd.DataFrame, params: dict[str, str], score: str, maximize: bool) -> optuna.Study:
+def trials_study(
+    trials: pd.DataFrame, params: dict[str, str], score: str, maximize: bool
+) -> optuna.Study:
     """An in-memory Optuna study holding the trials, each with its best metric as its value:
     ``params`` maps each parameter to its ``axis_scale``; a trial holds the parameters it drew."""
-    distributions = {name: observed_distribution(trials[f"config.{name}"].dropna(), scale)
-                     for name, scale in params.items()}
+    distributions = {
+        name: observed_distribution(trials[f"config.{name}"].dropna(), scale)
+        for name, scale in params.items()
+    }
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
     try:
@@ -305,25 +410,40 @@ def trials_study(trials: pd.DataFrame, params: dict[str, str], score: str, maxim
         optuna.logging.set_verbosity(verbosity)
     for _, row in trials.iterrows():
         present = [name for name in params if pd.notna(row[f"config.{name}"])]
-        study.add_trial(optuna.trial.create_trial(
-            value=float(row[score]),
-            params={name: distribution_value(row[f"config.{name}"], distributions[name]) for name in present},
-            distributions={name: distributions[name] for name in present}))
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=float(row[score]),
+                params={
+                    name: distribution_value(row[f"config.{name}"], distributions[name])
+                    for name in present
+                },
+                distributions={name: distributions[name] for name in present},
+            )
+        )
     return study
 
 
 def observed_distribution(values: pd.Series, scale: str) -> optuna.distributions.BaseDistribution:
     """The values' range (or categories) on the scale they were searched on."""
     if scale == "categories":
-        return optuna.distributions.CategoricalDistribution(sorted({plain(v) for v in values}, key=str))
-    return optuna.distributions.FloatDistribution(float(values.min()), float(values.max()), log=scale == "log")
+        return optuna.distributions.CategoricalDistribution(
+            sorted({plain(v) for v in values}, key=str)
+        )
+    return optuna.distributions.FloatDistribution(
+        float(values.min()), float(values.max()), log=scale == "log"
+    )
 
 
 def distribution_value(value: Any, distribution: optuna.distributions.BaseDistribution) -> Any:
-    return plain(value) if isinstance(distribution, optuna.distributions.CategoricalDistribution) else float(value)
+    return (
+        plain(value)
+        if isinstance(distribution, optuna.distributions.CategoricalDistribution)
+        else float(value)
+    )
 
 
 # Time and cost -----------------------------------------------------------------------------------
+
 
 @dataclass
 class SearchCost:
@@ -358,7 +478,11 @@ def search_cost(results: SearchResults) -> SearchCost:
 
 
 def epochs_saved_per_trial(trials: pd.DataFrame, max_epochs: int) -> pd.Series:
-    return (max_epochs - trials["epochs_run"]).where(trials["status"] == "stopped_early", 0).clip(lower=0)
+    return (
+        (max_epochs - trials["epochs_run"])
+        .where(trials["status"] == "stopped_early", 0)
+        .clip(lower=0)
+    )
 
 
 def elapsed_hours(epochs: pd.DataFrame) -> float | None:
@@ -367,7 +491,9 @@ def elapsed_hours(epochs: pd.DataFrame) -> float | None:
     timed = epochs.dropna(subset=["timestamp", "time_total_s"])
     if not len(timed):
         return None
-    return float(timed["timestamp"].max() - (timed["timestamp"] - timed["time_total_s"]).min()) / 3600
+    return (
+        float(timed["timestamp"].max() - (timed["timestamp"] - timed["time_total_s"]).min()) / 3600
+    )
 
 
 def cost_figure(results: SearchResults, cost: SearchCost) -> Figure:
@@ -380,16 +506,28 @@ def cost_figure(results: SearchResults, cost: SearchCost) -> Figure:
         hours_axes.set(ylabel="GPU-hours", title=f"{cost.gpu_hours:.2f} GPU-hours in all")
     else:
         hours_axes.bar(x, trials["wall_s"] / 3600, color="tab:gray")
-        hours_axes.set(ylabel="wall-clock hours",
-                       title=f"CPU-only: 0 GPU-hours; {cost.trial_hours:.2f} trial wall-clock hours in all")
+        hours_axes.set(
+            ylabel="wall-clock hours",
+            title=f"CPU-only: 0 GPU-hours; {cost.trial_hours:.2f} trial wall-clock hours in all",
+        )
     run = trials["epochs_run"].to_numpy()
     epochs_axes.bar(x, run, color="tab:blue", label="epochs run")
-    epochs_axes.bar(x, epochs_saved_per_trial(trials, max_epochs), bottom=run, color="white", edgecolor="tab:blue",
-                    hatch="//", label="saved by ASHA")
+    epochs_axes.bar(
+        x,
+        epochs_saved_per_trial(trials, max_epochs),
+        bottom=run,
+        color="white",
+        edgecolor="tab:blue",
+        hatch="//",
+        label="saved by ASHA",
+    )
     epochs_axes.axhline(max_epochs, color="0.3", linewidth=0.8, linestyle="--")
     epochs_axes.set_ylim(0, max_epochs * 1.3)  # room for the legend above the bars
-    epochs_axes.set(ylabel="epochs", title=f"ASHA saved {cost.epochs_saved} of {cost.epoch_budget} trial-epochs "
-                                           f"({cost.saved_fraction:.0%})")
+    epochs_axes.set(
+        ylabel="epochs",
+        title=f"ASHA saved {cost.epochs_saved} of {cost.epoch_budget} trial-epochs "
+        f"({cost.saved_fraction:.0%})",
+    )
     epochs_axes.legend(loc="upper right", fontsize="small")
     epochs_axes.set_xticks(x, trials["trial_id"], rotation=90, fontsize="small")
     for axes in (hours_axes, epochs_axes):
@@ -402,18 +540,23 @@ def cost_figure(results: SearchResults, cost: SearchCost) -> Figure:
 RELIABILITY_BINS = 10
 
 
-def reliability_bins(probs: np.ndarray, targets: np.ndarray, bins: int = RELIABILITY_BINS) -> pd.DataFrame:
+def reliability_bins(
+    probs: np.ndarray, targets: np.ndarray, bins: int = RELIABILITY_BINS
+) -> pd.DataFrame:
     """Per confidence bin (the top probability): images, mean confidence, accuracy."""
     confidence, right = probs.max(1), probs.argmax(1) == targets
     edges = np.minimum((confidence * bins).astype(int), bins - 1)
     frame = pd.DataFrame({"bin": edges, "confidence": confidence, "right": right})
-    return frame.groupby("bin").agg(images=("right", "size"), confidence=("confidence", "mean"),
-                                    accuracy=("right", "mean"))
+    return frame.groupby("bin").agg(
+        images=("right", "size"), confidence=("confidence", "mean"), accuracy=("right", "mean")
+    )
 
 
 def expected_calibration_error(probs: np.ndarray, targets: np.ndarray) -> float:
     table = reliability_bins(probs, targets)
-    return float((table["images"] * (table["confidence"] - table["accuracy"]).abs()).sum() / len(targets))
+    return float(
+        (table["images"] * (table["confidence"] - table["accuracy"]).abs()).sum() / len(targets)
+    )
 
 
 def reliability_figure(refit: FoldRefit) -> Figure:
@@ -421,11 +564,22 @@ def reliability_figure(refit: FoldRefit) -> Figure:
     axes = figure.subplots()
     table = reliability_bins(refit.probs, refit.targets)
     axes.plot([0, 1], [0, 1], color="0.5", linestyle="--", linewidth=1, label="calibrated")
-    axes.bar((table.index + 0.5) / RELIABILITY_BINS, table["accuracy"], width=0.9 / RELIABILITY_BINS, alpha=0.7,
-             color="tab:blue", label="accuracy per bin")
+    axes.bar(
+        (table.index + 0.5) / RELIABILITY_BINS,
+        table["accuracy"],
+        width=0.9 / RELIABILITY_BINS,
+        alpha=0.7,
+        color="tab:blue",
+        label="accuracy per bin",
+    )
     axes.plot(table["confidence"], table["accuracy"], marker="o", color="black", linewidth=1)
-    axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability)", ylabel="accuracy",
-             title=f"submitted ensemble, out of fold: ECE {expected_calibration_error(refit.probs, refit.targets):.3f}")
+    axes.set(
+        xlim=(0, 1),
+        ylim=(0, 1),
+        xlabel="confidence (top probability)",
+        ylabel="accuracy",
+        title=f"submitted ensemble, out of fold: ECE {expected_calibration_error(refit.probs, refit.targets):.3f}",
+    )
     axes.legend(loc="upper left", fontsize="small")
     axes.grid(alpha=0.3)
     return figure
@@ -435,15 +589,37 @@ def refit_section(results: SearchResults, images: list[str]) -> str:
     if not results.refit:
         return ""
     summary = results.refit.fit["out_of_fold"]
-    rows = [[f"`{name}`", row["accuracy"], row["log_loss"], row["log_loss_calibrated"], row["temperature"],
-             row["weight"]] for name, row in summary["members"].items()]
+    rows = [
+        [
+            f"`{name}`",
+            row["accuracy"],
+            row["log_loss"],
+            row["log_loss_calibrated"],
+            row["temperature"],
+            row["weight"],
+        ]
+        for name, row in summary["members"].items()
+    ]
     ensemble, estimate = summary["ensemble"], summary["estimate"]
-    rows.append([f"**ensemble** ({ensemble['method']})", ensemble["accuracy"], ensemble["log_loss"], "", "", 1.0])
-    table = markdown_table(["member", "accuracy", "log-loss", "log-loss calibrated", "temperature", "weight"], rows)
-    text = (f"## Refit on {summary['folds']} folds ({results.refit.folder})\n\nOut-of-fold predictions of "
-            f"{summary['images']} training images.\n\n{table}\n\nCross-validated accuracy of the submitted ensemble: "
-            f"{number_text(estimate['accuracy'])} ± {number_text(estimate['standard_error'])} (standard error over "
-            f"folds): the number to expect, not the search's best val_acc ({number_text(estimate['search_best_val_acc'])}).")
+    rows.append(
+        [
+            f"**ensemble** ({ensemble['method']})",
+            ensemble["accuracy"],
+            ensemble["log_loss"],
+            "",
+            "",
+            1.0,
+        ]
+    )
+    table = markdown_table(
+        ["member", "accuracy", "log-loss", "log-loss calibrated", "temperature", "weight"], rows
+    )
+    text = (
+        f"## Refit on {summary['folds']} folds ({results.refit.folder})\n\nOut-of-fold predictions of "
+        f"{summary['images']} training images.\n\n{table}\n\nCross-validated accuracy of the submitted ensemble: "
+        f"{number_text(estimate['accuracy'])} ± {number_text(estimate['standard_error'])} (standard error over "
+        f"folds): the number to expect, not the search's best val_acc ({number_text(estimate['search_best_val_acc'])})."
+    )
     if "reliability.png" in images:
         text += "\n\n![reliability](reliability.png)"
     return text
@@ -451,16 +627,21 @@ def refit_section(results: SearchResults, images: list[str]) -> str:
 
 # summary.md --------------------------------------------------------------------------------------
 
-def summary_markdown(results: SearchResults, importance: Importance, cost: SearchCost | None,
-                     images: list[str]) -> str:
+
+def summary_markdown(
+    results: SearchResults, importance: Importance, cost: SearchCost | None, images: list[str]
+) -> str:
     sections = [
         overview_section(results),
         best_section(results),
         top_trials_section(results),
         errors_section(results),
         image_section("Learning curves", ["learning_curves.png"], images),
-        image_section("Hyperparameters", [param_file(name) for name in results.params] + ["parallel_coordinates.png"],
-                      images),
+        image_section(
+            "Hyperparameters",
+            [param_file(name) for name in results.params] + ["parallel_coordinates.png"],
+            images,
+        ),
         importance_section(importance, images),
         cost_section(results, cost, images) if cost else "",
         refit_section(results, images),
@@ -469,25 +650,34 @@ def summary_markdown(results: SearchResults, importance: Importance, cost: Searc
 
 
 def overview_section(results: SearchResults) -> str:
-    counts = ", ".join(f"{n} {status}" for status, n in results.trials["status"].value_counts().items())
-    return (f"# Search report: {results.experiment}\n\n"
-            f"- metric: `{results.metric}` ({results.search['mode']})\n"
-            f"- searched: {', '.join(f'`{name}`' for name in results.search['searched'])}\n"
-            f"- trials: {len(results.trials)}{f' ({counts})' if counts else ''}, up to {results.search['max_epochs']} "
-            f"epochs each")
+    counts = ", ".join(
+        f"{n} {status}" for status, n in results.trials["status"].value_counts().items()
+    )
+    return (
+        f"# Search report: {results.experiment}\n\n"
+        f"- metric: `{results.metric}` ({results.search['mode']})\n"
+        f"- searched: {', '.join(f'`{name}`' for name in results.search['searched'])}\n"
+        f"- trials: {len(results.trials)}{f' ({counts})' if counts else ''}, up to {results.search['max_epochs']} "
+        f"epochs each"
+    )
 
 
 def best_section(results: SearchResults) -> str:
     if not results.best:
         return f"## Best trial\n\nNo trial has reported `{results.metric}` yet (no best.json)."
     best = results.best
-    values = [f"- trial: `{best['trial_id']}` ({best.get('status', 'unknown status')})",
-              f"- val_acc: {number_text(best['val_acc'])} at epoch {best['epoch']}"]
+    values = [
+        f"- trial: `{best['trial_id']}` ({best.get('status', 'unknown status')})",
+        f"- val_acc: {number_text(best['val_acc'])} at epoch {best['epoch']}",
+    ]
     if results.metric != "val_acc":
         values.insert(1, f"- {results.metric}: {number_text(best[results.metric])}")
     row = results.trials[results.trials["trial_id"] == best["trial_id"]]
-    drawn = [name for name in results.search["searched"]  # those its branches made it draw
-             if not len(row) or f"config.{name}" not in row or pd.notna(row[f"config.{name}"].iloc[0])]
+    drawn = [
+        name
+        for name in results.search["searched"]  # those its branches made it draw
+        if not len(row) or f"config.{name}" not in row or pd.notna(row[f"config.{name}"].iloc[0])
+    ]
     values += [f"- `{name}` = {cell_text(best['config'].get(name))}" for name in drawn]
     return "## Best trial\n\n" + "\n".join(values)
 
@@ -500,18 +690,33 @@ def top_trials_section(results: SearchResults) -> str:
         return ""
     top = results.scored.head(TOP_TRIALS)
     header = ["trial", "status", f"best {results.metric}", "epoch", "epochs run", *results.params]
-    rows = [[f"`{row['trial_id']}`", row["status"], row[results.score], row["best_epoch"], row["epochs_run"],
-             *(INACTIVE if pd.isna(row[f"config.{name}"]) else row[f"config.{name}"] for name in results.params)]
-            for _, row in top.iterrows()]
+    rows = [
+        [
+            f"`{row['trial_id']}`",
+            row["status"],
+            row[results.score],
+            row["best_epoch"],
+            row["epochs_run"],
+            *(
+                INACTIVE if pd.isna(row[f"config.{name}"]) else row[f"config.{name}"]
+                for name in results.params
+            ),
+        ]
+        for _, row in top.iterrows()
+    ]
     return f"## Top {len(top)} trials\n\n" + markdown_table(header, rows)
 
 
 def errors_section(results: SearchResults) -> str:
-    failed = results.trials[(results.trials["status"] == "error") | (results.trials["error"].fillna("") != "")]
+    failed = results.trials[
+        (results.trials["status"] == "error") | (results.trials["error"].fillna("") != "")
+    ]
     if not len(failed):
         return ""
-    lines = [f"- `{row['trial_id']}` ({row['status']}): {row['error'] or 'no error text recorded'}"
-             for _, row in failed.iterrows()]
+    lines = [
+        f"- `{row['trial_id']}` ({row['status']}): {row['error'] or 'no error text recorded'}"
+        for _, row in failed.iterrows()
+    ]
     return f"## Errors ({len(failed)} trials)\n\n" + "\n".join(lines)
 
 
@@ -519,13 +724,18 @@ def image_section(title: str, wanted: list[str], images: list[str]) -> str:
     present = [name for name in wanted if name in images]
     if not present:
         return ""
-    return f"## {title}\n\n" + "\n".join(f"![{name.removesuffix('.png')}]({name})" for name in present)
+    return f"## {title}\n\n" + "\n".join(
+        f"![{name.removesuffix('.png')}]({name})" for name in present
+    )
 
 
 def importance_section(importance: Importance, images: list[str]) -> str:
     lines = ["## Hyperparameter importance", "", importance.note]
     if importance.values:
-        lines += ["", markdown_table(["hyperparameter", "importance"], list(importance.values.items()))]
+        lines += [
+            "",
+            markdown_table(["hyperparameter", "importance"], list(importance.values.items())),
+        ]
     if "importance.png" in images:
         lines += ["", "![importance](importance.png)"]
     return "\n".join(lines)
@@ -534,21 +744,33 @@ def importance_section(importance: Importance, images: list[str]) -> str:
 def cost_section(results: SearchResults, cost: SearchCost, images: list[str]) -> str:
     trials = results.trials
     if cost.gpu_hours > 0:
-        gpu = (f"- GPU-hours: {cost.gpu_hours:.3f} in all; per trial {trials['gpu_hours'].mean():.3f} on average, "
-               f"{trials['gpu_hours'].max():.3f} at most")
+        gpu = (
+            f"- GPU-hours: {cost.gpu_hours:.3f} in all; per trial {trials['gpu_hours'].mean():.3f} on average, "
+            f"{trials['gpu_hours'].max():.3f} at most"
+        )
     else:
         gpu = "- GPU-hours: 0 (a CPU-only search: no GPU per trial); wall-clock hours below"
-    lines = ["## Time and cost", "", gpu,
-             f"- trial wall-clock: {cost.trial_hours:.3f} hours in all; per trial {trials['wall_s'].mean():.0f} s "
-             f"on average, {trials['wall_s'].max():.0f} s at most"]
+    lines = [
+        "## Time and cost",
+        "",
+        gpu,
+        f"- trial wall-clock: {cost.trial_hours:.3f} hours in all; per trial {trials['wall_s'].mean():.0f} s "
+        f"on average, {trials['wall_s'].max():.0f} s at most",
+    ]
     if cost.elapsed_hours is not None:
-        lines.append(f"- search elapsed (first trial start to last result): {cost.elapsed_hours:.3f} hours")
-    lines.append(f"- trial-epochs: {cost.epochs_run} run of {cost.epoch_budget} ({len(trials)} trials x "
-                 f"{results.search['max_epochs']} epochs); ASHA's early stopping saved {cost.epochs_saved} "
-                 f"({cost.saved_fraction:.0%})")
+        lines.append(
+            f"- search elapsed (first trial start to last result): {cost.elapsed_hours:.3f} hours"
+        )
+    lines.append(
+        f"- trial-epochs: {cost.epochs_run} run of {cost.epoch_budget} ({len(trials)} trials x "
+        f"{results.search['max_epochs']} epochs); ASHA's early stopping saved {cost.epochs_saved} "
+        f"({cost.saved_fraction:.0%})"
+    )
     if cost.epochs_not_run:
-        lines.append(f"- {cost.epochs_not_run} trial-epochs not run for other reasons (errored, running or "
-                     f"pending trials, or trials the budget stopped)")
+        lines.append(
+            f"- {cost.epochs_not_run} trial-epochs not run for other reasons (errored, running or "
+            f"pending trials, or trials the budget stopped)"
+        )
     if "cost.png" in images:
         lines += ["", "![cost](cost.png)"]
     return "\n".join(lines)

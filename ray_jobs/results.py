@@ -20,23 +20,37 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from ray.tune import Callback
 
-from sketch_core.config import TrainConfig
-from sketch_core.errors import SketchError
 from ray_jobs.cli import local_path
 from ray_jobs.params import SearchedParams, plain
 from ray_jobs.space import Resources
+from sketch_core.config import TrainConfig
+from sketch_core.errors import SketchError
 
-SCHEMA_VERSION = 2  # 2: searched parameters a trial left inactive are empty; search.json has base, params
+SCHEMA_VERSION = (
+    2  # 2: searched parameters a trial left inactive are empty; search.json has base, params
+)
 METRIC_COLUMNS = ("val_acc", "val_loss", "train_loss", "lr", "images_per_s")
-TRIAL_COLUMNS = ("trial_id", "status", "epochs_run", "best_val_acc", "best_epoch", "wall_s", "gpu_hours", "node",
-                 "error", "feature_cache")
+TRIAL_COLUMNS = (
+    "trial_id",
+    "status",
+    "epochs_run",
+    "best_val_acc",
+    "best_epoch",
+    "wall_s",
+    "gpu_hours",
+    "node",
+    "error",
+    "feature_cache",
+)
 
 
 class ResultsStore:
     """One experiment's folder, ``<root>/<experiment>``, on any pyarrow filesystem."""
 
     def __init__(self, root: str, experiment: str):
-        self.root = local_path(root)  # absolute: refit workers open the store from their own folders
+        self.root = local_path(
+            root
+        )  # absolute: refit workers open the store from their own folders
         self.experiment = experiment
         self.fs, root_path = _filesystem(root)
         self.scheme = root.split("://", 1)[0] + "://" if "://" in root else ""
@@ -66,22 +80,30 @@ class ResultsStore:
             raise SketchError(f"{self.uri(name)}: not found") from None
 
     def write_json(self, name: str, value: Any) -> str:
-        return self.write_bytes(name, (json.dumps(value, indent=2, default=_json_default) + "\n").encode())
+        return self.write_bytes(
+            name, (json.dumps(value, indent=2, default=_json_default) + "\n").encode()
+        )
 
     def read_json(self, name: str, *, required: tuple[str, ...] = ()) -> Any:
         """The JSON object in ``name``; one error line if it is damaged (a full disk, a half-copied
         folder) or lacks a ``required`` key."""
         try:
             value = json.loads(self.read_bytes(name))
-        except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not text
-            raise SketchError(f"{self.uri(name)}: not valid JSON ({str(exc)[:120]}); the file is damaged") from None
+        except (
+            ValueError
+        ) as exc:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not text
+            raise SketchError(
+                f"{self.uri(name)}: not valid JSON ({str(exc)[:120]}); the file is damaged"
+            ) from None
         return self.require_keys(name, value, required)
 
     def require_keys(self, name: str, value: Any, keys: tuple[str, ...]) -> Any:
         """``value`` (read from ``name``) if it is an object with every one of ``keys``; else one error line."""
         missing = [key for key in keys if not isinstance(value, dict) or key not in value]
         if missing:
-            raise SketchError(f"{self.uri(name)}: missing {', '.join(missing)}; the file is damaged or not ours")
+            raise SketchError(
+                f"{self.uri(name)}: missing {', '.join(missing)}; the file is damaged or not ours"
+            )
         return value
 
     def write_parquet(self, name: str, frame: pd.DataFrame) -> str:
@@ -94,8 +116,10 @@ class ResultsStore:
         try:
             return pd.read_parquet(io.BytesIO(data))
         except (pa.ArrowException, ValueError, OSError) as exc:  # truncated, empty or not parquet
-            raise SketchError(f"{self.uri(name)}: not a readable table ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); the file is damaged") from None
+            raise SketchError(
+                f"{self.uri(name)}: not a readable table ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); the file is damaged"
+            ) from None
 
     def list_names(self, folder: str) -> list[str]:
         selector = pafs.FileSelector(f"{self.path}/{folder}", allow_not_found=True)
@@ -105,18 +129,33 @@ class ResultsStore:
 # What the commands read of best.json (ExperimentTables.best writes it) and of search.json
 # (tune.search_summary writes it).
 BEST_KEYS = ("trial_id", "metric", "val_acc", "epoch", "config", "checkpoint")
-SEARCH_KEYS = ("schema", "experiment", "data_dir", "class_names", "metric", "mode", "searched", "params", "base",
-               "resources", "max_failures")
+SEARCH_KEYS = (
+    "schema",
+    "experiment",
+    "data_dir",
+    "class_names",
+    "metric",
+    "mode",
+    "searched",
+    "params",
+    "base",
+    "resources",
+    "max_failures",
+)
 
 
 def read_search(store: ResultsStore) -> dict[str, Any]:
     """The experiment's search.json, checked: present, of this schema version, with every key."""
     if not store.exists("search.json"):
-        raise SketchError(f"{store.uri()}: no search found (no search.json); run ray_jobs/tune.py first")
+        raise SketchError(
+            f"{store.uri()}: no search found (no search.json); run ray_jobs/tune.py first"
+        )
     search = store.read_json("search.json", required=("schema",))
     if search["schema"] != SCHEMA_VERSION:
-        raise SketchError(f"{store.uri('search.json')}: results schema {search['schema']!r}, this version reads "
-                          f"{SCHEMA_VERSION}; rerun the search with this version")
+        raise SketchError(
+            f"{store.uri('search.json')}: results schema {search['schema']!r}, this version reads "
+            f"{SCHEMA_VERSION}; rerun the search with this version"
+        )
     return store.require_keys("search.json", search, SEARCH_KEYS)
 
 
@@ -138,7 +177,11 @@ def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
     if "://" in root:
         try:
             return pafs.FileSystem.from_uri(root)
-        except (ValueError, OSError, NotImplementedError) as exc:  # pyarrow's errors derive from these
+        except (
+            ValueError,
+            OSError,
+            NotImplementedError,
+        ) as exc:  # pyarrow's errors derive from these
             raise SketchError(f"--results {root}: cannot open this storage ({exc})") from None
     return pafs.LocalFileSystem(), str(Path(root).resolve())
 
@@ -166,11 +209,22 @@ def ranked(trials: pd.DataFrame, *, metric: str, mode: str) -> pd.DataFrame:
 class ExperimentTables:
     """The per-epoch rows of every trial, and the tables and best trial derived from them."""
 
-    def __init__(self, *, metric: str, mode: str, max_epochs: int, resources: Resources, params: SearchedParams,
-                 base: dict[str, Any]):
+    def __init__(
+        self,
+        *,
+        metric: str,
+        mode: str,
+        max_epochs: int,
+        resources: Resources,
+        params: SearchedParams,
+        base: dict[str, Any],
+    ):
         self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
         self.resources = resources  # what each kind of trial holds: for gpu_hours
-        self.params, self.base = params, base  # searched parameters inactive in a trial are empty in the tables
+        self.params, self.base = (
+            params,
+            base,
+        )  # searched parameters inactive in a trial are empty in the tables
         self.rows: dict[tuple[str, int], dict[str, Any]] = {}
 
     def add_result(self, trial_id: str, result: dict[str, Any]) -> None:
@@ -178,15 +232,25 @@ class ExperimentTables:
             return
         row = {"trial_id": trial_id, "epoch": int(result["epoch"])}
         row.update({name: float(result[name]) for name in METRIC_COLUMNS if name in result})
-        row.update({"time_total_s": float(result.get("time_total_s", math.nan)),
-                    "trial_s": self._trial_seconds(trial_id) + float(result.get("time_this_iter_s", 0.0)),
-                    "started_at_epoch": int(result.get("started_at_epoch", 0)),
-                    "feature_cache": float(result.get("feature_cache", 0.0)),
-                    "checkpoint_path": result.get("checkpoint_path"), "nodes": result.get("nodes"),
-                    "pids": result.get("pids"), "timestamp": float(result.get("timestamp", time.time()))})
+        row.update(
+            {
+                "time_total_s": float(result.get("time_total_s", math.nan)),
+                "trial_s": self._trial_seconds(trial_id)
+                + float(result.get("time_this_iter_s", 0.0)),
+                "started_at_epoch": int(result.get("started_at_epoch", 0)),
+                "feature_cache": float(result.get("feature_cache", 0.0)),
+                "checkpoint_path": result.get("checkpoint_path"),
+                "nodes": result.get("nodes"),
+                "pids": result.get("pids"),
+                "timestamp": float(result.get("timestamp", time.time())),
+            }
+        )
         # A trial retried from a checkpoint re-reports epochs; keep what the new report lacks.
         earlier = self.rows.get((trial_id, row["epoch"]), {})
-        self.rows[(trial_id, row["epoch"])] = {**earlier, **{k: v for k, v in row.items() if v is not None}}
+        self.rows[(trial_id, row["epoch"])] = {
+            **earlier,
+            **{k: v for k, v in row.items() if v is not None},
+        }
 
     def add_checkpoint(self, trial_id: str, epoch: int, path: str) -> None:
         """A checkpoint Ray Tune saved for a reported epoch (a head-only trial's; a TorchTrainer
@@ -205,23 +269,41 @@ class ExperimentTables:
             self.rows[(row["trial_id"], int(row["epoch"]))] = row
 
     def epochs_frame(self) -> pd.DataFrame:
-        columns = ["trial_id", "epoch", *METRIC_COLUMNS, "time_total_s", "trial_s", "started_at_epoch", "feature_cache",
-                   "checkpoint_path",
-                   "nodes", "pids", "timestamp"]
+        columns = [
+            "trial_id",
+            "epoch",
+            *METRIC_COLUMNS,
+            "time_total_s",
+            "trial_s",
+            "started_at_epoch",
+            "feature_cache",
+            "checkpoint_path",
+            "nodes",
+            "pids",
+            "timestamp",
+        ]
         frame = pd.DataFrame(list(self.rows.values()), columns=columns)
         return frame.sort_values(["trial_id", "epoch"], ignore_index=True)
 
-    def trials_frame(self, trials: list["TrialState"]) -> pd.DataFrame:
+    def trials_frame(self, trials: list[TrialState]) -> pd.DataFrame:
         # Rewritten whenever a trial ends: aggregated per trial in one pass, not filtered per trial.
         epochs = self.epochs_frame()
         by_trial = epochs.groupby("trial_id")
         epochs_run, wall_s = by_trial["epoch"].max(), by_trial["trial_s"].max().fillna(0.0)
-        feature_cache, best_val_acc = by_trial["feature_cache"].max().fillna(0), by_trial["val_acc"].max()
-        nodes = by_trial["nodes"].agg(lambda column: ",".join(sorted({node for value in column.dropna()
-                                                                       for node in str(value).split(",")})))
+        feature_cache, best_val_acc = (
+            by_trial["feature_cache"].max().fillna(0),
+            by_trial["val_acc"].max(),
+        )
+        nodes = by_trial["nodes"].agg(
+            lambda column: ",".join(
+                sorted({node for value in column.dropna() for node in str(value).split(",")})
+            )
+        )
         scored = epochs.dropna(subset=[self.metric])
         best_rows = scored.groupby("trial_id")[self.metric]
-        best_rows = scored.loc[best_rows.idxmax() if self.mode == "max" else best_rows.idxmin()].set_index("trial_id")
+        best_rows = scored.loc[
+            best_rows.idxmax() if self.mode == "max" else best_rows.idxmin()
+        ].set_index("trial_id")
         records = []
         for trial in trials:
             trial_id, run = trial.trial_id, int(epochs_run.get(trial.trial_id, 0))
@@ -231,7 +313,9 @@ class ExperimentTables:
                 "trial_id": trial_id,
                 "status": trial_status(trial.status, run, self.max_epochs),
                 "epochs_run": run,
-                "best_val_acc": float(best_val_acc.get(trial_id, math.nan)) if best is not None else math.nan,
+                "best_val_acc": float(best_val_acc.get(trial_id, math.nan))
+                if best is not None
+                else math.nan,
                 f"best_{self.metric}": float(best[self.metric]) if best is not None else math.nan,
                 "best_epoch": int(best["epoch"]) if best is not None else 0,
                 "wall_s": spent,
@@ -242,8 +326,13 @@ class ExperimentTables:
                 "feature_cache": int(feature_cache.get(trial_id, 0)),
             }
             active = self.params.active(trial.config)
-            record.update({f"config.{key}": value if key in active or key not in self.params else None
-                           for key, value in trial.config.items() if key in TrainConfig.field_names()})
+            record.update(
+                {
+                    f"config.{key}": value if key in active or key not in self.params else None
+                    for key, value in trial.config.items()
+                    if key in TrainConfig.field_names()
+                }
+            )
             records.append(record)
         frame = pd.DataFrame(records)
         return frame if len(frame) else pd.DataFrame(columns=list(TRIAL_COLUMNS))
@@ -255,7 +344,9 @@ class ExperimentTables:
         row = scored.iloc[0]
         column = f"best_{self.metric}"
         epochs = self.epochs_frame()
-        at_best = epochs[(epochs["trial_id"] == row["trial_id"]) & (epochs["epoch"] == row["best_epoch"])]
+        at_best = epochs[
+            (epochs["trial_id"] == row["trial_id"]) & (epochs["epoch"] == row["best_epoch"])
+        ]
         config = config_of(row, self.base)
         return {
             "schema": SCHEMA_VERSION,
@@ -275,11 +366,13 @@ class ExperimentTables:
 class TrialState:
     """What the tables need of a trial: from Ray Tune's live Trial objects, or rebuilt later."""
 
-    def __init__(self, trial_id: str, status: str, config: dict[str, Any], error: str | None = None):
+    def __init__(
+        self, trial_id: str, status: str, config: dict[str, Any], error: str | None = None
+    ):
         self.trial_id, self.status, self.config, self.error = trial_id, status, config, error
 
     @classmethod
-    def from_tune(cls, trial, status: str | None = None) -> "TrialState":
+    def from_tune(cls, trial, status: str | None = None) -> TrialState:
         return cls(trial.trial_id, status or trial.status, dict(trial.config), _error_line(trial))
 
 
@@ -288,7 +381,9 @@ def _error_line(trial) -> str | None:
     path = getattr(trial, "error_file", None)
     if not path or not os.path.exists(path):
         return None
-    lines = [line.strip() for line in Path(path).read_text(errors="replace").splitlines() if line.strip()]
+    lines = [
+        line.strip() for line in Path(path).read_text(errors="replace").splitlines() if line.strip()
+    ]
     return lines[-1][:500] if lines else None
 
 
@@ -304,15 +399,19 @@ def trial_status(tune_status: str, epochs_run: int, max_epochs: int) -> str:
         return "finished"
     if tune_status == "TERMINATED":
         return "stopped_early"
-    return {"ERROR": "error", "RUNNING": "running", "PENDING": "pending", "PAUSED": "paused"}.get(tune_status,
-                                                                                                 tune_status.lower())
+    return {"ERROR": "error", "RUNNING": "running", "PENDING": "pending", "PAUSED": "paused"}.get(
+        tune_status, tune_status.lower()
+    )
 
 
 def config_of(trial_row: pd.Series, base: dict[str, Any]) -> dict[str, Any]:
     """The TrainConfig dict of a trials.parquet row: its ``config.*`` columns, and for a searched
     parameter the trial left inactive (an empty cell) the search's ``base`` value, which it ran with."""
-    values = {key.removeprefix("config."): plain(value) for key, value in trial_row.items()
-              if key.startswith("config.") and not _empty(value)}
+    values = {
+        key.removeprefix("config."): plain(value)
+        for key, value in trial_row.items()
+        if key.startswith("config.") and not _empty(value)
+    }
     return {**base, **values}
 
 
@@ -340,14 +439,21 @@ class ResultsRecorder(Callback):
             self.tables.add_rows(self.store.read_parquet("epochs.parquet"))
         if self.store.exists("trials.parquet"):
             earlier = self.store.read_parquet("trials.parquet")
-            self._completed = set(earlier.loc[earlier["status"].isin(["finished", "stopped_early"]), "trial_id"])
+            self._completed = set(
+                earlier.loc[earlier["status"].isin(["finished", "stopped_early"]), "trial_id"]
+            )
 
-    def write(self, trials: list, final_status: dict[str, str] | None = None) -> dict[str, Any] | None:
+    def write(
+        self, trials: list, final_status: dict[str, str] | None = None
+    ) -> dict[str, Any] | None:
         """Rewrite the tables; ``final_status`` gives trials whose Tune status is about to change."""
         # Tune's stop_all (the search's budget: tuning.Budget, the only stopper) ends the running and
         # pending trials as TERMINATED without on_trial_complete: they are not ASHA's stops.
-        by_budget = {t.trial_id: "STOPPED_BY_BUDGET" for t in trials
-                     if t.status == "TERMINATED" and t.trial_id not in self._completed}
+        by_budget = {
+            t.trial_id: "STOPPED_BY_BUDGET"
+            for t in trials
+            if t.status == "TERMINATED" and t.trial_id not in self._completed
+        }
         final_status = {**by_budget, **(final_status or {})}
         states = [TrialState.from_tune(t, final_status.get(t.trial_id)) for t in trials]
         trials_frame = self.tables.trials_frame(states)
@@ -366,7 +472,9 @@ class ResultsRecorder(Callback):
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         if "epoch" in (trial.last_result or {}):
-            self.tables.add_checkpoint(trial.trial_id, int(trial.last_result["epoch"]), checkpoint.path)
+            self.tables.add_checkpoint(
+                trial.trial_id, int(trial.last_result["epoch"]), checkpoint.path
+            )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._completed.add(trial.trial_id)

@@ -45,19 +45,24 @@ from typing import Any
 
 import yaml
 
+from ray_jobs.params import DISTRIBUTIONS, Branch, Distribution, Param, SearchedParams
 from sketch_core.config import TrainConfig
 from sketch_core.errors import SketchError
 from sketch_core.settings import from_mapping, spec
-from ray_jobs.params import DISTRIBUTIONS, Branch, Distribution, Param, SearchedParams
 
 SEARCHERS = ("optuna", "random", "grid")
 SCHEDULERS = ("asha", "none")
 METRICS = {"val_acc": "max", "val_loss": "min", "train_loss": "min"}
 SECTIONS = {"experiment", "data", "model", "resources", "search", "scheduler", "fixed", "space"}
 # TrainConfig fields that sections other than ``fixed`` own.
-OWNED_FIELDS = {"data_dir": "data.dir", "model": "model.name", "pretrained": "model.pretrained",
-                "image_size": "model.image_size", "checkpoint_file": "model.checkpoint_file",
-                "epochs": "scheduler.max_epochs"}
+OWNED_FIELDS = {
+    "data_dir": "data.dir",
+    "model": "model.name",
+    "pretrained": "model.pretrained",
+    "image_size": "model.image_size",
+    "checkpoint_file": "model.checkpoint_file",
+    "epochs": "scheduler.max_epochs",
+}
 # TrainConfig fields that say where or how fast a run goes, not what it learns.
 RUN_ONLY_FIELDS = ("data_dir", "num_workers", "decode_cache", "checkpoint_file", "compile")
 # model.<key> that may be searched, and the TrainConfig field each one is.
@@ -77,7 +82,7 @@ class Resources:
     # parse_space: HEAD_GPUS when the workers have GPUs and the file sets none
     head_gpus: float = field(default=0.0, metadata=spec(low=0.0))
     # What a trial of one of the searched models holds instead (resources.by_model in the file).
-    by_model: dict[str, "Resources"] = field(default_factory=dict)
+    by_model: dict[str, Resources] = field(default_factory=dict)
 
     # The trial itself only waits on its TorchTrainer; {"CPU": 0} is refused by Tune.
     TRIAL_CPUS = 0.05
@@ -85,9 +90,11 @@ class Resources:
     HEAD_GPUS = 0.125
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "Resources":
+    def from_dict(cls, values: dict[str, Any]) -> Resources:
         """From search.json (``dataclasses.asdict`` of one)."""
-        by_model = {model: cls.from_dict(own) for model, own in (values.get("by_model") or {}).items()}
+        by_model = {
+            model: cls.from_dict(own) for model, own in (values.get("by_model") or {}).items()
+        }
         return cls(**{**values, "by_model": by_model})
 
     @property
@@ -95,18 +102,23 @@ class Resources:
         return self.gpus_per_worker > 0
 
     def per_worker(self) -> dict[str, float]:
-        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}
+        return {
+            "CPU": self.cpus_per_worker,
+            **({"GPU": self.gpus_per_worker} if self.use_gpu else {}),
+        }
 
     def per_trial(self) -> dict[str, float]:
         """What one DDP trial holds in all: its own share plus all its workers'."""
-        return {key: value * self.workers + (self.TRIAL_CPUS if key == "CPU" else 0)
-                for key, value in self.per_worker().items()}
+        return {
+            key: value * self.workers + (self.TRIAL_CPUS if key == "CPU" else 0)
+            for key, value in self.per_worker().items()
+        }
 
     def head_trial(self) -> dict[str, float]:
         """What one head-only trial holds: its process's share."""
         return {"CPU": self.head_cpus, **({"GPU": self.head_gpus} if self.head_gpus > 0 else {})}
 
-    def of_model(self, model: str) -> "Resources":
+    def of_model(self, model: str) -> Resources:
         """What a trial of ``model`` is given."""
         return self.by_model.get(model, self)
 
@@ -187,18 +199,29 @@ class SearchSpace:
         """Every model a trial may train."""
         return self.params["model"].values() if "model" in self.params else [self.base["model"]]
 
-    def with_overrides(self, **changes: Any) -> "SearchSpace":
+    def with_overrides(self, **changes: Any) -> SearchSpace:
         """Values over the file's: experiment, data_dir, num_samples, max_concurrent (from the command
         line), checkpoint_file (made absolute by the driver)."""
         space = self
         if changes.get("experiment"):
-            space = dataclasses.replace(space, experiment=_experiment_name(changes["experiment"], "--name"))
+            space = dataclasses.replace(
+                space, experiment=_experiment_name(changes["experiment"], "--name")
+            )
         if changes.get("data_dir"):
-            space = dataclasses.replace(space, data=DataSettings(dir=changes["data_dir"], demo=False),
-                                        base={**space.base, "data_dir": changes["data_dir"]})
+            space = dataclasses.replace(
+                space,
+                data=DataSettings(dir=changes["data_dir"], demo=False),
+                base={**space.base, "data_dir": changes["data_dir"]},
+            )
         if changes.get("checkpoint_file"):
-            space = dataclasses.replace(space, base={**space.base, "checkpoint_file": changes["checkpoint_file"]})
-        search = {key: changes[key] for key in ("num_samples", "max_concurrent") if changes.get(key) is not None}
+            space = dataclasses.replace(
+                space, base={**space.base, "checkpoint_file": changes["checkpoint_file"]}
+            )
+        search = {
+            key: changes[key]
+            for key in ("num_samples", "max_concurrent")
+            if changes.get(key) is not None
+        }
         for key, value in search.items():
             if value < 1:
                 raise SketchError(f"--{key.replace('_', '-')}: expected at least 1, got {value}")
@@ -216,16 +239,22 @@ def load_space(path: str | Path) -> SearchSpace:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise SketchError(f"{path}: not valid YAML{where} ({getattr(exc, 'problem', exc)})") from None
+        raise SketchError(
+            f"{path}: not valid YAML{where} ({getattr(exc, 'problem', exc)})"
+        ) from None
     return parse_space(document, source=str(path))
 
 
 def parse_space(document: Any, *, source: str) -> SearchSpace:
     if not isinstance(document, dict):
-        raise SketchError(f"{source}: expected a mapping with sections {', '.join(sorted(SECTIONS))}")
+        raise SketchError(
+            f"{source}: expected a mapping with sections {', '.join(sorted(SECTIONS))}"
+        )
     _no_unknown(document, SECTIONS, source, "")
     if "experiment" not in document:
-        raise SketchError(f"{source}: experiment: a name is required (results go to results/<experiment>/)")
+        raise SketchError(
+            f"{source}: experiment: a name is required (results go to results/<experiment>/)"
+        )
     if not isinstance(document.get("model"), dict) or "name" not in document["model"]:
         raise SketchError(f"{source}: model.name: a timm model name is required")
     experiment = _experiment_name(document["experiment"], f"{source}: experiment")
@@ -238,13 +267,22 @@ def parse_space(document: Any, *, source: str) -> SearchSpace:
     scheduler = _section(SchedulerSettings, document.get("scheduler"), source, "scheduler")
 
     # Parameters in the order they are drawn: the model's searched keys first, then space: as written.
-    searched_model = {key: value for key, value in model.items()
-                      if key in SEARCHABLE_MODEL_KEYS and isinstance(value, (dict, list))}
-    specs = [(SEARCHABLE_MODEL_KEYS[key], spec, f"{source}: model.{key}") for key, spec in searched_model.items()]
+    searched_model = {
+        key: value
+        for key, value in model.items()
+        if key in SEARCHABLE_MODEL_KEYS and isinstance(value, (dict, list))
+    }
+    specs = [
+        (SEARCHABLE_MODEL_KEYS[key], spec, f"{source}: model.{key}")
+        for key, spec in searched_model.items()
+    ]
     for name, spec in _mapping(document.get("space") or {}, source, "space").items():
         if name in OWNED_FIELDS:
-            hint = f"model.{name if name == 'image_size' else 'name'}: {{choice: [...]}}" \
-                if name in SEARCHABLE_MODEL_KEYS.values() else OWNED_FIELDS[name]
+            hint = (
+                f"model.{name if name == 'image_size' else 'name'}: {{choice: [...]}}"
+                if name in SEARCHABLE_MODEL_KEYS.values()
+                else OWNED_FIELDS[name]
+            )
             raise SketchError(f"{source}: space.{name}: cannot be searched here; set {hint}")
         TrainConfig.check_keys([name], source=f"{source}: space")
         specs.append((name, spec, f"{source}: space.{name}"))
@@ -256,33 +294,54 @@ def parse_space(document: Any, *, source: str) -> SearchSpace:
     params: list[Param] = []
     names = [name for name, _, _ in specs]
     for index, (name, spec, where) in enumerate(specs):
-        params.append(_param(name, spec, where, earlier={p.name: p for p in params}, later=names[index + 1:]))
+        params.append(
+            _param(name, spec, where, earlier={p.name: p for p in params}, later=names[index + 1 :])
+        )
     first_of = {}  # a searched model key's value in the base config: its first option
     for param, (_, _, where) in zip(params, specs):
         if param.name in SEARCHABLE_MODEL_KEYS.values():
             if not all(branch.distribution.finite for branch in param.branches):
                 raise SketchError(f"{where}: expected a choice (or grid) of values, got a range")
             first_of[param.name] = param.values()[0]
-    base = {"data_dir": data.dir, "model": model["name"], "epochs": scheduler.max_epochs, **fixed,
-            **{key: value for key, value in model.items() if key != "name"}, **first_of}
+    base = {
+        "data_dir": data.dir,
+        "model": model["name"],
+        "epochs": scheduler.max_epochs,
+        **fixed,
+        **{key: value for key, value in model.items() if key != "name"},
+        **first_of,
+    }
     base_config = TrainConfig.from_dict(base, source=source).to_dict()
     for param, (name, spec, where) in zip(params, specs):
         if name in fixed and not param.conditional:
-            raise SketchError(f"{where}: also set in fixed, which no trial would use; keep one "
-                              "(fixed gives the value of a parameter only where its branches leave it inactive)")
-        for index, branch in enumerate(param.branches):  # every branch's bounds make a valid config, under its conditions
+            raise SketchError(
+                f"{where}: also set in fixed, which no trial would use; keep one "
+                "(fixed gives the value of a parameter only where its branches leave it inactive)"
+            )
+        for index, branch in enumerate(
+            param.branches
+        ):  # every branch's bounds make a valid config, under its conditions
             at = f"{where}[{index}]" if isinstance(spec, list) else where
             for condition in branch.condition_values():
                 for value in branch.distribution.bounds():
                     TrainConfig.from_dict({**base_config, **condition, name: value}, source=at)
     distributions = [branch.distribution for param in params for branch in param.branches]
     if search.searcher == "optuna" and any(d.kind == "grid" for d in distributions):
-        raise SketchError(f"{source}: space: grid values need search.searcher grid or random, not optuna")
+        raise SketchError(
+            f"{source}: space: grid values need search.searcher grid or random, not optuna"
+        )
     if search.searcher == "grid" and any(d.kind not in ("grid", "choice") for d in distributions):
         raise SketchError(f"{source}: space: search.searcher grid takes only grid or choice lists")
     if search.searcher == "grid":
-        params = [Param(p.name, tuple(Branch(b.when, Distribution("grid", b.distribution.args)) for b in p.branches))
-                  for p in params]
+        params = [
+            Param(
+                p.name,
+                tuple(
+                    Branch(b.when, Distribution("grid", b.distribution.args)) for b in p.branches
+                ),
+            )
+            for p in params
+        ]
     searched = SearchedParams(tuple(params))
     from sketch_core.models import check_model_name  # imports timm: only where a space file is read
 
@@ -290,12 +349,22 @@ def parse_space(document: Any, *, source: str) -> SearchSpace:
         check_model_name(model, f"{source}: model.name")
     resources = _resources(document.get("resources"), searched, source)
     _check_settings(search, scheduler, source)
-    return SearchSpace(source=source, experiment=experiment, data=data, resources=resources, search=search,
-                       scheduler=scheduler, base=base_config, params=searched,
-                       start_from=_start_from(start_from, searched, base_config, source))
+    return SearchSpace(
+        source=source,
+        experiment=experiment,
+        data=data,
+        resources=resources,
+        search=search,
+        scheduler=scheduler,
+        base=base_config,
+        params=searched,
+        start_from=_start_from(start_from, searched, base_config, source),
+    )
 
 
-def _param(name: str, spec: Any, where: str, *, earlier: dict[str, Param], later: list[str]) -> Param:
+def _param(
+    name: str, spec: Any, where: str, *, earlier: dict[str, Param], later: list[str]
+) -> Param:
     """One searched parameter: a distribution, or a list of branches ``{when: {...}, <distribution>}``
     tried in order."""
     if isinstance(spec, list):
@@ -307,44 +376,70 @@ def _param(name: str, spec: Any, where: str, *, earlier: dict[str, Param], later
     branches: list[Branch] = []
     for at, item in items:
         if isinstance(spec, list) and not isinstance(item, dict):
-            raise SketchError(f"{at}: expected a branch such as {{when: {{freeze: head}}, loguniform: [1.0e-4, 1.0e-2]}}, "
-                              f"got {item!r}")
-        rest = {key: value for key, value in item.items() if key != "when"} if isinstance(item, dict) else item
-        branch = Branch(_conditions(name, item.get("when") if isinstance(item, dict) else None, at, earlier, later),
-                        _distribution(rest, at))
+            raise SketchError(
+                f"{at}: expected a branch such as {{when: {{freeze: head}}, loguniform: [1.0e-4, 1.0e-2]}}, "
+                f"got {item!r}"
+            )
+        rest = (
+            {key: value for key, value in item.items() if key != "when"}
+            if isinstance(item, dict)
+            else item
+        )
+        branch = Branch(
+            _conditions(
+                name, item.get("when") if isinstance(item, dict) else None, at, earlier, later
+            ),
+            _distribution(rest, at),
+        )
         for prior in branches:
             if prior.covers(branch):
-                raise SketchError(f"{at}: can never match: the branch before it "
-                                  f"({'when ' + prior.label if prior.when else 'without when'}) takes every trial it would")
+                raise SketchError(
+                    f"{at}: can never match: the branch before it "
+                    f"({'when ' + prior.label if prior.when else 'without when'}) takes every trial it would"
+                )
         branches.append(branch)
     return Param(name, tuple(branches))
 
 
-def _conditions(name: str, when: Any, where: str, earlier: dict[str, Param], later: list[str]) -> tuple:
+def _conditions(
+    name: str, when: Any, where: str, earlier: dict[str, Param], later: list[str]
+) -> tuple:
     if when is None:
         return ()
     if not isinstance(when, dict) or not when:
-        raise SketchError(f"{where}.when: expected a mapping of parameters searched before {name} to their values, "
-                          f"got {when!r}")
+        raise SketchError(
+            f"{where}.when: expected a mapping of parameters searched before {name} to their values, "
+            f"got {when!r}"
+        )
     conditions = []
     for key, wanted in when.items():
         at = f"{where}.when.{key}"
         if key not in earlier:
             if key in later:
-                raise SketchError(f"{at}: {key} is searched after {name}; a condition can only name a parameter "
-                                  "searched before it (move it up)")
+                raise SketchError(
+                    f"{at}: {key} is searched after {name}; a condition can only name a parameter "
+                    "searched before it (move it up)"
+                )
             if key in TrainConfig.field_names():
-                raise SketchError(f"{at}: {key} is not searched; a condition names a parameter searched before {name}")
-            raise SketchError(f"{at}: unknown parameter; expected one of the parameters searched before {name}: "
-                              f"{', '.join(earlier) or 'none'}")
+                raise SketchError(
+                    f"{at}: {key} is not searched; a condition names a parameter searched before {name}"
+                )
+            raise SketchError(
+                f"{at}: unknown parameter; expected one of the parameters searched before {name}: "
+                f"{', '.join(earlier) or 'none'}"
+            )
         condition_on = earlier[key]
         if not all(branch.distribution.finite for branch in condition_on.branches):
-            raise SketchError(f"{at}: {key} is searched over a range; a condition needs a choice or grid parameter")
+            raise SketchError(
+                f"{at}: {key} is searched over a range; a condition needs a choice or grid parameter"
+            )
         allowed = tuple(wanted) if isinstance(wanted, list) else (wanted,)
         for value in allowed:
             if value not in condition_on.values():
-                raise SketchError(f"{at}: {value!r} is not one of {key}'s values "
-                                  f"({', '.join(map(str, condition_on.values()))})")
+                raise SketchError(
+                    f"{at}: {value!r} is not one of {key}'s values "
+                    f"({', '.join(map(str, condition_on.values()))})"
+                )
         conditions.append((key, allowed))
     return tuple(conditions)
 
@@ -358,10 +453,16 @@ def _resources(values: Any, params: SearchedParams, source: str) -> Resources:
     overrides = {}
     for model, changes in by_model.items():
         if model not in models:
-            raise SketchError(f"{source}: resources.by_model.{model}: not one of model.name's choices "
-                              f"({', '.join(map(str, models)) or 'model.name is not searched'})")
-        own = _section(Resources, {**values, **_mapping(changes, source, f"resources.by_model.{model}")}, source,
-                       f"resources.by_model.{model}")
+            raise SketchError(
+                f"{source}: resources.by_model.{model}: not one of model.name's choices "
+                f"({', '.join(map(str, models)) or 'model.name is not searched'})"
+            )
+        own = _section(
+            Resources,
+            {**values, **_mapping(changes, source, f"resources.by_model.{model}")},
+            source,
+            f"resources.by_model.{model}",
+        )
         overrides[model] = _with_head_gpus(own, {**values, **changes})
     return dataclasses.replace(_with_head_gpus(common, values), by_model=overrides)
 
@@ -372,7 +473,9 @@ def _with_head_gpus(resources: Resources, values: dict) -> Resources:
     return resources
 
 
-def _start_from(points: Any, params: SearchedParams, base: dict[str, Any], source: str) -> tuple[dict, ...]:
+def _start_from(
+    points: Any, params: SearchedParams, base: dict[str, Any], source: str
+) -> tuple[dict, ...]:
     """search.start_from: known-good configurations (a recipe's defaults) that the search tries
     first. Each gives values of searched parameters; an active one it leaves out keeps its fixed or
     default value, which must then lie in its distribution."""
@@ -385,7 +488,9 @@ def _start_from(points: Any, params: SearchedParams, base: dict[str, Any], sourc
         point = _mapping(point, source, name)
         for key in point:
             if key not in params:
-                raise SketchError(f"{where}.{key}: not a searched parameter; expected one of {', '.join(params.names)}")
+                raise SketchError(
+                    f"{where}.{key}: not a searched parameter; expected one of {', '.join(params.names)}"
+                )
         config = {**base, **point}
         TrainConfig.from_dict(config, source=where)
         values = {name: config[name] for name in params.active(config)}
@@ -399,18 +504,26 @@ def _start_from(points: Any, params: SearchedParams, base: dict[str, Any], sourc
 def _check_settings(search: SearchSettings, scheduler: SchedulerSettings, source: str) -> None:
     """The checks that involve several settings (each one's own range: ``from_mapping``)."""
     if scheduler.grace_period > scheduler.max_epochs:
-        raise SketchError(f"{source}: scheduler.grace_period: expected 1..max_epochs ({scheduler.max_epochs}), "
-                          f"got {scheduler.grace_period}")
+        raise SketchError(
+            f"{source}: scheduler.grace_period: expected 1..max_epochs ({scheduler.max_epochs}), "
+            f"got {scheduler.grace_period}"
+        )
     if search.mode != METRICS[search.metric]:
-        raise SketchError(f"{source}: search.mode: {search.metric} is best at {METRICS[search.metric]}, got {search.mode}")
+        raise SketchError(
+            f"{source}: search.mode: {search.metric} is best at {METRICS[search.metric]}, got {search.mode}"
+        )
 
 
 def _distribution(spec: Any, where: str) -> Distribution:
     if not isinstance(spec, dict) or len(spec) != 1:
-        raise SketchError(f"{where}: expected one distribution such as {{loguniform: [1.0e-5, 1.0e-3]}}, got {spec!r}")
-    (kind, args), = spec.items()
+        raise SketchError(
+            f"{where}: expected one distribution such as {{loguniform: [1.0e-5, 1.0e-3]}}, got {spec!r}"
+        )
+    ((kind, args),) = spec.items()
     if kind not in DISTRIBUTIONS:
-        raise SketchError(f"{where}: unknown distribution {kind!r}; expected one of {', '.join(DISTRIBUTIONS)}")
+        raise SketchError(
+            f"{where}: unknown distribution {kind!r}; expected one of {', '.join(DISTRIBUTIONS)}"
+        )
     if not isinstance(args, list) or not args:
         raise SketchError(f"{where}: {kind}: expected a non-empty list, got {args!r}")
     arity = DISTRIBUTIONS[kind]
@@ -436,7 +549,9 @@ def _distribution(spec: Any, where: str) -> Distribution:
 
 
 def _section(kind, values: Any, source: str, name: str):
-    return from_mapping(kind, _mapping(values or {}, source, name), source=source, prefix=f"{name}.")
+    return from_mapping(
+        kind, _mapping(values or {}, source, name), source=source, prefix=f"{name}."
+    )
 
 
 def _mapping(value: Any, source: str, name: str) -> dict:
@@ -448,11 +563,15 @@ def _mapping(value: Any, source: str, name: str) -> dict:
 def _no_unknown(values: dict, known: set[str], source: str, prefix: str) -> None:
     for key in values:
         if key not in known:
-            raise SketchError(f"{source}: {prefix}{key}: unknown key; expected one of {', '.join(sorted(known))}")
+            raise SketchError(
+                f"{source}: {prefix}{key}: unknown key; expected one of {', '.join(sorted(known))}"
+            )
 
 
 def _experiment_name(name: Any, where: str) -> str:
     text = str(name)
     if not text or not all(c.isalnum() or c in "-_." for c in text) or text.startswith("."):
-        raise SketchError(f"{where}: expected a folder name of letters, digits, '-', '_' or '.', got {name!r}")
+        raise SketchError(
+            f"{where}: expected a folder name of letters, digits, '-', '_' or '.', got {name!r}"
+        )
     return text

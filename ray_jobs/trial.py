@@ -16,8 +16,9 @@ from __future__ import annotations
 import gc
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import ray
 import ray.train
@@ -26,9 +27,9 @@ from ray import tune
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune import PlacementGroupFactory
 
-from sketch_core.config import TrainConfig
 from ray_jobs.ray_internals import OwnRequest
 from ray_jobs.space import Resources, runs_in_trial_process
+from sketch_core.config import TrainConfig
 
 if TYPE_CHECKING:
     from sketch_core.engine import TrainingRun
@@ -47,8 +48,12 @@ class InTrainWorker:
 
     @staticmethod
     def report(metrics: dict[str, Any], checkpoint_folder: str | None = None) -> None:
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_folder)
-                         if checkpoint_folder else None)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(checkpoint_folder)
+            if checkpoint_folder
+            else None,
+        )
 
     @staticmethod
     def world_rank() -> int:
@@ -69,7 +74,12 @@ class InTrialProcess:
 
     @staticmethod
     def report(metrics: dict[str, Any], checkpoint_folder: str | None = None) -> None:
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_folder) if checkpoint_folder else None)
+        tune.report(
+            metrics,
+            checkpoint=tune.Checkpoint.from_directory(checkpoint_folder)
+            if checkpoint_folder
+            else None,
+        )
 
     @staticmethod
     def world_rank() -> int:
@@ -93,15 +103,22 @@ def train_loop(config: dict[str, Any], session) -> None:
     if run.epoch >= run.config.epochs and run.last_metrics:
         # A trial that finished after the search's last saved state is rerun by a restore:
         # report its final epoch again so Tune and the searcher see its real result.
-        session.report({**run.last_metrics, "started_at_epoch": started_at_epoch, "nodes": nodes, "pids": pids})
+        session.report(
+            {**run.last_metrics, "started_at_epoch": started_at_epoch, "nodes": nodes, "pids": pids}
+        )
         return
     for epoch_metrics in run.epochs():
-        metrics = {**{key: epoch_metrics[key] for key in TABLE_METRICS if key in epoch_metrics}, **epoch_metrics,
-                   "started_at_epoch": started_at_epoch, "nodes": nodes, "pids": pids}
+        metrics = {
+            **{key: epoch_metrics[key] for key in TABLE_METRICS if key in epoch_metrics},
+            **epoch_metrics,
+            "started_at_epoch": started_at_epoch,
+            "nodes": nodes,
+            "pids": pids,
+        }
         report_epoch(metrics, run, session)
 
 
-def resumed_run(config: TrainConfig, session) -> "TrainingRun":
+def resumed_run(config: TrainConfig, session) -> TrainingRun:
     """A TrainingRun on the session's device, continuing from the latest checkpoint if there is one
     (after a failure, or in a restored search)."""
     # Imported here: the trial and controller processes of DDP trials, which never train, skip timm & co.
@@ -115,7 +132,7 @@ def resumed_run(config: TrainConfig, session) -> "TrainingRun":
     return TrainingRun(config, device=session.device(), state=state)
 
 
-def report_epoch(metrics: dict[str, Any], run: "TrainingRun", session) -> None:
+def report_epoch(metrics: dict[str, Any], run: TrainingRun, session) -> None:
     """Every rank reports each epoch; rank 0 attaches the checkpoint."""
     from sketch_core.engine import save_checkpoint
 
@@ -130,12 +147,17 @@ def report_epoch(metrics: dict[str, Any], run: "TrainingRun", session) -> None:
 def worker_placement() -> tuple[str, str]:
     """Where this trial's workers run: the nodes (``ip/node-id``, sorted, distinct) and the
     process IDs by rank, each comma-separated."""
-    here = (f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}", os.getpid())
+    here = (
+        f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}",
+        os.getpid(),
+    )
     everyone = [here]
     if dist.is_initialized():
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, here)
-    return ",".join(sorted({node for node, _ in everyone})), ",".join(str(pid) for _, pid in everyone)
+    return ",".join(sorted({node for node, _ in everyone})), ",".join(
+        str(pid) for _, pid in everyone
+    )
 
 
 class OnTrainWorkers:
@@ -148,8 +170,15 @@ class OnTrainWorkers:
         self.loop(config, IN_TRAIN_WORKER)
 
 
-def make_trainable(loop: Callable[[dict, Any], None], *, resources: Resources, keep_checkpoints: int, metric: str,
-                   mode: str, train_config: Callable[[dict], dict] = lambda config: config) -> Callable:
+def make_trainable(
+    loop: Callable[[dict, Any], None],
+    *,
+    resources: Resources,
+    keep_checkpoints: int,
+    metric: str,
+    mode: str,
+    train_config: Callable[[dict], dict] = lambda config: config,
+) -> Callable:
     """A Tune function trainable running ``loop(config, session)``: in the trial's own process for a
     head on cached features, else on every worker of one TorchTrainer (``resources`` of the trial's
     model). ``train_config`` reads the TrainConfig dict in a trial's config. Tune (and so
@@ -171,22 +200,27 @@ def make_trainable(loop: Callable[[dict, Any], None], *, resources: Resources, k
         TorchTrainer(
             OnTrainWorkers(loop),
             train_loop_config=config,
-            scaling_config=ray.train.ScalingConfig(num_workers=own.workers, use_gpu=own.use_gpu,
-                                                   resources_per_worker=own.per_worker()),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=own.workers, use_gpu=own.use_gpu, resources_per_worker=own.per_worker()
+            ),
             torch_config=TorchConfig(backend="nccl" if own.use_gpu else "gloo"),
             run_config=ray.train.RunConfig(
                 name="train",
                 storage_path=storage.trial_fs_path,
                 storage_filesystem=storage.storage_filesystem,
                 callbacks=[TuneReportCallback()],
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints,
-                                                             checkpoint_score_attribute=metric,
-                                                             checkpoint_score_order=mode),
+                checkpoint_config=ray.train.CheckpointConfig(
+                    num_to_keep=keep_checkpoints,
+                    checkpoint_score_attribute=metric,
+                    checkpoint_score_order=mode,
+                ),
                 failure_config=ray.train.FailureConfig(max_failures=0),
             ),
         ).fit()
 
-    return tune.with_resources(run_trial, lambda config: trial_request(train_config(config), resources))
+    return tune.with_resources(
+        run_trial, lambda config: trial_request(train_config(config), resources)
+    )
 
 
 def trial_request(config: dict[str, Any], resources: Resources) -> PlacementGroupFactory:
@@ -216,5 +250,9 @@ def worker_env() -> dict[str, str]:
     installs this project on every node, and `ray job submit --working-dir .` ships it.)"""
     from ray_jobs.cli import PATH_VARIABLES, local_path
 
-    return {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"),
-            **{name: local_path(os.environ[name]) for name in PATH_VARIABLES if os.environ.get(name)}}
+    return {
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get(
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"
+        ),
+        **{name: local_path(os.environ[name]) for name in PATH_VARIABLES if os.environ.get(name)},
+    }

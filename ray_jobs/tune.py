@@ -15,27 +15,48 @@ import dataclasses
 import sys
 import time
 
-from sketch_core.errors import SketchError
 from ray_jobs.cli import run_cli
+from sketch_core.errors import SketchError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python ray_jobs/tune.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python ray_jobs/tune.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--space", required=True, help="search-space YAML (see search_spaces/)")
     parser.add_argument("--data-dir", help="competition data folder (overrides data.dir)")
-    parser.add_argument("--results", default="results", help="results root: a path, NFS path or s3://, gs:// URI")
+    parser.add_argument(
+        "--results", default="results", help="results root: a path, NFS path or s3://, gs:// URI"
+    )
     parser.add_argument("--name", help="experiment name (overrides experiment)")
-    parser.add_argument("--num-samples", type=int, help="number of trials (overrides search.num_samples)")
-    parser.add_argument("--max-concurrent", type=int, help="trials at once (overrides search.max_concurrent)")
-    parser.add_argument("--address", help="Ray cluster to join ('auto' on a cluster node); default: start local Ray")
+    parser.add_argument(
+        "--num-samples", type=int, help="number of trials (overrides search.num_samples)"
+    )
+    parser.add_argument(
+        "--max-concurrent", type=int, help="trials at once (overrides search.max_concurrent)"
+    )
+    parser.add_argument(
+        "--address", help="Ray cluster to join ('auto' on a cluster node); default: start local Ray"
+    )
     parser.add_argument("--num-cpus", type=int, help="CPUs local Ray may use (default: all)")
-    parser.add_argument("--resume", action="store_true", help="continue the experiment after an interruption")
-    parser.add_argument("--warm-start", action="append", default=[], metavar="EXPERIMENT",
-                        help="give the searcher the trials of an earlier experiment (a name under --results, or its "
-                             "folder) that fit this space; repeatable")
-    parser.add_argument("--verbose", action="store_true",
-                        help="also print Ray's own output: Tune's tables and configuration boxes, the workers' lines")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the experiment after an interruption"
+    )
+    parser.add_argument(
+        "--warm-start",
+        action="append",
+        default=[],
+        metavar="EXPERIMENT",
+        help="give the searcher the trials of an earlier experiment (a name under --results, or its "
+        "folder) that fit this space; repeatable",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also print Ray's own output: Tune's tables and configuration boxes, the workers' lines",
+    )
     return parser.parse_args(argv)
 
 
@@ -45,51 +66,78 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def search(args: argparse.Namespace) -> None:
-    from sketch_core.data import read_train_table, verify_images
-    from sketch_core.models import check_pretrained_weights
-    from ray_jobs.cluster import check_trial_fits, start_ray
     from ray_jobs.cli import ensure_data_dir, local_path
+    from ray_jobs.cluster import check_trial_fits, start_ray
     from ray_jobs.report import write_report
     from ray_jobs.results import ResultsStore
     from ray_jobs.space import load_space
-    from ray_jobs.tuning import (TUNE_FOLDER, build_tuner, check_saved_state, fit_noting_ctrl_c, study_file,
-                                 warm_start_trials)
+    from ray_jobs.tuning import (
+        TUNE_FOLDER,
+        build_tuner,
+        check_saved_state,
+        fit_noting_ctrl_c,
+        study_file,
+        warm_start_trials,
+    )
+    from sketch_core.data import read_train_table, verify_images
+    from sketch_core.models import check_pretrained_weights
 
     # Everything that can be checked is checked before Ray starts.
-    space = load_space(args.space).with_overrides(experiment=args.name, data_dir=args.data_dir,
-                                                  num_samples=args.num_samples, max_concurrent=args.max_concurrent)
+    space = load_space(args.space).with_overrides(
+        experiment=args.name,
+        data_dir=args.data_dir,
+        num_samples=args.num_samples,
+        max_concurrent=args.max_concurrent,
+    )
     data_dir = ensure_data_dir(space.data.dir, demo=space.data.demo)
     table = read_train_table(data_dir)
     verify_images(table.paths)
     # Nothing relative reaches a Ray worker: each runs in a working directory of its own.
-    space = space.with_overrides(data_dir=data_dir, checkpoint_file=local_path(space.base["checkpoint_file"]))
+    space = space.with_overrides(
+        data_dir=data_dir, checkpoint_file=local_path(space.base["checkpoint_file"])
+    )
     for model in space.models():
-        check_pretrained_weights(model, pretrained=space.base.get("pretrained", False),
-                                 checkpoint_file=space.base.get("checkpoint_file", ""))
+        check_pretrained_weights(
+            model,
+            pretrained=space.base.get("pretrained", False),
+            checkpoint_file=space.base.get("checkpoint_file", ""),
+        )
     store = ResultsStore(args.results, space.experiment)
     started_before = store.exists(f"{TUNE_FOLDER}/tuner.pkl")
     if args.resume and not started_before:
         raise SketchError(f"{store.uri()}: no search to resume; run without --resume first")
     if started_before and not args.resume:
-        raise SketchError(f"{store.uri()}: experiment already exists; pass --resume to continue it, "
-                          "or --name for a new one")
+        raise SketchError(
+            f"{store.uri()}: experiment already exists; pass --resume to continue it, "
+            "or --name for a new one"
+        )
     if args.resume:  # what the restored search reads back: a damaged file is one line here, not a traceback in Tune
         for name in ("epochs.parquet", "trials.parquet"):
             if store.exists(name):
                 store.read_parquet(name)
         check_saved_state(store)
     if args.warm_start and (args.resume or space.search.searcher != "optuna"):
-        raise SketchError("--warm-start: " + ("a resumed search keeps the warm start it began with" if args.resume else
-                                              f"search.searcher {space.search.searcher} does not learn from earlier "
-                                              "trials; use optuna"))
-    warm_start = warm_start_trials(space, [experiment_store(name, args.results) for name in args.warm_start])
+        raise SketchError(
+            "--warm-start: "
+            + (
+                "a resumed search keeps the warm start it began with"
+                if args.resume
+                else f"search.searcher {space.search.searcher} does not learn from earlier "
+                "trials; use optuna"
+            )
+        )
+    warm_start = warm_start_trials(
+        space, [experiment_store(name, args.results) for name in args.warm_start]
+    )
 
     import ray
 
     if not args.verbose:
         import optuna
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per trial the searcher asks for
+        optuna.logging.set_verbosity(
+            optuna.logging.WARNING
+        )  # not a line per trial the searcher asks for
     dashboard = start_ray(args.address, num_cpus=args.num_cpus, verbose=args.verbose)
     try:
         if dashboard:
@@ -99,7 +147,9 @@ def search(args: argparse.Namespace) -> None:
         check_trial_fits(space.resources, space.source)
         if not args.resume:
             store.write_json("search.json", search_summary(space, table.class_names))
-        tuner = build_tuner(space, store, resume=args.resume, verbose=args.verbose, warm_start=warm_start)
+        tuner = build_tuner(
+            space, store, resume=args.resume, verbose=args.verbose, warm_start=warm_start
+        )
         started = time.monotonic()
         try:
             _, interrupted = fit_noting_ctrl_c(tuner)
@@ -115,15 +165,24 @@ def search_summary(space, class_names: list[str]) -> dict:
     """search.json: what final_fit and report need to know of the search beyond the tables."""
     from ray_jobs.results import SCHEMA_VERSION
 
-    return {"schema": SCHEMA_VERSION, "experiment": space.experiment, "space_file": space.source,
-            "data_dir": space.base["data_dir"], "class_names": class_names, "metric": space.search.metric,
-            "mode": space.search.mode, "max_epochs": space.scheduler.max_epochs,
-            "searched": space.params.names, "num_samples": space.search.num_samples,
-            "params": {param.name: param.describe() for param in space.params}, "base": space.base,
-            "start_from": list(space.start_from),
-            "budget": {"gpu_hours": space.search.budget_gpu_hours, "hours": space.search.budget_hours},
-            "resources": dataclasses.asdict(space.resources),
-            "max_failures": space.search.max_failures}
+    return {
+        "schema": SCHEMA_VERSION,
+        "experiment": space.experiment,
+        "space_file": space.source,
+        "data_dir": space.base["data_dir"],
+        "class_names": class_names,
+        "metric": space.search.metric,
+        "mode": space.search.mode,
+        "max_epochs": space.scheduler.max_epochs,
+        "searched": space.params.names,
+        "num_samples": space.search.num_samples,
+        "params": {param.name: param.describe() for param in space.params},
+        "base": space.base,
+        "start_from": list(space.start_from),
+        "budget": {"gpu_hours": space.search.budget_gpu_hours, "hours": space.search.budget_hours},
+        "resources": dataclasses.asdict(space.resources),
+        "max_failures": space.search.max_failures,
+    }
 
 
 def record_spent(store, space, *, hours: float) -> None:
@@ -133,9 +192,15 @@ def record_spent(store, space, *, hours: float) -> None:
 
     search = store.read_json("search.json")
     trials = store.read_parquet("trials.parquet") if store.exists("trials.parquet") else None
-    spent = {"hours": search.get("spent", {}).get("hours", 0.0) + hours,
-             "gpu_hours": float(trials["gpu_hours"].sum()) if trials is not None and len(trials) else 0.0}
-    store.write_json("search.json", {**search, "spent": spent, "ended_by": ended_by(space.search, spent)})
+    spent = {
+        "hours": search.get("spent", {}).get("hours", 0.0) + hours,
+        "gpu_hours": float(trials["gpu_hours"].sum())
+        if trials is not None and len(trials)
+        else 0.0,
+    }
+    store.write_json(
+        "search.json", {**search, "spent": spent, "ended_by": ended_by(space.search, spent)}
+    )
 
 
 def experiment_store(name: str, results: str):
@@ -162,16 +227,28 @@ def print_summary(store, *, interrupted: bool) -> None:
     if trials is None or not len(trials):
         raise SketchError(f"{store.uri()}: the search reported no results")
     if not store.exists("best.json"):
-        raise SketchError(f"{store.uri()}: no trial reported a metric; see the error column of trials.parquet")
+        raise SketchError(
+            f"{store.uri()}: no trial reported a metric; see the error column of trials.parquet"
+        )
     best, search = store.read_json("best.json", required=BEST_KEYS), store.read_json("search.json")
     if search.get("ended_by"):
         spent, budget = search["spent"], search["budget"]
-        print(f"the search ended on its budget ({search['ended_by']}): spent {spent['hours']:.3f} of "
-              f"{budget['hours'] or '-'} hours, {spent['gpu_hours']:.3f} of {budget['gpu_hours'] or '-'} GPU-hours")
-    print(f"best trial {best['trial_id']}: {best['metric']} {best[best['metric']]:.4f} at epoch {best['epoch']}")
+        print(
+            f"the search ended on its budget ({search['ended_by']}): spent {spent['hours']:.3f} of "
+            f"{budget['hours'] or '-'} hours, {spent['gpu_hours']:.3f} of {budget['gpu_hours'] or '-'} GPU-hours"
+        )
+    print(
+        f"best trial {best['trial_id']}: {best['metric']} {best[best['metric']]:.4f} at epoch {best['epoch']}"
+    )
     best_row = trials[trials["trial_id"] == best["trial_id"]].iloc[0]
-    print("  " + ", ".join(f"{k}={best['config'][k]}" for k in search["searched"]  # those it drew
-                           if not pd.isna(best_row.get(f"config.{k}"))))
+    print(
+        "  "
+        + ", ".join(
+            f"{k}={best['config'][k]}"
+            for k in search["searched"]  # those it drew
+            if not pd.isna(best_row.get(f"config.{k}"))
+        )
+    )
     for name in ("trials.parquet", "epochs.parquet", "best.json", "tune"):
         print(f"  {name:15s} {store.uri(name)}")
 

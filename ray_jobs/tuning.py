@@ -12,32 +12,49 @@ from pathlib import Path
 import numpy as np
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.stopper import Stopper
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.stopper import Stopper
 
-from sketch_core.errors import SketchError
 from ray_jobs.console import ConsoleReporter
-from ray_jobs.results import (ENDED_STATUSES, ExperimentTables, ResultsRecorder, ResultsStore, config_of,
-                              read_search)
 from ray_jobs.params import BRANCH_MARK
 from ray_jobs.ray_internals import unreadable_saved_state
+from ray_jobs.results import (
+    ENDED_STATUSES,
+    ExperimentTables,
+    ResultsRecorder,
+    ResultsStore,
+    config_of,
+    read_search,
+)
 from ray_jobs.space import Resources, SearchSettings, SearchSpace
 from ray_jobs.trial import make_trainable, train_loop
+from sketch_core.errors import SketchError
 
 TUNE_FOLDER = "tune"
 # The Optuna study, stored as the search runs so that optuna-dashboard can show it live.
 STUDY_FILE = "study.journal"
 
 
-def build_tuner(space: SearchSpace, store: ResultsStore, *, resume: bool, verbose: bool = False,
-                warm_start: list | None = None) -> tune.Tuner:
+def build_tuner(
+    space: SearchSpace,
+    store: ResultsStore,
+    *,
+    resume: bool,
+    verbose: bool = False,
+    warm_start: list | None = None,
+) -> tune.Tuner:
     """A new Tuner for ``space``, or (``resume``) the one saved in ``store``, with its searcher,
     scheduler and callbacks as they were. ``verbose``: Tune's own progress output (configuration
     boxes, status tables) instead of only ``ConsoleReporter``'s lines. ``warm_start``: Optuna trials
     of earlier searches for the new study."""
-    trainable = make_trainable(train_loop, resources=space.resources, keep_checkpoints=space.search.keep_checkpoints,
-                               metric=space.search.metric, mode=space.search.mode)
+    trainable = make_trainable(
+        train_loop,
+        resources=space.resources,
+        keep_checkpoints=space.search.keep_checkpoints,
+        metric=space.search.metric,
+        mode=space.search.mode,
+    )
     if resume:
         # The restored Tuner brings back its searcher, scheduler and callbacks (ResultsRecorder
         # re-reads epochs.parquet in setup()); unfinished trials restart from their checkpoints.
@@ -46,16 +63,31 @@ def build_tuner(space: SearchSpace, store: ResultsStore, *, resume: bool, verbos
         # the param_space given here: without one, its trials would hold the searched values alone.
         base = read_search(store)["base"]
         try:
-            return tune.Tuner.restore(store.uri(TUNE_FOLDER), trainable=trainable, param_space=base,
-                                      resume_unfinished=True, resume_errored=False, restart_errored=False,
-                                      storage_filesystem=store.fs if store.scheme else None)
-        except Exception as exc:  # a truncated or foreign state file: pickle, JSON and pyarrow errors alike
-            raise SketchError(f"{store.uri(TUNE_FOLDER)}: cannot restore the search from its saved state "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+            return tune.Tuner.restore(
+                store.uri(TUNE_FOLDER),
+                trainable=trainable,
+                param_space=base,
+                resume_unfinished=True,
+                resume_errored=False,
+                restart_errored=False,
+                storage_filesystem=store.fs if store.scheme else None,
+            )
+        except (
+            Exception
+        ) as exc:  # a truncated or foreign state file: pickle, JSON and pyarrow errors alike
+            raise SketchError(
+                f"{store.uri(TUNE_FOLDER)}: cannot restore the search from its saved state "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+            ) from None
     searcher, num_samples = _searcher(space, study_file=study_file(store), warm_start=warm_start)
-    tables = ExperimentTables(metric=space.search.metric, mode=space.search.mode,
-                              max_epochs=space.scheduler.max_epochs, resources=space.resources, params=space.params,
-                              base=space.base)
+    tables = ExperimentTables(
+        metric=space.search.metric,
+        mode=space.search.mode,
+        max_epochs=space.scheduler.max_epochs,
+        resources=space.resources,
+        params=space.params,
+        base=space.base,
+    )
     return tune.Tuner(
         trainable,
         param_space=space.param_space(),
@@ -72,14 +104,24 @@ def build_tuner(space: SearchSpace, store: ResultsStore, *, resume: bool, verbos
             name=TUNE_FOLDER,
             storage_path=store.uri(),
             storage_filesystem=store.fs if store.scheme else None,
-            **retries_and_checkpoints(max_failures=space.search.max_failures,
-                                      keep_checkpoints=space.search.keep_checkpoints, metric=space.search.metric,
-                                      mode=space.search.mode),
-            callbacks=[ResultsRecorder(store, tables),
-                       ConsoleReporter(searched=space.params, metric=space.search.metric,
-                                       mode=space.search.mode, max_epochs=space.scheduler.max_epochs)],
+            **retries_and_checkpoints(
+                max_failures=space.search.max_failures,
+                keep_checkpoints=space.search.keep_checkpoints,
+                metric=space.search.metric,
+                mode=space.search.mode,
+            ),
+            callbacks=[
+                ResultsRecorder(store, tables),
+                ConsoleReporter(
+                    searched=space.params,
+                    metric=space.search.metric,
+                    mode=space.search.mode,
+                    max_epochs=space.scheduler.max_epochs,
+                ),
+            ],
             stop=Budget(space.search, space.resources, store)
-            if space.search.budget_hours or space.search.budget_gpu_hours else None,
+            if space.search.budget_hours or space.search.budget_gpu_hours
+            else None,
             verbose=2 if verbose else 0,
         ),
     )
@@ -111,8 +153,10 @@ class Budget(Stopper):
 
     def spent(self) -> dict[str, float]:
         elapsed = time.monotonic() - self._started_at if self._started_at is not None else 0.0
-        return {"hours": self.earlier.get("hours", 0.0) + elapsed / 3600,
-                "gpu_hours": self.earlier.get("gpu_hours", 0.0) + self._gpu_seconds / 3600}
+        return {
+            "hours": self.earlier.get("hours", 0.0) + elapsed / 3600,
+            "gpu_hours": self.earlier.get("gpu_hours", 0.0) + self._gpu_seconds / 3600,
+        }
 
 
 def ended_by(settings: SearchSettings, spent: dict[str, float]) -> str | None:
@@ -123,7 +167,9 @@ def ended_by(settings: SearchSettings, spent: dict[str, float]) -> str | None:
     return None
 
 
-def retries_and_checkpoints(*, max_failures: int, keep_checkpoints: int, metric: str, mode: str) -> dict:
+def retries_and_checkpoints(
+    *, max_failures: int, keep_checkpoints: int, metric: str, mode: str
+) -> dict:
     """RunConfig arguments: Tune retries a failed trial of either kind from its last checkpoint, and
     keeps the best ``keep_checkpoints`` of a head-only trial (a TorchTrainer trial's checkpoints
     are Ray Train's, kept by its own CheckpointConfig)."""
@@ -131,9 +177,14 @@ def retries_and_checkpoints(*, max_failures: int, keep_checkpoints: int, metric:
     # and warns when that comes often: head-only trials checkpoint every epoch, milliseconds apart,
     # by design, so the warning would only be noise on the console.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    return {"failure_config": tune.FailureConfig(max_failures=max_failures),
-            "checkpoint_config": tune.CheckpointConfig(num_to_keep=keep_checkpoints, checkpoint_score_attribute=metric,
-                                                       checkpoint_score_order=mode)}
+    return {
+        "failure_config": tune.FailureConfig(max_failures=max_failures),
+        "checkpoint_config": tune.CheckpointConfig(
+            num_to_keep=keep_checkpoints,
+            checkpoint_score_attribute=metric,
+            checkpoint_score_order=mode,
+        ),
+    }
 
 
 def study_file(store: ResultsStore) -> str | None:
@@ -149,12 +200,15 @@ def check_saved_state(store: ResultsStore) -> None:
     amid an upload can leave one cut short or missing. Restoring from such files, Tune logs "Failed
     to restore the run state" and starts the search again from nothing (or, without the searcher's
     files, makes no new trial), and the tables would lose the trials already run."""
-    problem = unreadable_saved_state(store.list_names(TUNE_FOLDER),
-                                     lambda name: store.read_bytes(f"{TUNE_FOLDER}/{name}"))
+    problem = unreadable_saved_state(
+        store.list_names(TUNE_FOLDER), lambda name: store.read_bytes(f"{TUNE_FOLDER}/{name}")
+    )
     if problem:
-        raise SketchError(f"{store.uri(TUNE_FOLDER)}: cannot resume: {problem}, as when the driver is killed "
-                          f"while Ray Tune saves the search; start a new search that learns from this one's trials: "
-                          f"--name NEW --warm-start {store.experiment}")
+        raise SketchError(
+            f"{store.uri(TUNE_FOLDER)}: cannot resume: {problem}, as when the driver is killed "
+            f"while Ray Tune saves the search; start a new search that learns from this one's trials: "
+            f"--name NEW --warm-start {store.experiment}"
+        )
 
 
 def _searcher(space: SearchSpace, *, study_file: str | None = None, warm_start: list | None = None):
@@ -170,23 +224,40 @@ def _searcher(space: SearchSpace, *, study_file: str | None = None, warm_start: 
             storage = JournalStorage(JournalFileBackend(study_file))
         else:
             storage = InMemoryStorage()
-        if warm_start:  # completed trials of earlier searches, in the study before the searcher opens it
-            study = optuna.create_study(storage=storage, study_name=space.experiment, load_if_exists=True,
-                                        direction="maximize" if space.search.mode == "max" else "minimize")
+        if (
+            warm_start
+        ):  # completed trials of earlier searches, in the study before the searcher opens it
+            study = optuna.create_study(
+                storage=storage,
+                study_name=space.experiment,
+                load_if_exists=True,
+                direction="maximize" if space.search.mode == "max" else "minimize",
+            )
             study.add_trials(warm_start)
         # The searcher is pickled into Tune's experiment state with its storage, so --resume goes on
         # with the same study in the same file.
         searcher = BranchedOptunaSearch(
-            space=space.params.suggest, metric=space.search.metric, mode=space.search.mode,
-            sampler=optuna.samplers.TPESampler(n_startup_trials=space.search.startup_trials, seed=space.search.seed),
+            space=space.params.suggest,
+            metric=space.search.metric,
+            mode=space.search.mode,
+            sampler=optuna.samplers.TPESampler(
+                n_startup_trials=space.search.startup_trials, seed=space.search.seed
+            ),
             storage=storage,
             study_name=space.experiment,
-            points_to_evaluate=[space.params.optuna_trial_params({**space.base, **point})[0]
-                                for point in space.start_from] or None)
+            points_to_evaluate=[
+                space.params.optuna_trial_params({**space.base, **point})[0]
+                for point in space.start_from
+            ]
+            or None,
+        )
         return searcher, space.search.num_samples + len(space.start_from)
     # Random and grid: every trial drawn up front (seeded), run in order.
     rng = np.random.default_rng(space.search.seed)
-    trials = [*space.start_from, *(values for _ in range(space.search.num_samples) for values in space.params.draw(rng))]
+    trials = [
+        *space.start_from,
+        *(values for _ in range(space.search.num_samples) for values in space.params.draw(rng)),
+    ]
     return DrawnTrials(trials, metric=space.search.metric, mode=space.search.mode), len(trials)
 
 
@@ -205,7 +276,9 @@ class DrawnTrials(Searcher):
         self.handed_out += 1
         return dict(self.trials[self.handed_out - 1])
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
         pass  # nothing to learn: the trials were drawn up front
 
     def save(self, checkpoint_path: str) -> None:
@@ -224,7 +297,9 @@ class BranchedOptunaSearch(OptunaSearch):
 
     def suggest(self, trial_id: str):
         suggested = super().suggest(trial_id)
-        return suggested and {key: value for key, value in suggested.items() if BRANCH_MARK not in key}
+        return suggested and {
+            key: value for key, value in suggested.items() if BRANCH_MARK not in key
+        }
 
 
 def warm_start_trials(space: SearchSpace, stores: list[ResultsStore]) -> list:
@@ -237,10 +312,16 @@ def warm_start_trials(space: SearchSpace, stores: list[ResultsStore]) -> list:
     for store in stores:
         search = read_search(store)
         if search["metric"] != space.search.metric:
-            raise SketchError(f"--warm-start {store.uri()}: that search optimised {search['metric']}, "
-                              f"this one {space.search.metric}")
+            raise SketchError(
+                f"--warm-start {store.uri()}: that search optimised {search['metric']}, "
+                f"this one {space.search.metric}"
+            )
         table = store.read_parquet("trials.parquet")
-        epochs = store.read_parquet("epochs.parquet").dropna(subset=[space.search.metric]).sort_values("epoch")
+        epochs = (
+            store.read_parquet("epochs.parquet")
+            .dropna(subset=[space.search.metric])
+            .sort_values("epoch")
+        )
         curves = dict(tuple(epochs.groupby("trial_id")))
         ended = table[table["status"].isin(ENDED_STATUSES)]
         outside = unscored = 0
@@ -254,13 +335,23 @@ def warm_start_trials(space: SearchSpace, stores: list[ResultsStore]) -> list:
                 outside += 1
                 continue
             params, distributions = space.params.optuna_trial_params(config)
-            trials.append(optuna.trial.create_trial(
-                params=params, distributions=distributions, value=float(curve[space.search.metric].iloc[-1]),
-                intermediate_values=dict(zip(curve["epoch"].astype(int), curve[space.search.metric].astype(float))),
-                user_attrs={"warm_start": f"{store.experiment}/{row['trial_id']}"}))
-        print(f"warm start: {len(ended) - outside - unscored} trial(s) of {store.uri()}"
-              + (f"; {outside} outside this space skipped" if outside else "")
-              + (f"; {unscored} stopped before a result skipped" if unscored else ""), flush=True)
+            trials.append(
+                optuna.trial.create_trial(
+                    params=params,
+                    distributions=distributions,
+                    value=float(curve[space.search.metric].iloc[-1]),
+                    intermediate_values=dict(
+                        zip(curve["epoch"].astype(int), curve[space.search.metric].astype(float))
+                    ),
+                    user_attrs={"warm_start": f"{store.experiment}/{row['trial_id']}"},
+                )
+            )
+        print(
+            f"warm start: {len(ended) - outside - unscored} trial(s) of {store.uri()}"
+            + (f"; {outside} outside this space skipped" if outside else "")
+            + (f"; {unscored} stopped before a result skipped" if unscored else ""),
+            flush=True,
+        )
     return trials
 
 
@@ -268,9 +359,12 @@ def _scheduler(space: SearchSpace):
     if space.scheduler.type == "none":
         return FIFOScheduler()
     # The reported epoch, not training_iteration: the latter restarts at 0 after a restore.
-    return ASHAScheduler(time_attr="epoch", max_t=space.scheduler.max_epochs,
-                         grace_period=space.scheduler.grace_period,
-                         reduction_factor=space.scheduler.reduction_factor)
+    return ASHAScheduler(
+        time_attr="epoch",
+        max_t=space.scheduler.max_epochs,
+        grace_period=space.scheduler.grace_period,
+        reduction_factor=space.scheduler.reduction_factor,
+    )
 
 
 def _raise_keyboard_interrupt(signum, frame):
@@ -288,7 +382,9 @@ def fit_noting_ctrl_c(tuner: tune.Tuner):
     try:
         results = tuner.fit()
         tune_catches_sigint = not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
-        interrupted = tune_catches_sigint and signal.getsignal(signal.SIGINT) is _raise_keyboard_interrupt
+        interrupted = (
+            tune_catches_sigint and signal.getsignal(signal.SIGINT) is _raise_keyboard_interrupt
+        )
     finally:
         signal.signal(signal.SIGINT, previous)
     return results, interrupted

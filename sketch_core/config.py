@@ -36,11 +36,15 @@ class TrainConfig:
     # Data
     data_dir: str = field(default="", metadata=_spec(help="competition-layout data folder"))
     val_fraction: float = field(default=0.2, metadata=_spec(low=0.0, high=0.9))
-    folds: int = field(default=0, metadata=_spec(low=0, help="0: a val_fraction split; K>=2: K folds"))
+    folds: int = field(
+        default=0, metadata=_spec(low=0, help="0: a val_fraction split; K>=2: K folds")
+    )
     fold: int = field(default=0, metadata=_spec(low=0))
     image_size: int = field(default=224, metadata=_spec(low=16))
-    resize: str = field(default="letterbox", metadata=_spec(choices=RESIZE_POLICIES,
-                                                           help="to the square: pad with white, or stretch"))
+    resize: str = field(
+        default="letterbox",
+        metadata=_spec(choices=RESIZE_POLICIES, help="to the square: pad with white, or stretch"),
+    )
     augment: str = field(default="sketch", metadata=_spec(choices=AUGMENTATIONS))
     num_workers: int = field(default=2, metadata=_spec(low=0, help="data loader processes"))
     decode_cache: bool = True
@@ -50,7 +54,9 @@ class TrainConfig:
     # Model
     model: str = "test_vit"
     pretrained: bool = False
-    checkpoint_file: str = field(default="", metadata=_spec(help="local weights instead of the hub"))
+    checkpoint_file: str = field(
+        default="", metadata=_spec(help="local weights instead of the hub")
+    )
     drop_path_rate: float = field(default=0.0, metadata=_spec(low=0.0, high=0.9))
     freeze: str = field(default="none", metadata=_spec(choices=FREEZE_POLICIES))
     trainable_blocks: int = field(default=2, metadata=_spec(low=1, help="with last_n_blocks"))
@@ -82,8 +88,12 @@ class TrainConfig:
     amp: bool = field(default=True, metadata=_spec(help="bf16 autocast on CUDA; ignored on CPU"))
     channels_last: bool = False
     compile: bool = False
-    feature_cache: bool = field(default=True, metadata=_spec(help="head-only: train on cached features"))
-    feature_views: int = field(default=4, metadata=_spec(low=1, help="feature cache: augmented views per image"))
+    feature_cache: bool = field(
+        default=True, metadata=_spec(help="head-only: train on cached features")
+    )
+    feature_views: int = field(
+        default=4, metadata=_spec(low=1, help="feature cache: augmented views per image")
+    )
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -111,11 +121,17 @@ class TrainConfig:
         if self.folds == 1:
             raise SketchError(f"{source}: folds: expected 0 (no folds) or at least 2, got 1")
         if self.folds and self.fold >= self.folds:
-            raise SketchError(f"{source}: fold: expected 0..{self.folds - 1} with folds={self.folds}, got {self.fold}")
+            raise SketchError(
+                f"{source}: fold: expected 0..{self.folds - 1} with folds={self.folds}, got {self.fold}"
+            )
         if (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.batch_size % 2:
-            raise SketchError(f"{source}: batch_size: Mixup/CutMix needs an even batch size, got {self.batch_size}")
+            raise SketchError(
+                f"{source}: batch_size: Mixup/CutMix needs an even batch size, got {self.batch_size}"
+            )
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
-            raise SketchError(f"{source}: warmup_epochs: expected fewer than epochs ({self.epochs}), got {self.warmup_epochs}")
+            raise SketchError(
+                f"{source}: warmup_epochs: expected fewer than epochs ({self.epochs}), got {self.warmup_epochs}"
+            )
 
     @property
     def uses_mixup(self) -> bool:

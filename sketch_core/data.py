@@ -57,7 +57,9 @@ def read_train_table(data_dir: str | Path) -> TrainTable:
 def read_test_table(data_dir: str | Path) -> TestTable:
     data_dir = _existing_dir(data_dir)
     frame = _read_csv(data_dir / "test.csv", TEST_COLUMNS)
-    return TestTable(frame=frame, paths=_existing_images(frame, data_dir / "test", data_dir / "test.csv"))
+    return TestTable(
+        frame=frame, paths=_existing_images(frame, data_dir / "test", data_dir / "test.csv")
+    )
 
 
 def verify_images(paths: list[str]) -> None:
@@ -67,7 +69,9 @@ def verify_images(paths: list[str]) -> None:
             with Image.open(path) as image:
                 image.verify()
         except Exception as exc:  # PIL raises many types for a corrupt file
-            raise SketchError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
+            raise SketchError(
+                f"{path}: not a readable image ({type(exc).__name__}: {exc})"
+            ) from None
 
 
 def load_rgb(path: str) -> np.ndarray:
@@ -81,12 +85,19 @@ def load_rgb(path: str) -> np.ndarray:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     if image.shape[2] == 4:
         alpha = image[:, :, 3:4].astype(np.float32) / 255.0
-        image = (image[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+        image = (image[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)).astype(
+            np.uint8
+        )
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def split_indices(
-    targets: np.ndarray, *, val_fraction: float, folds: int = 0, fold: int = 0, seed: int = 0,
+    targets: np.ndarray,
+    *,
+    val_fraction: float,
+    folds: int = 0,
+    fold: int = 0,
+    seed: int = 0,
     groups: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded stratified (train, val) indices: one hold-out split, fold ``fold`` of ``folds``, or all-train.
@@ -98,41 +109,68 @@ def split_indices(
     Every class needs at least 2 groups (``folds`` groups with folds) so that it stays in training."""
     everything = np.arange(len(targets))
     if groups is not None and (folds or val_fraction):
-        return _grouped_split(np.asarray(targets, dtype=np.int64), np.asarray(groups, dtype=np.int64),
-                              val_fraction=val_fraction, folds=folds, fold=fold, seed=seed)
+        return _grouped_split(
+            np.asarray(targets, dtype=np.int64),
+            np.asarray(groups, dtype=np.int64),
+            val_fraction=val_fraction,
+            folds=folds,
+            fold=fold,
+            seed=seed,
+        )
     if folds:
         min_count = np.bincount(targets).min()
         if min_count < folds:
-            raise SketchError(f"folds: {folds} folds need at least {folds} images per class, the smallest class has {min_count}")
+            raise SketchError(
+                f"folds: {folds} folds need at least {folds} images per class, the smallest class has {min_count}"
+            )
         splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
         train_idx, val_idx = list(splitter.split(everything, targets))[fold]
         return train_idx, val_idx
     if val_fraction == 0:
         return everything, everything[:0]
     try:
-        train_idx, val_idx = train_test_split(everything, test_size=val_fraction, stratify=targets, random_state=seed)
+        train_idx, val_idx = train_test_split(
+            everything, test_size=val_fraction, stratify=targets, random_state=seed
+        )
     except ValueError as exc:
-        raise SketchError(f"val_fraction: cannot make a stratified split of {len(targets)} images ({exc})") from None
+        raise SketchError(
+            f"val_fraction: cannot make a stratified split of {len(targets)} images ({exc})"
+        ) from None
     return np.sort(train_idx), np.sort(val_idx)
 
 
-def _grouped_split(targets: np.ndarray, groups: np.ndarray, *, val_fraction: float, folds: int, fold: int,
-                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _grouped_split(
+    targets: np.ndarray,
+    groups: np.ndarray,
+    *,
+    val_fraction: float,
+    folds: int,
+    fold: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
     if len(groups) != len(targets):
-        raise SketchError(f"groups: {len(groups)} group ids for {len(targets)} images; expected one per image")
+        raise SketchError(
+            f"groups: {len(groups)} group ids for {len(targets)} images; expected one per image"
+        )
     field, needed = ("folds", folds) if folds else ("val_fraction", 2)
-    class_and_group = np.unique(np.column_stack([targets, groups]), axis=0)  # each (class, group) once
+    class_and_group = np.unique(
+        np.column_stack([targets, groups]), axis=0
+    )  # each (class, group) once
     classes, groups_per_class = np.unique(class_and_group[:, 0], return_counts=True)
     fewest = int(np.argmin(groups_per_class))
     if groups_per_class[fewest] < needed:
-        raise SketchError(f"{field}: a split that keeps groups whole needs at least {needed} groups per class "
-                          f"(near-duplicates are one group); class {classes[fewest]} has {groups_per_class[fewest]}")
+        raise SketchError(
+            f"{field}: a split that keeps groups whole needs at least {needed} groups per class "
+            f"(near-duplicates are one group); class {classes[fewest]} has {groups_per_class[fewest]}"
+        )
     n_splits = folds or max(2, round(1 / min(val_fraction, 1 - val_fraction)))
     try:
         fold_of = _group_folds(targets.tobytes(), groups.tobytes(), n_splits, seed)
     except ValueError as exc:
-        raise SketchError(f"{field}: cannot split {len(targets)} images into {n_splits} folds of whole groups "
-                          f"({exc})") from None
+        raise SketchError(
+            f"{field}: cannot split {len(targets)} images into {n_splits} folds of whole groups "
+            f"({exc})"
+        ) from None
     if folds:
         held_out = fold_of == fold
     else:  # the one fold is the smaller side
@@ -145,12 +183,19 @@ def _grouped_split(targets: np.ndarray, groups: np.ndarray, *, val_fraction: flo
 @functools.lru_cache(maxsize=4)
 def _group_folds(targets: bytes, groups: bytes, n_splits: int, seed: int) -> np.ndarray:
     """The StratifiedGroupKFold fold of each image (int64 ``targets`` and ``groups`` as bytes, so hashable)."""
-    targets_array, groups_array = np.frombuffer(targets, dtype=np.int64), np.frombuffer(groups, dtype=np.int64)
+    targets_array, groups_array = (
+        np.frombuffer(targets, dtype=np.int64),
+        np.frombuffer(groups, dtype=np.int64),
+    )
     fold_of = np.empty(len(targets_array), dtype=np.int64)
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():  # a class smaller than n_splits misses some folds, and stays in training
+    with (
+        warnings.catch_warnings()
+    ):  # a class smaller than n_splits misses some folds, and stays in training
         warnings.filterwarnings("ignore", "The least populated class", UserWarning)
-        for k, (_, in_fold) in enumerate(splitter.split(targets_array, targets_array, groups_array)):
+        for k, (_, in_fold) in enumerate(
+            splitter.split(targets_array, targets_array, groups_array)
+        ):
             fold_of[in_fold] = k
     fold_of.flags.writeable = False  # shared by every caller of the cache
     return fold_of
@@ -159,7 +204,9 @@ def _group_folds(targets: bytes, groups: bytes, n_splits: int, seed: int) -> np.
 def _existing_dir(data_dir: str | Path) -> Path:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise SketchError(f"{data_dir}: data directory not found (expected train.csv, test.csv, train/, test/)")
+        raise SketchError(
+            f"{data_dir}: data directory not found (expected train.csv, test.csv, train/, test/)"
+        )
     return data_dir
 
 
@@ -172,7 +219,9 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
         raise SketchError(f"{path}: not a readable CSV ({exc})") from None
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise SketchError(f"{path}: missing column(s) {', '.join(missing)}; expected columns {','.join(columns)}")
+        raise SketchError(
+            f"{path}: missing column(s) {', '.join(missing)}; expected columns {','.join(columns)}"
+        )
     if frame.empty:
         raise SketchError(f"{path}: no rows")
     return frame
@@ -183,7 +232,9 @@ def _integer_targets(frame: pd.DataFrame, path: Path) -> np.ndarray:
     bad = numbers.isna() | (numbers != numbers.round())
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise SketchError(f"{path}: row {row + 2}: target {frame['target'].iloc[row]!r} is not an integer")
+        raise SketchError(
+            f"{path}: row {row + 2}: target {frame['target'].iloc[row]!r} is not an integer"
+        )
     return numbers.to_numpy().astype(np.int64)
 
 
@@ -218,5 +269,7 @@ def _existing_images(frame: pd.DataFrame, image_root: Path, csv_path: Path) -> l
         except OSError:
             raise SketchError(f"{csv_path}: row {row + 2}: image {path} not found") from None
         if size == 0:
-            raise SketchError(f"{csv_path}: row {row + 2}: image {path} is an empty (zero-byte) file")
+            raise SketchError(
+                f"{csv_path}: row {row + 2}: image {path} is an empty (zero-byte) file"
+            )
     return paths

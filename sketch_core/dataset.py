@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -68,8 +68,15 @@ class DecodeCache(Dataset):
     others wait and then read it.
     """
 
-    def __init__(self, paths: Sequence[str], image_size: int, cache_dir: str | Path | None = None,
-                 build_workers: int = 2, *, resize: str = "letterbox"):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        image_size: int,
+        cache_dir: str | Path | None = None,
+        build_workers: int = 2,
+        *,
+        resize: str = "letterbox",
+    ):
         self.paths = list(paths)
         self.image_size = image_size
         self.resize = resize
@@ -97,11 +104,15 @@ class DecodeCache(Dataset):
 
     def _build(self, partial: Path, workers: int) -> None:
         array = np.memmap(partial, dtype=np.uint8, mode="w+", shape=self.shape)
-        loader = DataLoader(DecodedImages(self.paths, self.image_size, resize=self.resize), batch_size=32,
-                            num_workers=workers, collate_fn=np.stack)
+        loader = DataLoader(
+            DecodedImages(self.paths, self.image_size, resize=self.resize),
+            batch_size=32,
+            num_workers=workers,
+            collate_fn=np.stack,
+        )
         start = 0
         for batch in progress(loader, f"decoding {len(self.paths)} images once for this node"):
-            array[start:start + len(batch)] = batch
+            array[start : start + len(batch)] = batch
             start += len(batch)
         array.flush()
         del array
@@ -116,7 +127,15 @@ class AugmentedImages(Dataset):
     a second run and after a resume.
     """
 
-    def __init__(self, images: Dataset, targets: Sequence[int], augment: str, image_size: int, *, seed: int = 0):
+    def __init__(
+        self,
+        images: Dataset,
+        targets: Sequence[int],
+        augment: str,
+        image_size: int,
+        *,
+        seed: int = 0,
+    ):
         self.images = images
         self.targets = np.asarray(targets, dtype=np.int64)
         self.augment = augmentation(augment, image_size)
@@ -153,7 +172,9 @@ class EpochSampler(Sampler):
         return ((index, epoch) for index in self.sampler)
 
 
-def image_source(paths: Sequence[str], image_size: int, *, resize: str, cached: bool, workers: int = 2) -> Dataset:
+def image_source(
+    paths: Sequence[str], image_size: int, *, resize: str, cached: bool, workers: int = 2
+) -> Dataset:
     """Base images for ``paths`` under policy ``resize``: from the node's decode cache, or decoded
     on every read."""
     if cached:

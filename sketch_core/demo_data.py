@@ -77,10 +77,12 @@ def _crescent() -> np.ndarray:
     outer = np.linspace(np.pi / 3, 5 * np.pi / 3, 40)
     inner = np.linspace(3 * np.pi / 2, np.pi / 2, 30)
     inner_radius = math.sin(np.pi / 3)
-    return np.vstack([
-        np.column_stack([np.cos(outer), np.sin(outer)]),
-        np.column_stack([0.5 + inner_radius * np.cos(inner), inner_radius * np.sin(inner)]),
-    ])
+    return np.vstack(
+        [
+            np.column_stack([np.cos(outer), np.sin(outer)]),
+            np.column_stack([0.5 + inner_radius * np.cos(inner), inner_radius * np.sin(inner)]),
+        ]
+    )
 
 
 def _spiral() -> np.ndarray:
@@ -102,9 +104,17 @@ def _open_stroke(points) -> Shape:
 
 
 def _house() -> Shape:
-    walls_and_roof = np.array([
-        [-0.7, 0.9], [0.7, 0.9], [0.7, -0.1], [0.9, -0.1], [0.0, -1.0], [-0.9, -0.1], [-0.7, -0.1],
-    ])
+    walls_and_roof = np.array(
+        [
+            [-0.7, 0.9],
+            [0.7, 0.9],
+            [0.7, -0.1],
+            [0.9, -0.1],
+            [0.0, -1.0],
+            [-0.9, -0.1],
+            [-0.7, -0.1],
+        ]
+    )
     door = np.array([[-0.2, 0.9], [-0.2, 0.35], [0.2, 0.35], [0.2, 0.9]])
     return Shape(strokes=(_closed(walls_and_roof), door), region=walls_and_roof)
 
@@ -118,22 +128,51 @@ def _base_shapes() -> dict[str, Shape]:
         "hexagon": _outline(_regular_polygon(6, 0.0)),
         "star5": _outline(_star(5, 0.42)),
         "star7": _outline(_star(7, 0.55)),
-        "cross": _outline([
-            [-0.3, -1], [0.3, -1], [0.3, -0.3], [1, -0.3], [1, 0.3], [0.3, 0.3],
-            [0.3, 1], [-0.3, 1], [-0.3, 0.3], [-1, 0.3], [-1, -0.3], [-0.3, -0.3],
-        ]),
-        "arrow": _outline([
-            [-1, -0.2], [0.2, -0.2], [0.2, -0.6], [1, 0], [0.2, 0.6], [0.2, 0.2], [-1, 0.2],
-        ]),
+        "cross": _outline(
+            [
+                [-0.3, -1],
+                [0.3, -1],
+                [0.3, -0.3],
+                [1, -0.3],
+                [1, 0.3],
+                [0.3, 0.3],
+                [0.3, 1],
+                [-0.3, 1],
+                [-0.3, 0.3],
+                [-1, 0.3],
+                [-1, -0.3],
+                [-0.3, -0.3],
+            ]
+        ),
+        "arrow": _outline(
+            [
+                [-1, -0.2],
+                [0.2, -0.2],
+                [0.2, -0.6],
+                [1, 0],
+                [0.2, 0.6],
+                [0.2, 0.2],
+                [-1, 0.2],
+            ]
+        ),
         "spiral": _open_stroke(_spiral()),
         "heart": _outline(_heart()),
         "house": _house(),
-        "zigzag": _open_stroke(np.column_stack([np.linspace(-1, 1, 7), 0.5 * (-1.0) ** np.arange(7)])),
+        "zigzag": _open_stroke(
+            np.column_stack([np.linspace(-1, 1, 7), 0.5 * (-1.0) ** np.arange(7)])
+        ),
         "crescent": _outline(_crescent()),
         "cloud": _outline(_polar_curve(lambda a: 0.75 + 0.25 * np.abs(np.sin(3.5 * a)))),
-        "lightning": _outline([
-            [0.25, -1], [-0.5, 0.1], [0.0, 0.1], [-0.25, 1], [0.5, -0.15], [0.0, -0.15],
-        ]),
+        "lightning": _outline(
+            [
+                [0.25, -1],
+                [-0.5, 0.1],
+                [0.0, 0.1],
+                [-0.25, 1],
+                [0.5, -0.15],
+                [0.0, -0.15],
+            ]
+        ),
     }
 
 
@@ -198,8 +237,10 @@ def _hatch_lines(region: np.ndarray, spacing: float, angle: float) -> list[np.nd
     centre = region.mean(axis=0)
     reach = np.linalg.norm(region - centre, axis=1).max()
     offsets = np.arange(-reach, reach, spacing) + spacing / 2
-    return [np.array([centre + o * normal - reach * direction, centre + o * normal + reach * direction])
-            for o in offsets]
+    return [
+        np.array([centre + o * normal - reach * direction, centre + o * normal + reach * direction])
+        for o in offsets
+    ]
 
 
 def _stray_strokes(width: int, height: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -227,7 +268,9 @@ def render_sketch(target: int, width: int, height: int, rng: np.random.Generator
     canvas_size = np.array([width, height], dtype=np.float64)
     # A shape wider than its canvas is centred and cropped rather than squeezed.
     low, high = half_extent, canvas_size - half_extent
-    centre = np.where(low < high, rng.uniform(np.minimum(low, high), np.maximum(low, high)), canvas_size / 2)
+    centre = np.where(
+        low < high, rng.uniform(np.minimum(low, high), np.maximum(low, high)), canvas_size / 2
+    )
 
     def place(unit_points: np.ndarray, scale: float = 1.0) -> np.ndarray:
         return (scale * unit_points) @ linear.T + centre
@@ -252,7 +295,9 @@ def render_sketch(target: int, width: int, height: int, rng: np.random.Generator
     elif variant == "dotted":
         dot_centre = centre + rng.normal(0, 0.04 * radius, size=2)
         dot_radius = max(1, round(radius * rng.uniform(0.08, 0.13)))
-        cv2.circle(ink, tuple(int(v) for v in np.round(dot_centre)), dot_radius, 255, -1, cv2.LINE_AA)
+        cv2.circle(
+            ink, tuple(int(v) for v in np.round(dot_centre)), dot_radius, 255, -1, cv2.LINE_AA
+        )
 
     if rng.random() < 0.3:
         for stroke in _stray_strokes(width, height, rng):
@@ -277,40 +322,74 @@ def _encode_jpeg(image: np.ndarray, grayscale: bool, quality: int) -> bytes:
     return encoded.tobytes()
 
 
-def _write_image(path: Path, target: int, grayscale: bool, min_size: int, max_size: int,
-                 seed_sequence: np.random.SeedSequence) -> None:
+def _write_image(
+    path: Path,
+    target: int,
+    grayscale: bool,
+    min_size: int,
+    max_size: int,
+    seed_sequence: np.random.SeedSequence,
+) -> None:
     rng = np.random.default_rng(seed_sequence)
     width, height = (int(v) for v in rng.integers(min_size, max_size, size=2, endpoint=True))
     image = render_sketch(target, width, height, rng)
-    path.write_bytes(_encode_jpeg(image, grayscale, int(rng.integers(*JPEG_QUALITY, endpoint=True))))
+    path.write_bytes(
+        _encode_jpeg(image, grayscale, int(rng.integers(*JPEG_QUALITY, endpoint=True)))
+    )
 
 
-def _near_duplicate(image: np.ndarray, kind: str, min_size: int, max_size: int,
-                    rng: np.random.Generator) -> tuple[np.ndarray, int]:
+def _near_duplicate(
+    image: np.ndarray, kind: str, min_size: int, max_size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, int]:
     """A copy of BGR ``image`` of kind ``kind`` (one of COPY_KINDS), and the JPEG quality to write it at.
 
     A re-encode is rescaled slightly, each side kept within ``min_size``..``max_size``; a small
     rotation keeps the canvas and fills the corners it uncovers with white."""
-    quality = int(rng.integers(*(REENCODE_QUALITY if kind == "reencode" else JPEG_QUALITY), endpoint=True))
+    quality = int(
+        rng.integers(*(REENCODE_QUALITY if kind == "reencode" else JPEG_QUALITY), endpoint=True)
+    )
     if kind == "mirror":
         return cv2.flip(image, 1), quality
     if kind == "quarter_turn":
-        turn = (cv2.ROTATE_90_CLOCKWISE, cv2.ROTATE_180, cv2.ROTATE_90_COUNTERCLOCKWISE)[rng.integers(3)]
+        turn = (cv2.ROTATE_90_CLOCKWISE, cv2.ROTATE_180, cv2.ROTATE_90_COUNTERCLOCKWISE)[
+            rng.integers(3)
+        ]
         return cv2.rotate(image, turn), quality
     height, width = image.shape[:2]
     if kind == "small_rotation":
         angle = rng.choice([-1.0, 1.0]) * rng.uniform(*SMALL_ROTATION_DEGREES)
         rotation = cv2.getRotationMatrix2D((width / 2, height / 2), angle, 1.0)
-        return cv2.warpAffine(image, rotation, (width, height), flags=cv2.INTER_LINEAR,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=WHITE), quality
-    size = np.clip(np.round(np.array([width, height]) * rng.uniform(*REENCODE_SCALE)), min_size, max_size)
-    return cv2.resize(image, tuple(int(v) for v in size), interpolation=cv2.INTER_AREA), quality  # a re-encode
+        return cv2.warpAffine(
+            image,
+            rotation,
+            (width, height),
+            flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=WHITE,
+        ), quality
+    size = np.clip(
+        np.round(np.array([width, height]) * rng.uniform(*REENCODE_SCALE)), min_size, max_size
+    )
+    return cv2.resize(
+        image, tuple(int(v) for v in size), interpolation=cv2.INTER_AREA
+    ), quality  # a re-encode
 
 
-def _write_copy(path: Path, original: Path, kind: str, grayscale: bool, min_size: int, max_size: int,
-                seed_sequence: np.random.SeedSequence) -> None:
-    image = cv2.imread(str(original), cv2.IMREAD_COLOR)  # the original as written: copies of the file
-    copy, quality = _near_duplicate(image, kind, min_size, max_size, np.random.default_rng(seed_sequence))
+def _write_copy(
+    path: Path,
+    original: Path,
+    kind: str,
+    grayscale: bool,
+    min_size: int,
+    max_size: int,
+    seed_sequence: np.random.SeedSequence,
+) -> None:
+    image = cv2.imread(
+        str(original), cv2.IMREAD_COLOR
+    )  # the original as written: copies of the file
+    copy, quality = _near_duplicate(
+        image, kind, min_size, max_size, np.random.default_rng(seed_sequence)
+    )
     path.write_bytes(_encode_jpeg(copy, grayscale, quality))
 
 
@@ -343,8 +422,9 @@ def planted_copies(originals: int, duplicates: float) -> int:
     return round(duplicates * originals)
 
 
-def _plan_copies(seed_sequence: np.random.SeedSequence, originals: int,
-                 duplicates: float) -> list[tuple[int, str, np.random.SeedSequence]]:
+def _plan_copies(
+    seed_sequence: np.random.SeedSequence, originals: int, duplicates: float
+) -> list[tuple[int, str, np.random.SeedSequence]]:
     """(original's index, kind, seed) of each planted copy: distinct originals, in index order, the
     kinds in equal shares."""
     count = planted_copies(originals, duplicates)
@@ -359,8 +439,16 @@ def _train_image(name: str, k: int) -> str:
     return f"{name}/sketch_{k}.JPEG"
 
 
-def _write_dataset(root: Path, classes: int, images_per_class: int, test_images: int,
-                   min_size: int, max_size: int, seed: int, duplicates: float) -> None:
+def _write_dataset(
+    root: Path,
+    classes: int,
+    images_per_class: int,
+    test_images: int,
+    min_size: int,
+    max_size: int,
+    seed: int,
+    duplicates: float,
+) -> None:
     # A fourth child leaves the first three, and so the data without copies, as they were.
     plan_seed, train_seed, test_seed, copy_seed = np.random.SeedSequence(seed).spawn(4)
     plan_rng = np.random.default_rng(plan_seed)
@@ -377,22 +465,43 @@ def _write_dataset(root: Path, classes: int, images_per_class: int, test_images:
         for k in range(images_per_class):
             index = target * images_per_class + k
             relative = _train_image(name, k)
-            _write_image(root / "train" / relative, target, bool(train_grayscale[index]),
-                         min_size, max_size, train_seeds[index])
+            _write_image(
+                root / "train" / relative,
+                target,
+                bool(train_grayscale[index]),
+                min_size,
+                max_size,
+                train_seeds[index],
+            )
             train_rows.append([name, relative, target])
         class_copies = [copy for copy in copies if copy[0] // images_per_class == target]
         for k, (index, kind, seed_sequence) in enumerate(class_copies, start=images_per_class):
             relative, original = _train_image(name, k), _train_image(name, index % images_per_class)
-            _write_copy(root / "train" / relative, root / "train" / original, kind, bool(train_grayscale[index]),
-                        min_size, max_size, seed_sequence)
+            _write_copy(
+                root / "train" / relative,
+                root / "train" / original,
+                kind,
+                bool(train_grayscale[index]),
+                min_size,
+                max_size,
+                seed_sequence,
+            )
             train_rows.append([name, relative, target])
             duplicate_rows.append([relative, original, kind])
 
     (root / "test").mkdir()
     test_rows = []
-    for k, (target, image_seed) in enumerate(zip(test_targets.tolist(), test_seed.spawn(test_images))):
-        _write_image(root / "test" / f"{k}.JPEG", target, bool(test_grayscale[k]),
-                     min_size, max_size, image_seed)
+    for k, (target, image_seed) in enumerate(
+        zip(test_targets.tolist(), test_seed.spawn(test_images))
+    ):
+        _write_image(
+            root / "test" / f"{k}.JPEG",
+            target,
+            bool(test_grayscale[k]),
+            min_size,
+            max_size,
+            image_seed,
+        )
         test_rows.append([f"{k}.JPEG", target])
 
     _write_csv(root / "train.csv", ["class_name", "image_path", "target"], train_rows)
@@ -402,8 +511,15 @@ def _write_dataset(root: Path, classes: int, images_per_class: int, test_images:
         _write_csv(root / "duplicates.csv", ["image_path", "original", "kind"], duplicate_rows)
 
 
-def _validate(classes: int, images_per_class: int, test_images: int, min_size: int, max_size: int,
-              seed: int, duplicates: float) -> None:
+def _validate(
+    classes: int,
+    images_per_class: int,
+    test_images: int,
+    min_size: int,
+    max_size: int,
+    seed: int,
+    duplicates: float,
+) -> None:
     if not 2 <= classes <= MAX_CLASSES:
         raise ValueError(f"classes must be between 2 and {MAX_CLASSES}, got {classes}")
     if images_per_class < 2:
@@ -424,8 +540,17 @@ def _already_exists(target: Path) -> FileExistsError:
     return FileExistsError(f"{target} already exists and is not empty; refusing to overwrite it")
 
 
-def generate(out_dir, *, classes: int = 24, images_per_class: int = 30, test_images: int = 240,
-             min_size: int = 150, max_size: int = 800, seed: int = 0, duplicates: float = 0.0) -> Path:
+def generate(
+    out_dir,
+    *,
+    classes: int = 24,
+    images_per_class: int = 30,
+    test_images: int = 240,
+    min_size: int = 150,
+    max_size: int = 800,
+    seed: int = 0,
+    duplicates: float = 0.0,
+) -> Path:
     """Write a synthetic sketch data set in the competition layout to ``out_dir``.
 
     The output depends only on the arguments: the same options and seed give
@@ -457,7 +582,9 @@ def generate(out_dir, *, classes: int = 24, images_per_class: int = 30, test_ima
     staging = target.parent / f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     staging.mkdir()
     try:
-        _write_dataset(staging, classes, images_per_class, test_images, min_size, max_size, seed, duplicates)
+        _write_dataset(
+            staging, classes, images_per_class, test_images, min_size, max_size, seed, duplicates
+        )
         try:
             os.rename(staging, target)
         except OSError as error:
@@ -481,26 +608,50 @@ def main(argv: list[str] | None = None) -> int:
         description="Generate a deterministic synthetic sketch data set in the competition layout.",
     )
     parser.add_argument("out_dir", type=Path, help="directory to create (must be absent or empty)")
-    parser.add_argument("--classes", type=int, metavar="N", default=24, help=f"number of classes, 2..{MAX_CLASSES}")
-    parser.add_argument("--images-per-class", type=int, metavar="N", default=30, help="training images per class")
-    parser.add_argument("--test-images", type=int, metavar="N", default=240, help="number of test images")
-    parser.add_argument("--min-size", type=int, metavar="PX", default=150, help="smallest image side in pixels")
-    parser.add_argument("--max-size", type=int, metavar="PX", default=800, help="largest image side in pixels")
+    parser.add_argument(
+        "--classes", type=int, metavar="N", default=24, help=f"number of classes, 2..{MAX_CLASSES}"
+    )
+    parser.add_argument(
+        "--images-per-class", type=int, metavar="N", default=30, help="training images per class"
+    )
+    parser.add_argument(
+        "--test-images", type=int, metavar="N", default=240, help="number of test images"
+    )
+    parser.add_argument(
+        "--min-size", type=int, metavar="PX", default=150, help="smallest image side in pixels"
+    )
+    parser.add_argument(
+        "--max-size", type=int, metavar="PX", default=800, help="largest image side in pixels"
+    )
     parser.add_argument("--seed", type=int, metavar="S", default=0, help="random seed")
-    parser.add_argument("--duplicates", type=float, metavar="F", default=0.0,
-                        help="fraction of training images that get a planted near-duplicate in their class "
-                             "(mirror, quarter turn, 5-10 degree rotation or re-encode; listed in duplicates.csv)")
+    parser.add_argument(
+        "--duplicates",
+        type=float,
+        metavar="F",
+        default=0.0,
+        help="fraction of training images that get a planted near-duplicate in their class "
+        "(mirror, quarter turn, 5-10 degree rotation or re-encode; listed in duplicates.csv)",
+    )
     args = parser.parse_args(argv)
     try:
-        written = generate(args.out_dir, classes=args.classes, images_per_class=args.images_per_class,
-                           test_images=args.test_images, min_size=args.min_size,
-                           max_size=args.max_size, seed=args.seed, duplicates=args.duplicates)
+        written = generate(
+            args.out_dir,
+            classes=args.classes,
+            images_per_class=args.images_per_class,
+            test_images=args.test_images,
+            min_size=args.min_size,
+            max_size=args.max_size,
+            seed=args.seed,
+            duplicates=args.duplicates,
+        )
     except (ValueError, OSError) as error:
         parser.error(str(error))
     originals = args.classes * args.images_per_class
     copies = planted_copies(originals, args.duplicates)
-    print(f"wrote {originals + copies} train ({copies} of them planted near-duplicates) and {args.test_images} "
-          f"test images ({args.classes} classes, seed {args.seed}) to {written}")
+    print(
+        f"wrote {originals + copies} train ({copies} of them planted near-duplicates) and {args.test_images} "
+        f"test images ({args.classes} classes, seed {args.seed}) to {written}"
+    )
     return 0
 
 

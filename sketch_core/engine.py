@@ -12,9 +12,10 @@ import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,12 +32,18 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from sketch_core.config import TTA, TrainConfig
 from sketch_core.data import TrainTable, read_train_table, split_indices
-from sketch_core.duplicates import duplicate_groups
 from sketch_core.dataset import AugmentedImages, EpochSampler, image_source, subset
+from sketch_core.duplicates import duplicate_groups
 from sketch_core.errors import SketchError
+from sketch_core.features import (
+    PLAIN_VIEW,
+    FeatureBatches,
+    FeatureStore,
+    encode_batches,
+    frozen_backbone,
+    training_views,
+)
 from sketch_core.io import atomic_write
-from sketch_core.features import (PLAIN_VIEW, FeatureBatches, FeatureStore, encode_batches, frozen_backbone,
-                                  training_views)
 from sketch_core.models import SketchClassifier, create_classifier, data_config
 from sketch_core.predict import predict_probs
 
@@ -60,8 +67,14 @@ class TrainingRun:
     the epoch it was saved at.
     """
 
-    def __init__(self, config: TrainConfig, *, device: torch.device | None = None,
-                 state: dict[str, Any] | None = None, table: TrainTable | None = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        device: torch.device | None = None,
+        state: dict[str, Any] | None = None,
+        table: TrainTable | None = None,
+    ):
         self.config = config
         self.device = device or default_device()
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -70,13 +83,22 @@ class TrainingRun:
         seed_everything(config.seed)
 
         # A head trained on features shares the frozen backbone this process keeps (features.py).
-        backbone, self.backbone_digest = (frozen_backbone(config, self.device) if self.uses_feature_cache
-                                          else (None, None))
+        backbone, self.backbone_digest = (
+            frozen_backbone(config, self.device) if self.uses_feature_cache else (None, None)
+        )
         self.model = create_classifier(
-            config.model, num_classes=self.table.num_classes, pretrained=config.pretrained,
-            checkpoint_file=config.checkpoint_file, drop_path_rate=config.drop_path_rate, head=config.head,
-            head_hidden=config.head_hidden, head_dropout=config.head_dropout, freeze=config.freeze,
-            trainable_blocks=config.trainable_blocks, seed=config.seed, backbone=backbone,
+            config.model,
+            num_classes=self.table.num_classes,
+            pretrained=config.pretrained,
+            checkpoint_file=config.checkpoint_file,
+            drop_path_rate=config.drop_path_rate,
+            head=config.head,
+            head_hidden=config.head_hidden,
+            head_dropout=config.head_dropout,
+            freeze=config.freeze,
+            trainable_blocks=config.trainable_blocks,
+            seed=config.seed,
+            backbone=backbone,
         ).to(self.device)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -88,14 +110,25 @@ class TrainingRun:
         self.trained: nn.Module = self.model.head if self.uses_feature_cache else self.model
         self.ema = ModelEmaV3(self.trained, decay=config.ema_decay) if config.ema else None
         self.optimizer = create_optimizer_v2(
-            self.model, opt=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
-            momentum=config.momentum, **({"fused": True} if self._fused_adamw() else {}),
+            self.model,
+            opt=config.optimizer,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            momentum=config.momentum,
+            **({"fused": True} if self._fused_adamw() else {}),
         )
         self.updates_per_epoch = math.ceil(len(self.train_loader) / config.grad_accum_steps)
         self.scheduler, _ = create_scheduler_v2(
-            self.optimizer, sched=config.lr_schedule, num_epochs=config.epochs, decay_epochs=config.decay_epochs,
-            decay_rate=config.decay_rate, min_lr=config.min_lr, warmup_lr=config.lr * 0.01,
-            warmup_epochs=config.warmup_epochs, step_on_epochs=False, updates_per_epoch=self.updates_per_epoch,
+            self.optimizer,
+            sched=config.lr_schedule,
+            num_epochs=config.epochs,
+            decay_epochs=config.decay_epochs,
+            decay_rate=config.decay_rate,
+            min_lr=config.min_lr,
+            warmup_lr=config.lr * 0.01,
+            warmup_epochs=config.warmup_epochs,
+            step_on_epochs=False,
+            updates_per_epoch=self.updates_per_epoch,
         )
         self.epoch = 0  # epochs completed
         self.last_metrics: dict[str, float] = {}  # of the last completed epoch, kept in checkpoints
@@ -108,16 +141,29 @@ class TrainingRun:
         self.train_model: nn.Module = self.trained
         if self.world_size > 1:
             self.train_model = DistributedDataParallel(
-                self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.train_model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            )
         if config.compile:
             self.train_model = torch.compile(self.train_model)
-        self.train_loss_fn = (SoftTargetCrossEntropy() if config.uses_mixup
-                              else nn.CrossEntropyLoss(label_smoothing=config.label_smoothing))
+        self.train_loss_fn = (
+            SoftTargetCrossEntropy()
+            if config.uses_mixup
+            else nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        )
         # On the device in this process, not in the loader's collate: its draws then follow the
         # per-epoch seed, so a resumed run mixes what the uninterrupted one would have.
-        self.mixup = (Mixup(mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha, prob=config.mixup_prob,
-                            label_smoothing=config.label_smoothing, num_classes=self.table.num_classes)
-                      if config.uses_mixup else None)
+        self.mixup = (
+            Mixup(
+                mixup_alpha=config.mixup_alpha,
+                cutmix_alpha=config.cutmix_alpha,
+                prob=config.mixup_prob,
+                label_smoothing=config.label_smoothing,
+                num_classes=self.table.num_classes,
+            )
+            if config.uses_mixup
+            else None
+        )
         self.batches_this_epoch = 0  # training batches through train_step since the epoch began
         self.train_model.train()  # train_step restores it only after evaluate() (see there)
 
@@ -137,10 +183,20 @@ class TrainingRun:
         ``sketch_core.train --predict`` and the benchmarks. Under ``torch.distributed`` every rank
         predicts a shard and gets the whole result."""
         config = self.config
-        return predict_probs(self.eval_model, paths, image_size=config.image_size, resize=config.resize,
-                             mean=self.normalisation["mean"], std=self.normalisation["std"], device=self.device,
-                             tta=tta, batch_size=config.batch_size * 2, num_workers=config.num_workers,
-                             cached=config.decode_cache, amp=config.amp)
+        return predict_probs(
+            self.eval_model,
+            paths,
+            image_size=config.image_size,
+            resize=config.resize,
+            mean=self.normalisation["mean"],
+            std=self.normalisation["std"],
+            device=self.device,
+            tta=tta,
+            batch_size=config.batch_size * 2,
+            num_workers=config.num_workers,
+            cached=config.decode_cache,
+            amp=config.amp,
+        )
 
     @property
     def uses_feature_cache(self) -> bool:
@@ -156,8 +212,13 @@ class TrainingRun:
             seed_everything(self.config.seed * 100_003 + self.epoch * 101 + self.rank)
             train_loss, images_per_s = self._train_one_epoch()
             self.epoch += 1
-            metrics = {"epoch": self.epoch, "train_loss": train_loss, "lr": self._lr(),
-                       "images_per_s": images_per_s, "feature_cache": float(self.uses_feature_cache)}
+            metrics = {
+                "epoch": self.epoch,
+                "train_loss": train_loss,
+                "lr": self._lr(),
+                "images_per_s": images_per_s,
+                "feature_cache": float(self.uses_feature_cache),
+            }
             if self.val_loader is not None:
                 metrics.update(self.evaluate())
             self.last_metrics = metrics
@@ -172,9 +233,13 @@ class TrainingRun:
         with torch.no_grad(), self._autocast():
             for images, targets in self.val_loader:
                 logits = model(self._prepare(images)).float()
-                totals += torch.stack([loss_fn(logits, targets).double(),
-                                       (logits.argmax(1) == targets).sum().double(),
-                                       torch.tensor(len(targets), dtype=torch.float64, device=self.device)])
+                totals += torch.stack(
+                    [
+                        loss_fn(logits, targets).double(),
+                        (logits.argmax(1) == targets).sum().double(),
+                        torch.tensor(len(targets), dtype=torch.float64, device=self.device),
+                    ]
+                )
         loss_sum, correct, count = self._all_reduce(totals).tolist()
         return {"val_loss": loss_sum / max(count, 1), "val_acc": correct / max(count, 1)}
 
@@ -192,7 +257,9 @@ class TrainingRun:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("class_names", self.table.class_names) != self.table.class_names:
-            raise SketchError(f"{self.config.data_dir}: classes differ from those the checkpoint was trained on")
+            raise SketchError(
+                f"{self.config.data_dir}: classes differ from those the checkpoint was trained on"
+            )
         self.trained.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -219,7 +286,9 @@ class TrainingRun:
         self.batches_this_epoch += 1
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
-        updates_now = (batch + 1) % config.grad_accum_steps == 0 or batch + 1 == len(self.train_loader)
+        updates_now = (batch + 1) % config.grad_accum_steps == 0 or batch + 1 == len(
+            self.train_loader
+        )
         sync = nullcontext() if updates_now or self.world_size == 1 else self.train_model.no_sync()
         with sync, self._autocast():
             loss = self.train_loss_fn(self.train_model(self._prepare(images)), targets)
@@ -240,47 +309,104 @@ class TrainingRun:
         self.batches_this_epoch = 0
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, images
         started = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)  # drops an accumulation train_step left unfinished
+        self.optimizer.zero_grad(
+            set_to_none=True
+        )  # drops an accumulation train_step left unfinished
         for images, targets in self.train_loader:
             result = self.train_step(images, targets)
-            totals += torch.stack([result["loss"].double() * result["images"],
-                                   torch.tensor(result["images"], dtype=torch.float64, device=self.device)])
+            totals += torch.stack(
+                [
+                    result["loss"].double() * result["images"],
+                    torch.tensor(result["images"], dtype=torch.float64, device=self.device),
+                ]
+            )
         self.scheduler.step(self.epoch + 1)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        elapsed = torch.tensor([time.perf_counter() - started], dtype=torch.float64, device=self.device)
+        elapsed = torch.tensor(
+            [time.perf_counter() - started], dtype=torch.float64, device=self.device
+        )
         loss_sum, images = self._all_reduce(totals).tolist()
-        slowest = self._all_reduce(elapsed, op=dist.ReduceOp.MAX).item() if self.world_size > 1 else elapsed.item()
+        slowest = (
+            self._all_reduce(elapsed, op=dist.ReduceOp.MAX).item()
+            if self.world_size > 1
+            else elapsed.item()
+        )
         return loss_sum / max(images, 1), images / max(slowest, 1e-9)
 
     def _loaders(self) -> tuple[PrefetchLoader, PrefetchLoader | None]:
         config, table = self.config, self.table
-        held_out = config.folds or config.val_fraction  # an all-training refit has no split to keep groups out of
-        groups = duplicate_groups(table.paths, table.targets, workers=config.num_workers) \
-            if config.group_duplicates and held_out else None
-        train_idx, val_idx = split_indices(table.targets, val_fraction=config.val_fraction, folds=config.folds,
-                                           fold=config.fold, seed=config.seed, groups=groups)
-        images = image_source(table.paths, config.image_size, resize=config.resize, cached=config.decode_cache,
-                              workers=config.num_workers)
+        held_out = (
+            config.folds or config.val_fraction
+        )  # an all-training refit has no split to keep groups out of
+        groups = (
+            duplicate_groups(table.paths, table.targets, workers=config.num_workers)
+            if config.group_duplicates and held_out
+            else None
+        )
+        train_idx, val_idx = split_indices(
+            table.targets,
+            val_fraction=config.val_fraction,
+            folds=config.folds,
+            fold=config.fold,
+            seed=config.seed,
+            groups=groups,
+        )
+        images = image_source(
+            table.paths,
+            config.image_size,
+            resize=config.resize,
+            cached=config.decode_cache,
+            workers=config.num_workers,
+        )
         self.images, self.split = images, (train_idx, val_idx)  # what the feature cache encodes
-        train_set = AugmentedImages(subset(images, train_idx), table.targets[train_idx], config.augment,
-                                    config.image_size, seed=config.seed)
+        train_set = AugmentedImages(
+            subset(images, train_idx),
+            table.targets[train_idx],
+            config.augment,
+            config.image_size,
+            seed=config.seed,
+        )
         per_rank = len(train_set) // self.world_size
         if per_rank < config.batch_size:
-            raise SketchError(f"batch_size: {config.batch_size} per worker exceeds the {per_rank} training "
-                              f"images each of {self.world_size} worker(s) gets")
-        self.train_sampler = DistributedSampler(train_set, num_replicas=self.world_size, rank=self.rank,
-                                                shuffle=True, seed=config.seed, drop_last=True)
-        train_loader = self._prefetch(DataLoader(train_set, batch_size=config.batch_size,
-                                                 sampler=EpochSampler(self.train_sampler), drop_last=True,
-                                                 collate_fn=fast_collate, **self._loader_options()))
+            raise SketchError(
+                f"batch_size: {config.batch_size} per worker exceeds the {per_rank} training "
+                f"images each of {self.world_size} worker(s) gets"
+            )
+        self.train_sampler = DistributedSampler(
+            train_set,
+            num_replicas=self.world_size,
+            rank=self.rank,
+            shuffle=True,
+            seed=config.seed,
+            drop_last=True,
+        )
+        train_loader = self._prefetch(
+            DataLoader(
+                train_set,
+                batch_size=config.batch_size,
+                sampler=EpochSampler(self.train_sampler),
+                drop_last=True,
+                collate_fn=fast_collate,
+                **self._loader_options(),
+            )
+        )
         if len(val_idx) == 0:
             return train_loader, None
-        val_set = AugmentedImages(subset(images, val_idx), table.targets[val_idx], "none", config.image_size)
+        val_set = AugmentedImages(
+            subset(images, val_idx), table.targets[val_idx], "none", config.image_size
+        )
         # Strided shards cover every validation image exactly once (DistributedSampler would pad).
         val_shard = Subset(val_set, range(self.rank, len(val_set), self.world_size))
-        val_loader = self._prefetch(DataLoader(val_shard, batch_size=config.batch_size * 2, shuffle=False,
-                                               collate_fn=fast_collate, **self._loader_options()))
+        val_loader = self._prefetch(
+            DataLoader(
+                val_shard,
+                batch_size=config.batch_size * 2,
+                shuffle=False,
+                collate_fn=fast_collate,
+                **self._loader_options(),
+            )
+        )
         return train_loader, val_loader
 
     def _feature_loaders(self) -> tuple[FeatureBatches, FeatureBatches | None]:
@@ -289,32 +415,68 @@ class TrainingRun:
         config, (train_idx, val_idx) = self.config, self.split
         backbone = self.model.backbone
 
-        def encode(views) -> torch.Tensor:  # as the uncached model sees them: PrefetchLoader, autocast
-            loader = DataLoader(views, batch_size=config.batch_size * 2, collate_fn=fast_collate,
-                                num_workers=config.num_workers, pin_memory=self.device.type == "cuda")
-            return encode_batches(lambda images: backbone(self._prepare(images)), self._prefetch(loader),
-                                  self._autocast)
+        def encode(
+            views,
+        ) -> torch.Tensor:  # as the uncached model sees them: PrefetchLoader, autocast
+            loader = DataLoader(
+                views,
+                batch_size=config.batch_size * 2,
+                collate_fn=fast_collate,
+                num_workers=config.num_workers,
+                pin_memory=self.device.type == "cuda",
+            )
+            return encode_batches(
+                lambda images: backbone(self._prepare(images)),
+                self._prefetch(loader),
+                self._autocast,
+            )
 
-        store = FeatureStore(self.backbone_digest, self.images, encode, model=config.model, pretrained=config.pretrained,
-                             checkpoint_file=config.checkpoint_file, mean=self.normalisation["mean"],
-                             std=self.normalisation["std"], precision="bf16" if self._amp else "fp32")
-        train = FeatureBatches([store.features(*view, self.device) for view in training_views(config)], train_idx,
-                               self.table.targets[train_idx], batch_size=config.batch_size, device=self.device,
-                               sampler=self.train_sampler, drop_last=True)
+        store = FeatureStore(
+            self.backbone_digest,
+            self.images,
+            encode,
+            model=config.model,
+            pretrained=config.pretrained,
+            checkpoint_file=config.checkpoint_file,
+            mean=self.normalisation["mean"],
+            std=self.normalisation["std"],
+            precision="bf16" if self._amp else "fp32",
+        )
+        train = FeatureBatches(
+            [store.features(*view, self.device) for view in training_views(config)],
+            train_idx,
+            self.table.targets[train_idx],
+            batch_size=config.batch_size,
+            device=self.device,
+            sampler=self.train_sampler,
+            drop_last=True,
+        )
         if self.val_loader is None:
             return train, None
-        val_rows = val_idx[self.rank::self.world_size]
-        return train, FeatureBatches([store.features(*PLAIN_VIEW, self.device)], val_rows, self.table.targets[val_rows],
-                                     batch_size=config.batch_size * 2, device=self.device)
+        val_rows = val_idx[self.rank :: self.world_size]
+        return train, FeatureBatches(
+            [store.features(*PLAIN_VIEW, self.device)],
+            val_rows,
+            self.table.targets[val_rows],
+            batch_size=config.batch_size * 2,
+            device=self.device,
+        )
 
     def _loader_options(self) -> dict[str, Any]:
         workers = self.config.num_workers
-        return {"num_workers": workers, "persistent_workers": workers > 0,
-                "pin_memory": self.device.type == "cuda"}
+        return {
+            "num_workers": workers,
+            "persistent_workers": workers > 0,
+            "pin_memory": self.device.type == "cuda",
+        }
 
     def _prefetch(self, loader: DataLoader) -> PrefetchLoader:
-        return PrefetchLoader(loader, mean=self.normalisation["mean"], std=self.normalisation["std"],
-                              device=self.device)
+        return PrefetchLoader(
+            loader,
+            mean=self.normalisation["mean"],
+            std=self.normalisation["std"],
+            device=self.device,
+        )
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         if self.config.channels_last and images.ndim == 4:  # not cached features

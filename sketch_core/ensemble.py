@@ -66,8 +66,13 @@ def weighted(probs_by_model: dict[str, np.ndarray], weights: dict[str, float]) -
     return sum(weights[name] * probs_by_model[name] for name in weights if weights[name])
 
 
-def greedy_weights(probs_by_model: dict[str, np.ndarray], targets: np.ndarray, *, metric: str = "log_loss",
-                   rounds: int = 25) -> dict[str, float]:
+def greedy_weights(
+    probs_by_model: dict[str, np.ndarray],
+    targets: np.ndarray,
+    *,
+    metric: str = "log_loss",
+    rounds: int = 25,
+) -> dict[str, float]:
     """Each member's weight in the best ensemble forward selection with replacement finds on
     these (out-of-fold) predictions, by ``metric``; ties go to the member listed first."""
     if metric not in METRICS:
@@ -79,7 +84,9 @@ def greedy_weights(probs_by_model: dict[str, np.ndarray], targets: np.ndarray, *
     total = np.zeros_like(next(iter(probs_by_model.values())), dtype=np.float64)
     best_score, best_counts = None, None
     for size in range(1, rounds + 1):
-        candidates = [(score((total + probs_by_model[name]) / size, targets), name) for name in names]
+        candidates = [
+            (score((total + probs_by_model[name]) / size, targets), name) for name in names
+        ]
         chosen_score, chosen = candidates[0]
         for candidate_score, name in candidates[1:]:
             if better(candidate_score, chosen_score):
@@ -92,10 +99,14 @@ def greedy_weights(probs_by_model: dict[str, np.ndarray], targets: np.ndarray, *
     return {name: best_counts[name] / chosen_total for name in names}
 
 
-def fold_estimate(probs: np.ndarray, targets: np.ndarray, fold_of_row: np.ndarray) -> tuple[float, float]:
+def fold_estimate(
+    probs: np.ndarray, targets: np.ndarray, fold_of_row: np.ndarray
+) -> tuple[float, float]:
     """The mean over folds of the accuracy on each held-out fold, and its standard error."""
-    per_fold = [accuracy(probs[fold_of_row == fold], targets[fold_of_row == fold])
-                for fold in np.unique(fold_of_row)]
+    per_fold = [
+        accuracy(probs[fold_of_row == fold], targets[fold_of_row == fold])
+        for fold in np.unique(fold_of_row)
+    ]
     spread = float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else math.nan
     return float(np.mean(per_fold)), spread / math.sqrt(len(per_fold))
 
@@ -108,8 +119,13 @@ class Ensemble:
     temperatures: dict[str, float]
 
     def __call__(self, probs_by_member: dict[str, np.ndarray]) -> np.ndarray:
-        return weighted({name: calibrated(probs, self.temperatures[name]) for name, probs in probs_by_member.items()},
-                        self.weights)
+        return weighted(
+            {
+                name: calibrated(probs, self.temperatures[name])
+                for name, probs in probs_by_member.items()
+            },
+            self.weights,
+        )
 
 
 def equal_vote(members: list[str]) -> Ensemble:
@@ -117,13 +133,24 @@ def equal_vote(members: list[str]) -> Ensemble:
     return Ensemble(dict.fromkeys(members, 1.0 / len(members)), dict.fromkeys(members, 1.0))
 
 
-def fit_ensemble(oof_by_member: dict[str, np.ndarray], targets: np.ndarray, *, method: str, calibrate: bool,
-                 metric: str = "log_loss") -> Ensemble:
+def fit_ensemble(
+    oof_by_member: dict[str, np.ndarray],
+    targets: np.ndarray,
+    *,
+    method: str,
+    calibrate: bool,
+    metric: str = "log_loss",
+) -> Ensemble:
     """An ensemble chosen on out-of-fold predictions: ``method`` mean (equal weights) or greedy
     (``greedy_weights`` by ``metric``), each member first calibrated by its own temperature when
     ``calibrate``."""
-    temperatures = {name: temperature(probs, targets) if calibrate else 1.0 for name, probs in oof_by_member.items()}
+    temperatures = {
+        name: temperature(probs, targets) if calibrate else 1.0
+        for name, probs in oof_by_member.items()
+    }
     if method == "mean":
         return Ensemble(equal_vote(list(oof_by_member)).weights, temperatures)
-    calibrated_oof = {name: calibrated(probs, temperatures[name]) for name, probs in oof_by_member.items()}
+    calibrated_oof = {
+        name: calibrated(probs, temperatures[name]) for name, probs in oof_by_member.items()
+    }
     return Ensemble(greedy_weights(calibrated_oof, targets, metric=metric), temperatures)

@@ -28,8 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -67,15 +67,25 @@ def frozen_backbone(config: TrainConfig, device: torch.device) -> tuple[nn.Modul
     ``device``) and its weights digest: built once per process for the same model and weights."""
     global _kept_backbone
     random_init = not config.pretrained and not config.checkpoint_file
-    key = (config.model, config.pretrained, file_fingerprint(config.checkpoint_file), config.drop_path_rate,
-           config.seed if random_init else None, str(device))
+    key = (
+        config.model,
+        config.pretrained,
+        file_fingerprint(config.checkpoint_file),
+        config.drop_path_rate,
+        config.seed if random_init else None,
+        str(device),
+    )
     if _kept_backbone is None or _kept_backbone[0] != key:
         _kept_backbone = None  # free the previous one (and its features) before building
         _kept_features.clear()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)  # as TrainingRun seeds before building any model
-            backbone = create_backbone(config.model, pretrained=config.pretrained,
-                                       checkpoint_file=config.checkpoint_file, drop_path_rate=config.drop_path_rate)
+            backbone = create_backbone(
+                config.model,
+                pretrained=config.pretrained,
+                checkpoint_file=config.checkpoint_file,
+                drop_path_rate=config.drop_path_rate,
+            )
         backbone = backbone.to(device).eval().requires_grad_(False)
         _kept_backbone = (key, backbone, weights_digest(backbone))
     return _kept_backbone[1], _kept_backbone[2]
@@ -101,23 +111,44 @@ class FeatureStore:
     computes it under a file lock, the others wait and then read it.
     """
 
-    def __init__(self, weights: str, images: Dataset, encode: Callable[[Dataset], torch.Tensor], *,
-                 model: str, pretrained: bool, checkpoint_file: str, mean: Sequence[float], std: Sequence[float],
-                 precision: str, cache_dir: str | Path | None = None):
+    def __init__(
+        self,
+        weights: str,
+        images: Dataset,
+        encode: Callable[[Dataset], torch.Tensor],
+        *,
+        model: str,
+        pretrained: bool,
+        checkpoint_file: str,
+        mean: Sequence[float],
+        std: Sequence[float],
+        precision: str,
+        cache_dir: str | Path | None = None,
+    ):
         self.images = images
         self.image_size = images.image_size
         self.encode = encode
         self.dir = Path(cache_dir or default_cache_dir())
         self.identity = {
-            "version": FEATURE_CACHE_VERSION, "model": model, "pretrained": pretrained,
-            "checkpoint_file": file_fingerprint(checkpoint_file), "weights": weights,
-            "mean": [float(v) for v in mean], "std": [float(v) for v in std], "precision": precision,
+            "version": FEATURE_CACHE_VERSION,
+            "model": model,
+            "pretrained": pretrained,
+            "checkpoint_file": file_fingerprint(checkpoint_file),
+            "weights": weights,
+            "mean": [float(v) for v in mean],
+            "std": [float(v) for v in std],
+            "precision": precision,
             "images": images_key(images.paths, images.image_size, resize=images.resize),
-            "image_size": images.image_size, "resize": images.resize,
+            "image_size": images.image_size,
+            "resize": images.resize,
         }
 
     def key(self, augment: str, view: int) -> str:
-        identity = {**self.identity, "augment": repr(augmentation(augment, self.image_size)), "view": view}
+        identity = {
+            **self.identity,
+            "augment": repr(augmentation(augment, self.image_size)),
+            "view": view,
+        }
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
     def file(self, augment: str, view: int) -> Path:
@@ -130,20 +161,28 @@ class FeatureStore:
         kept = (str(file), str(device or "cpu"))
         if kept not in _kept_features:
             build_once(file, lambda partial: self._build(partial, augment, view))
-            _kept_features[kept] = torch.load(file, map_location="cpu", mmap=True, weights_only=True).to(device or "cpu")
+            _kept_features[kept] = torch.load(
+                file, map_location="cpu", mmap=True, weights_only=True
+            ).to(device or "cpu")
         return _kept_features[kept]
 
     def _build(self, partial: Path, augment: str, view: int) -> None:
         # View v's draws for image i are fixed by (v, i): the same in any process, worker or batch.
-        images = AugmentedImages(self.images, np.zeros(len(self.images)), augment, self.image_size, seed=view)
+        images = AugmentedImages(
+            self.images, np.zeros(len(self.images)), augment, self.image_size, seed=view
+        )
         features = self.encode(images)
         if len(features) != len(self.images):
-            raise RuntimeError(f"encode returned {len(features)} features for {len(self.images)} images")
+            raise RuntimeError(
+                f"encode returned {len(features)} features for {len(self.images)} images"
+            )
         torch.save(features.contiguous(), partial)
 
 
 @torch.no_grad()
-def encode_batches(forward: Callable[[torch.Tensor], torch.Tensor], batches, autocast) -> torch.Tensor:
+def encode_batches(
+    forward: Callable[[torch.Tensor], torch.Tensor], batches, autocast
+) -> torch.Tensor:
     """Concatenated ``forward(images)`` over ``(images, _)`` batches, under ``autocast()``, on the CPU.
     The caller puts the backbone in eval mode."""
     outputs = []
@@ -162,8 +201,17 @@ class FeatureBatches:
     one. Epoch ``e`` (the sampler's ``set_epoch``) reads ``views[e % len(views)]``.
     """
 
-    def __init__(self, views: Sequence[torch.Tensor], rows: Sequence[int], targets: Sequence[int], *,
-                 batch_size: int, device: torch.device, sampler: Sampler | None = None, drop_last: bool = False):
+    def __init__(
+        self,
+        views: Sequence[torch.Tensor],
+        rows: Sequence[int],
+        targets: Sequence[int],
+        *,
+        batch_size: int,
+        device: torch.device,
+        sampler: Sampler | None = None,
+        drop_last: bool = False,
+    ):
         self.views = list(views)
         self.rows = torch.as_tensor(np.asarray(rows, dtype=np.int64))
         self.targets = torch.as_tensor(np.asarray(targets, dtype=np.int64)).to(device)
@@ -184,7 +232,7 @@ class FeatureBatches:
         else:
             order = torch.arange(len(self.rows), device=self.device)
         for batch in range(len(self)):
-            positions = order[batch * self.batch_size:(batch + 1) * self.batch_size]
+            positions = order[batch * self.batch_size : (batch + 1) * self.batch_size]
             yield features[positions], self.targets[positions]
 
     def _view(self, index: int) -> torch.Tensor:

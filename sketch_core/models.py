@@ -28,7 +28,7 @@ class SketchClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
 
-    def train(self, mode: bool = True) -> "SketchClassifier":
+    def train(self, mode: bool = True) -> SketchClassifier:
         super().train(mode)
         if self.freeze == "head":
             self.backbone.eval()
@@ -65,12 +65,18 @@ def create_classifier(
     """
     check_model_name(name)
     if backbone is None:
-        backbone = create_backbone(name, pretrained=pretrained, checkpoint_file=checkpoint_file,
-                                   drop_path_rate=drop_path_rate)
+        backbone = create_backbone(
+            name,
+            pretrained=pretrained,
+            checkpoint_file=checkpoint_file,
+            drop_path_rate=drop_path_rate,
+        )
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        classifier_head = _create_head(head, backbone.num_features, num_classes, head_hidden, head_dropout)
+        classifier_head = _create_head(
+            head, backbone.num_features, num_classes, head_hidden, head_dropout
+        )
     model = SketchClassifier(backbone, classifier_head, freeze)
     apply_freeze(model, freeze, trainable_blocks)
     return model
@@ -97,14 +103,18 @@ def apply_freeze(model: SketchClassifier, policy: str, trainable_blocks: int = 2
             parameters[param_name].requires_grad_(True)
     blocks = ordered[1:]  # group 0 is the stem
     if trainable_blocks > len(blocks):
-        raise SketchError(f"trainable_blocks: {model.backbone.__class__.__name__} has {len(blocks)} blocks, "
-                          f"got {trainable_blocks}")
-    for group in blocks[len(blocks) - trainable_blocks:]:
+        raise SketchError(
+            f"trainable_blocks: {model.backbone.__class__.__name__} has {len(blocks)} blocks, "
+            f"got {trainable_blocks}"
+        )
+    for group in blocks[len(blocks) - trainable_blocks :]:
         for param_name in group:
             parameters[param_name].requires_grad_(True)
 
 
-def create_backbone(name: str, *, pretrained: bool, checkpoint_file: str = "", drop_path_rate: float = 0.0) -> nn.Module:
+def create_backbone(
+    name: str, *, pretrained: bool, checkpoint_file: str = "", drop_path_rate: float = 0.0
+) -> nn.Module:
     """timm's ``name`` without its classifier (pooled features), with these weights."""
     kwargs = {"num_classes": 0}
     if drop_path_rate:
@@ -137,19 +147,28 @@ def check_pretrained_weights(name: str, *, pretrained: bool, checkpoint_file: st
     if not pretrained:
         return
     source, location = pretrained_source(name)
-    if source != "hf-hub":  # a URL or file timm fetches itself: nothing cheaper to check than loading it
+    if (
+        source != "hf-hub"
+    ):  # a URL or file timm fetches itself: nothing cheaper to check than loading it
         if not source:
-            raise _weights_error(name, "do not exist", "timm has no pretrained weights for this name")
+            raise _weights_error(
+                name, "do not exist", "timm has no pretrained weights for this name"
+            )
         return
     repo_id, revision, filenames = location.repo_id, location.revision, location.filenames
-    if any(isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str) for filename in filenames):
+    if any(
+        isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str)
+        for filename in filenames
+    ):
         return
     try:
         if any(file_exists(repo_id, filename, revision=revision) for filename in filenames):
             return
     except Exception as exc:  # offline, no network, hub errors: all mean the same to the user
         raise _weights_error(name, "could not be fetched", exc) from None
-    raise _weights_error(name, "could not be fetched", f"none of {', '.join(filenames)} in {repo_id}")
+    raise _weights_error(
+        name, "could not be fetched", f"none of {', '.join(filenames)} in {repo_id}"
+    )
 
 
 def _require_checkpoint_file(checkpoint_file: str) -> None:
@@ -158,15 +177,26 @@ def _require_checkpoint_file(checkpoint_file: str) -> None:
 
 
 def _weights_error(name: str, what: str, cause: Exception | str) -> SketchError:
-    reason = f"{type(cause).__name__}: {str(cause).splitlines()[0][:160]}" if isinstance(cause, Exception) else cause
-    return SketchError(f"model {name}: pretrained weights {what} ({reason}); set pretrained: false, point "
-                       "checkpoint_file at a local weights file, or pre-fill the Hugging Face cache (HF_HOME) "
-                       "on every node")
+    reason = (
+        f"{type(cause).__name__}: {str(cause).splitlines()[0][:160]}"
+        if isinstance(cause, Exception)
+        else cause
+    )
+    return SketchError(
+        f"model {name}: pretrained weights {what} ({reason}); set pretrained: false, point "
+        "checkpoint_file at a local weights file, or pre-fill the Hugging Face cache (HF_HOME) "
+        "on every node"
+    )
 
 
-def _create_head(kind: str, in_features: int, num_classes: int, hidden: int, dropout: float) -> nn.Module:
+def _create_head(
+    kind: str, in_features: int, num_classes: int, hidden: int, dropout: float
+) -> nn.Module:
     if kind == "linear":
         return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes))
     return nn.Sequential(
-        nn.Linear(in_features, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+        nn.Linear(in_features, hidden),
+        nn.GELU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes),
     )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -40,16 +40,31 @@ def predict_probs(
     predicts a strided shard and every rank gets the whole result."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    images = AugmentedImages(image_source(paths, image_size, resize=resize, cached=cached, workers=num_workers),
-                             np.zeros(len(paths), dtype=np.int64), "none", image_size)
+    images = AugmentedImages(
+        image_source(paths, image_size, resize=resize, cached=cached, workers=num_workers),
+        np.zeros(len(paths), dtype=np.int64),
+        "none",
+        image_size,
+    )
     shard = list(range(rank, len(paths), world_size))
     loader = PrefetchLoader(
-        DataLoader(Subset(images, shard), batch_size=batch_size, shuffle=False, collate_fn=fast_collate,
-                   num_workers=num_workers, pin_memory=device.type == "cuda"),
-        mean=mean, std=std, device=device)
+        DataLoader(
+            Subset(images, shard),
+            batch_size=batch_size,
+            shuffle=False,
+            collate_fn=fast_collate,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+        ),
+        mean=mean,
+        std=std,
+        device=device,
+    )
     model = model.eval()
     chunks = []
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"
+    )
     with torch.no_grad(), autocast:
         for batch, _ in progress(loader, "predicting", total=len(loader)):
             probs = model(batch).float().softmax(1)
@@ -73,8 +88,13 @@ def submission_frame(test_frame: pd.DataFrame, probs: np.ndarray) -> pd.DataFram
     """``ID,image_path,target``: one row per test.csv row, in its order."""
     if len(probs) != len(test_frame):
         raise ValueError(f"{len(probs)} predictions for {len(test_frame)} test rows")
-    return pd.DataFrame({"ID": np.arange(len(test_frame)), "image_path": test_frame["image_path"].to_numpy(),
-                         "target": probs.argmax(1)})
+    return pd.DataFrame(
+        {
+            "ID": np.arange(len(test_frame)),
+            "image_path": test_frame["image_path"].to_numpy(),
+            "target": probs.argmax(1),
+        }
+    )
 
 
 def write_submission(path: str | Path, test_frame: pd.DataFrame, probs: np.ndarray) -> Path:

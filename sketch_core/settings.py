@@ -29,7 +29,9 @@ def from_mapping(kind: type, values: Mapping[str, Any], *, source: str, prefix: 
     ``spec``; ``prefix`` names the section in errors (``search.``)."""
     check_keys(kind, values, source=source, prefix=prefix)
     fields = {f.name: f for f in dataclasses.fields(kind)}
-    typed = {key: coerce(fields[key], value, f"{source}: {prefix}{key}") for key, value in values.items()}
+    typed = {
+        key: coerce(fields[key], value, f"{source}: {prefix}{key}") for key, value in values.items()
+    }
     settings = kind(**typed)
     for f in dataclasses.fields(kind):
         check_range(f, getattr(settings, f.name), f"{source}: {prefix}{f.name}")
@@ -86,7 +88,9 @@ def check_range(f: dataclasses.Field, value: Any, where: str) -> None:
     if not limits:
         return
     if limits["choices"] is not None and value not in limits["choices"]:
-        raise SketchError(f"{where}: expected one of {', '.join(map(str, limits['choices']))}, got {value!r}")
+        raise SketchError(
+            f"{where}: expected one of {', '.join(map(str, limits['choices']))}, got {value!r}"
+        )
     low, high = limits["low"], limits["high"]
     if low is not None and (value <= low if limits["low_open"] else value < low):
         relation = ">" if limits["low_open"] else ">="

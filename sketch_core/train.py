@@ -26,20 +26,36 @@ def config_options(parser: argparse.ArgumentParser) -> None:
         default = field.default
         help_text = field.metadata.get("help", "") if field.metadata else ""
         choices = field.metadata.get("choices") if field.metadata else None
-        group.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=None, choices=choices,
-                           metavar=None if choices else field.name.upper(),
-                           help=f"{help_text + '; ' if help_text else ''}default {default!r}")
+        group.add_argument(
+            f"--{field.name.replace('_', '-')}",
+            dest=field.name,
+            default=None,
+            choices=choices,
+            metavar=None if choices else field.name.upper(),
+            help=f"{help_text + '; ' if help_text else ''}default {default!r}",
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sketch_core.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/debug", help="folder for metrics.jsonl, last.pt, submissions")
+    parser = argparse.ArgumentParser(
+        prog="python -m sketch_core.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--out", default="runs/debug", help="folder for metrics.jsonl, last.pt, submissions"
+    )
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    parser.add_argument("--predict", action="store_true", help="after training, write OUT/submission.csv")
-    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=TTA,
-                        help="--predict: average the prediction of each image and its horizontal flip "
-                             "(as final_fit.py does by default)")
+    parser.add_argument(
+        "--predict", action="store_true", help="after training, write OUT/submission.csv"
+    )
+    parser.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=TTA,
+        help="--predict: average the prediction of each image and its horizontal flip "
+        "(as final_fit.py does by default)",
+    )
     config_options(parser)
     args = parser.parse_args(argv)
     try:
@@ -51,18 +67,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
-    values = {name: getattr(args, name) for name in TrainConfig.field_names() if getattr(args, name) is not None}
+    values = {
+        name: getattr(args, name)
+        for name in TrainConfig.field_names()
+        if getattr(args, name) is not None
+    }
     config = TrainConfig.from_dict(values, source="command line")
     from sketch_core.models import check_model_name  # imports timm: after the cheap checks
 
     check_model_name(config.model, "command line")
     # torch and timm take seconds to import: after --help and the option checks, not before.
     from sketch_core.engine import TrainingRun, load_checkpoint, save_checkpoint
+
     out = Path(args.out)
     checkpoint = out / "last.pt"
     state = load_checkpoint(checkpoint) if args.resume else None
     if state is None and checkpoint.exists():
-        raise SketchError(f"{checkpoint}: a run is already there; pass --resume to continue it or choose another --out")
+        raise SketchError(
+            f"{checkpoint}: a run is already there; pass --resume to continue it or choose another --out"
+        )
     training = TrainingRun(config, state=state)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "metrics.jsonl", "a") as log:
@@ -80,7 +103,9 @@ def predict_test(training, out: Path, *, tta: bool) -> None:
     from sketch_core.predict import write_submission
 
     test = read_test_table(training.config.data_dir)
-    path = write_submission(unused_path(str(out / "submission.csv")), test.frame, training.predict(test.paths, tta=tta))
+    path = write_submission(
+        unused_path(str(out / "submission.csv")), test.frame, training.predict(test.paths, tta=tta)
+    )
     print(f"wrote {path}")
 
 

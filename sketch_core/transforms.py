@@ -28,11 +28,18 @@ def base_transform(image_size: int, *, resize: str = "letterbox") -> A.Compose:
         raise ValueError(f"resize: expected one of {', '.join(RESIZE_POLICIES)}, got {resize!r}")
     if resize == "stretch":
         return A.Compose([A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA)])
-    return A.Compose([
-        A.LongestMaxSize(max_size=image_size, interpolation=cv2.INTER_AREA),
-        A.PadIfNeeded(min_height=image_size, min_width=image_size, position="center",
-                      border_mode=cv2.BORDER_CONSTANT, fill=WHITE),
-    ])
+    return A.Compose(
+        [
+            A.LongestMaxSize(max_size=image_size, interpolation=cv2.INTER_AREA),
+            A.PadIfNeeded(
+                min_height=image_size,
+                min_width=image_size,
+                position="center",
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=WHITE,
+            ),
+        ]
+    )
 
 
 def augmentation(name: str, image_size: int) -> A.Compose:
@@ -40,8 +47,14 @@ def augmentation(name: str, image_size: int) -> A.Compose:
     if name not in AUGMENTATIONS:
         raise ValueError(f"augment: expected one of {', '.join(AUGMENTATIONS)}, got {name!r}")
     flip = A.HorizontalFlip(p=0.5)  # flipped near-duplicates exist in the real data
-    geometry = A.Affine(rotate=(-15, 15), scale=(0.9, 1.1), translate_percent=(-0.05, 0.05),
-                        border_mode=cv2.BORDER_CONSTANT, fill=WHITE, p=0.7)
+    geometry = A.Affine(
+        rotate=(-15, 15),
+        scale=(0.9, 1.1),
+        translate_percent=(-0.05, 0.05),
+        border_mode=cv2.BORDER_CONSTANT,
+        fill=WHITE,
+        p=0.7,
+    )
     contrast = A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.2, p=0.3)
     presets = {
         "none": [],
@@ -51,10 +64,17 @@ def augmentation(name: str, image_size: int) -> A.Compose:
             flip,
             A.RandomResizedCrop(size=(image_size, image_size), scale=(0.6, 1.0), p=0.5),
             geometry,
-            A.OneOf([
-                A.ElasticTransform(alpha=30, sigma=6, border_mode=cv2.BORDER_CONSTANT, fill=WHITE),
-                A.GridDistortion(distort_limit=0.2, border_mode=cv2.BORDER_CONSTANT, fill=WHITE),
-            ], p=0.3),
+            A.OneOf(
+                [
+                    A.ElasticTransform(
+                        alpha=30, sigma=6, border_mode=cv2.BORDER_CONSTANT, fill=WHITE
+                    ),
+                    A.GridDistortion(
+                        distort_limit=0.2, border_mode=cv2.BORDER_CONSTANT, fill=WHITE
+                    ),
+                ],
+                p=0.3,
+            ),
             contrast,
             A.InvertImg(p=0.1),
         ],

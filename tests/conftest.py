@@ -20,8 +20,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Small enough for 2 CPU cores, varied enough that a tiny model learns well above chance.
 LEARNABLE = dict(classes=8, images_per_class=40, test_images=80, min_size=96, max_size=128, seed=3)
 # A configuration test_resnet learns on it in seconds (about 0.7 val_acc against 0.125 chance).
-QUICK_TRAINING = dict(model="test_resnet", image_size=48, batch_size=16, lr=5e-3, weight_decay=0.01,
-                      augment="light", num_workers=0)
+QUICK_TRAINING = dict(
+    model="test_resnet",
+    image_size=48,
+    batch_size=16,
+    lr=5e-3,
+    weight_decay=0.01,
+    augment="light",
+    num_workers=0,
+)
 
 
 def pytest_collection_modifyitems(items):
@@ -52,8 +59,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def write_space(path: Path, data_dir: Path, *, experiment: str = "e2e", num_samples: int = 5, max_epochs: int = 3,
-                **sections) -> Path:
+def write_space(
+    path: Path,
+    data_dir: Path,
+    *,
+    experiment: str = "e2e",
+    num_samples: int = 5,
+    max_epochs: int = 3,
+    **sections,
+) -> Path:
     """A small CPU search space over ``data_dir`` (the demo space, shrunk for 2 cores)."""
     import yaml
 
@@ -63,12 +77,25 @@ def write_space(path: Path, data_dir: Path, *, experiment: str = "e2e", num_samp
         "model": {"name": "test_resnet", "pretrained": False, "image_size": 48},
         # One worker per trial and two trials at once: DDP itself is tested in test_engine.py.
         "resources": {"workers": 1, "cpus_per_worker": 0.9, "gpus_per_worker": 0},
-        "search": {"searcher": "optuna", "num_samples": num_samples, "max_concurrent": 2, "seed": 0},
-        "scheduler": {"type": "asha", "max_epochs": max_epochs, "grace_period": 1, "reduction_factor": 2},
+        "search": {
+            "searcher": "optuna",
+            "num_samples": num_samples,
+            "max_concurrent": 2,
+            "seed": 0,
+        },
+        "scheduler": {
+            "type": "asha",
+            "max_epochs": max_epochs,
+            "grace_period": 1,
+            "reduction_factor": 2,
+        },
         "fixed": {"batch_size": 16, "num_workers": 0, "weight_decay": 0.01, "augment": "light"},
         "space": {"lr": {"loguniform": [1.0e-3, 2.0e-2]}, "head": {"choice": ["linear", "mlp"]}},
     }
-    for name, values in sections.items():  # merged into the section, except `space`, which is replaced
+    for (
+        name,
+        values,
+    ) in sections.items():  # merged into the section, except `space`, which is replaced
         document[name] = {**document.get(name, {}), **values} if name != "space" else values
     path.write_text(yaml.safe_dump(document))
     return path
@@ -76,11 +103,19 @@ def write_space(path: Path, data_dir: Path, *, experiment: str = "e2e", num_samp
 
 def run_script(script: str, *args: str, timeout: float = 900, cwd: Path = REPO_ROOT, **kwargs):
     """Run ray_jobs/<script> as a user would, with this test session's environment."""
-    return subprocess.run([sys.executable, str(REPO_ROOT / "ray_jobs" / script), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, **kwargs)
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "ray_jobs" / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
 
 
-def quickstart_commands(readme: Path = REPO_ROOT / "README.md", python: str = sys.executable) -> list[list[str]]:
+def quickstart_commands(
+    readme: Path = REPO_ROOT / "README.md", python: str = sys.executable
+) -> list[list[str]]:
     """The commands of README.md's quickstart block as a user types them (comments dropped), with
     ``python`` and ``pip`` meaning the interpreter ``python``."""
     section = readme.read_text().split("\n## Quickstart", 1)[1]
@@ -94,7 +129,9 @@ def newcomer_python(folder: Path) -> str:
     """The interpreter of a new virtual environment in ``folder`` that sees this machine's installed
     packages (so the install step installs only the project itself, here, and leaves this test
     session's installation of the project alone)."""
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(folder)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", str(folder)], check=True
+    )
     return str(folder / "bin" / "python")
 
 
@@ -103,8 +140,9 @@ def fresh_clone(target: Path) -> Path:
     are applied on top so that a developer tests what they see; files git does not track are not
     there, so a forgotten `git add` fails here as it would for a user."""
     subprocess.run(["git", "clone", "--quiet", str(REPO_ROOT), str(target)], check=True)
-    diff = subprocess.run(["git", "-C", str(REPO_ROOT), "diff", "HEAD", "--binary"], check=True,
-                          capture_output=True).stdout
+    diff = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "diff", "HEAD", "--binary"], check=True, capture_output=True
+    ).stdout
     if diff:
         subprocess.run(["git", "-C", str(target), "apply", "-"], input=diff, check=True)
     return target
@@ -126,34 +164,65 @@ def finished_search(tmp_path_factory):
     generated on first use, 2 DDP workers per trial."""
     root = tmp_path_factory.mktemp("newcomer")
     clone = fresh_clone(root / "sketch-hpo")
-    install, search, refit = quickstart_commands(clone / "README.md", newcomer_python(root / "venv"))
-    assert install[-3:] == ["install", "-r", "requirements.txt"] and search[1:3] == ["ray_jobs/tune.py", "--space"]
+    install, search, refit = quickstart_commands(
+        clone / "README.md", newcomer_python(root / "venv")
+    )
+    assert install[-3:] == ["install", "-r", "requirements.txt"] and search[1:3] == [
+        "ray_jobs/tune.py",
+        "--space",
+    ]
     installed = subprocess.run(install, cwd=clone, capture_output=True, text=True, timeout=900)
     assert installed.returncode == 0, installed.stdout[-3000:] + installed.stderr[-3000:]
-    imported = subprocess.run([search[0], "-c", "import ray_jobs, sketch_core; print(sketch_core.__file__)"],
-                              cwd=root, capture_output=True, text=True, check=True).stdout
-    assert imported.startswith(str(clone)), f"the install step did not install the clone's code: {imported}"
+    imported = subprocess.run(
+        [search[0], "-c", "import ray_jobs, sketch_core; print(sketch_core.__file__)"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert imported.startswith(str(clone)), (
+        f"the install step did not install the clone's code: {imported}"
+    )
     log = root / "tune.log"
-    with log.open("w") as output, started_command(search, cwd=clone, stdout=output,
-                                                  stderr=subprocess.STDOUT) as driver:
+    with (
+        log.open("w") as output,
+        started_command(search, cwd=clone, stdout=output, stderr=subprocess.STDOUT) as driver,
+    ):
         try:
             dashboard = probe_dashboard(driver, log, root)
             journal = clone / "results" / "demo" / "study.journal"
             wait_for(journal.exists, "the stored Optuna study", driver, log=log)
             with study_view(journal) as study:
-                live_study = wait_for(lambda: study() if any(t["state"] == "Complete" for t in study()) else None,
-                                      "a complete trial in optuna-dashboard", driver, log=log)
+                live_study = wait_for(
+                    lambda: study() if any(t["state"] == "Complete" for t in study()) else None,
+                    "a complete trial in optuna-dashboard",
+                    driver,
+                    log=log,
+                )
                 released = watch_worker_release(driver, clone / "results" / "demo", timeout=900)
                 final_study = study()
         except BaseException:
-            print(f"the quickstart search failed while probed; {ray_leftovers()}\n{log.read_text()[-6000:]}")
+            print(
+                f"the quickstart search failed while probed; {ray_leftovers()}\n{log.read_text()[-6000:]}"
+            )
             raise
     assert driver.returncode == 0, f"{ray_leftovers()}\n{log.read_text()[-6000:]}"
     refitted = subprocess.run(refit, cwd=clone, capture_output=True, text=True, timeout=900)
-    assert refitted.returncode == 0, f"{ray_leftovers()}\n{refitted.stdout[-3000:]}{refitted.stderr[-3000:]}"
-    return {"clone": clone, "results": clone / "results", "experiment": "demo", "data_dir": clone / "data" / "demo",
-            "space": clone / search[3], "output": log.read_text(), "refit_output": refitted.stdout,
-            "dashboard": dashboard, "released": released, "study": {"live": live_study, "final": final_study}}
+    assert refitted.returncode == 0, (
+        f"{ray_leftovers()}\n{refitted.stdout[-3000:]}{refitted.stderr[-3000:]}"
+    )
+    return {
+        "clone": clone,
+        "results": clone / "results",
+        "experiment": "demo",
+        "data_dir": clone / "data" / "demo",
+        "space": clone / search[3],
+        "output": log.read_text(),
+        "refit_output": refitted.stdout,
+        "dashboard": dashboard,
+        "released": released,
+        "study": {"live": live_study, "final": final_study},
+    }
 
 
 def pid_alive(pid: int) -> bool:
@@ -164,7 +233,15 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def wait_for(probe, what: str, driver=None, *, timeout: float = 300, interval: float = 1, log: Path | None = None):
+def wait_for(
+    probe,
+    what: str,
+    driver=None,
+    *,
+    timeout: float = 300,
+    interval: float = 1,
+    log: Path | None = None,
+):
     """The first truthy value ``probe()`` returns while ``driver`` (if any) runs; the test fails if
     none comes within ``timeout`` seconds or the driver ends first (with the tail of ``log``, if given)."""
     deadline = time.monotonic() + timeout
@@ -188,11 +265,16 @@ def own_output(output: str) -> str:
 
 def trial_pids(epochs, trial_id: str) -> list[int]:
     """The training-worker PIDs a trial reported in epochs.parquet, over all its attempts."""
-    return [int(pid) for pids in epochs.loc[epochs["trial_id"] == trial_id, "pids"].dropna()
-            for pid in str(pids).split(",")]
+    return [
+        int(pid)
+        for pids in epochs.loc[epochs["trial_id"] == trial_id, "pids"].dropna()
+        for pid in str(pids).split(",")
+    ]
 
 
-def watch_worker_release(driver, experiment_dir: Path, *, timeout: float, grace_s: float = 30) -> dict[str, dict]:
+def watch_worker_release(
+    driver, experiment_dir: Path, *, timeout: float, grace_s: float = 30
+) -> dict[str, dict]:
     """Until ``driver`` (tune.py) ends: for each trial trained by Ray Train workers that ended while
     the search went on, its status and how many seconds its workers outlived it (None: more than
     ``grace_s``). (A head-only trial's process is kept on purpose, for the next trial.) The test
@@ -207,7 +289,9 @@ def watch_worker_release(driver, experiment_dir: Path, *, timeout: float, grace_
             pytest.fail(f"the search did not end within {timeout} s")
         if trials_file.exists() and epochs_file.exists():
             trials, epochs = pd.read_parquet(trials_file), pd.read_parquet(epochs_file)
-            ended = trials["status"].isin(["finished", "stopped_early"]) & (trials["feature_cache"] == 0)
+            ended = trials["status"].isin(["finished", "stopped_early"]) & (
+                trials["feature_cache"] == 0
+            )
             for trial in trials[ended].itertuples():
                 if trial.trial_id in released:
                     continue
@@ -218,7 +302,11 @@ def watch_worker_release(driver, experiment_dir: Path, *, timeout: float, grace_
                 if not any(pid_alive(pid) for pid in pids):
                     released[trial.trial_id] = {"status": trial.status, "after_s": waited}
                 elif waited > grace_s:
-                    released[trial.trial_id] = {"status": trial.status, "after_s": None, "pids": pids}
+                    released[trial.trial_id] = {
+                        "status": trial.status,
+                        "after_s": None,
+                        "pids": pids,
+                    }
         time.sleep(0.5)
     return released
 
@@ -231,8 +319,19 @@ def probe_dashboard(driver, log: Path, home: Path) -> dict:
     import urllib.error
     import urllib.request
 
-    url = wait_for(lambda: next((line.split(": ", 1)[1].strip() for line in log.read_text().splitlines()
-                                 if line.startswith("Ray dashboard: ")), None), "the dashboard line", driver, log=log)
+    url = wait_for(
+        lambda: next(
+            (
+                line.split(": ", 1)[1].strip()
+                for line in log.read_text().splitlines()
+                if line.startswith("Ray dashboard: ")
+            ),
+            None,
+        ),
+        "the dashboard line",
+        driver,
+        log=log,
+    )
     try:
         urllib.request.urlopen(f"{url}/api/version", timeout=30)
         without_token = 200
@@ -241,17 +340,33 @@ def probe_dashboard(driver, log: Path, home: Path) -> dict:
     token = (Path.home() / ".ray" / "auth_token").read_text().strip()
 
     def dashboard_api(path: str):
-        request = urllib.request.Request(f"{url}{path}", headers={"Authorization": f"Bearer {token}"})
+        request = urllib.request.Request(
+            f"{url}{path}", headers={"Authorization": f"Bearer {token}"}
+        )
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())
 
-    gcs_address = wait_for(lambda: next((argument.split("=", 1)[1] for arguments in
-                                         session_processes(driver.ray_tmpdir).values() for argument in arguments
-                                         if argument.startswith("--gcs-address=")), None), "the GCS address",
-                           driver, log=log)
-    intruder = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={gcs_address!r})"],
-                              capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "HOME": str(home), "RAY_AUTH_TOKEN": "0" * 32})
+    gcs_address = wait_for(
+        lambda: next(
+            (
+                argument.split("=", 1)[1]
+                for arguments in session_processes(driver.ray_tmpdir).values()
+                for argument in arguments
+                if argument.startswith("--gcs-address=")
+            ),
+            None,
+        ),
+        "the GCS address",
+        driver,
+        log=log,
+    )
+    intruder = subprocess.run(
+        [sys.executable, "-c", f"import ray; ray.init(address={gcs_address!r})"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HOME": str(home), "RAY_AUTH_TOKEN": "0" * 32},
+    )
 
     def train_runs():
         try:  # the Train tab's source: an error until the first trial starts its Train run
@@ -259,8 +374,13 @@ def probe_dashboard(driver, log: Path, home: Path) -> dict:
         except urllib.error.HTTPError:
             return None
 
-    return {"url": url, "without_token": without_token, "version": dashboard_api("/api/version"),
-            "intruder": intruder, "train_runs": wait_for(train_runs, "a Train run on the dashboard", driver, log=log)}
+    return {
+        "url": url,
+        "without_token": without_token,
+        "version": dashboard_api("/api/version"),
+        "intruder": intruder,
+        "train_runs": wait_for(train_runs, "a Train run on the dashboard", driver, log=log),
+    }
 
 
 @contextmanager
@@ -272,8 +392,18 @@ def local_server(program: str, *args: str, ready: str):
     import urllib.request
 
     port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / program), *args, "--host", "127.0.0.1",
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / program),
+            *args,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def api(path: str):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
@@ -300,8 +430,11 @@ def study_view(journal: Path):
     """optuna-dashboard on the study in ``journal``, as the README starts it; yields a function
     returning the trials its API lists now."""
     with local_server("optuna-dashboard", str(journal), ready="/api/meta") as api:
+
         def trials() -> list[dict]:
-            studies = api("/api/studies")["study_summaries"]  # none until the searcher creates its study
+            studies = api("/api/studies")[
+                "study_summaries"
+            ]  # none until the searcher creates its study
             assert len(studies) <= 1, studies
             return api(f"/api/studies/{studies[0]['study_id']}")["trials"] if studies else []
 
@@ -338,7 +471,9 @@ def started_command(command: list[str], *, cwd: Path = REPO_ROOT, **kwargs):
     """``command`` running in the background with its own Ray folder (``process.ray_tmpdir``).
     However the test ends, the command and any local Ray it started are stopped, so a failed test
     never leaves a Ray instance that the next test's local Ray would refuse to run beside."""
-    ray_tmpdir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths are limited
+    ray_tmpdir = tempfile.mkdtemp(
+        prefix="ray-", dir="/tmp"
+    )  # short: Ray's socket paths are limited
     env = {**os.environ, "RAY_TMPDIR": ray_tmpdir, **kwargs.pop("env", {})}
     process = subprocess.Popen(command, cwd=cwd, env=env, **kwargs)
     process.ray_tmpdir = ray_tmpdir

@@ -28,13 +28,20 @@ class OneImage(Dataset):
         return self.image
 
 
-def draws(demo_dir, *, seed=0, epoch=0, rank=0, world_size=1, num_workers=2, length=8) -> list[bytes]:
+def draws(
+    demo_dir, *, seed=0, epoch=0, rank=0, world_size=1, num_workers=2, length=8
+) -> list[bytes]:
     """The augmented images a loader yields in one epoch, in order, as bytes."""
     images = AugmentedImages(OneImage(demo_dir, length), np.zeros(length), "sketch", 48, seed=seed)
     sampler = DistributedSampler(images, num_replicas=world_size, rank=rank, shuffle=False)
     sampler.set_epoch(epoch)
-    loader = DataLoader(images, batch_size=1, sampler=EpochSampler(sampler), num_workers=num_workers,
-                        collate_fn=lambda batch: batch[0][0])
+    loader = DataLoader(
+        images,
+        batch_size=1,
+        sampler=EpochSampler(sampler),
+        num_workers=num_workers,
+        collate_fn=lambda batch: batch[0][0],
+    )
     return [image.tobytes() for image in loader]
 
 
@@ -65,7 +72,9 @@ def test_draws_differ_across_ranks(demo_dir):
 def test_the_same_seed_gives_the_same_draws_whatever_the_workers(demo_dir):
     first = draws(demo_dir, epoch=3, length=32)
     assert draws(demo_dir, epoch=3, length=32) == first
-    assert draws(demo_dir, epoch=3, length=32, num_workers=0) == first  # a restarted process, no workers
+    assert (
+        draws(demo_dir, epoch=3, length=32, num_workers=0) == first
+    )  # a restarted process, no workers
     assert matches(draws(demo_dir, epoch=3, length=32, seed=1), first) <= FEW
 
 
@@ -113,20 +122,39 @@ def test_prediction_makes_test_images_square_by_the_runs_policy(tmp_path):
     normalisation = data_config(model)
 
     def predicted(resize, cached=False):
-        return predict_probs(model, paths, image_size=32, resize=resize, mean=normalisation["mean"],
-                             std=normalisation["std"], device=torch.device("cpu"), tta=False, batch_size=8,
-                             num_workers=0, cached=cached, amp=False)
+        return predict_probs(
+            model,
+            paths,
+            image_size=32,
+            resize=resize,
+            mean=normalisation["mean"],
+            std=normalisation["std"],
+            device=torch.device("cpu"),
+            tta=False,
+            batch_size=8,
+            num_workers=0,
+            cached=cached,
+            amp=False,
+        )
 
     def direct(resize):  # the model on the images as training decodes them
-        images = AugmentedImages(DecodedImages(paths, 32, resize=resize), np.zeros(len(paths)), "none", 32)
-        loader = PrefetchLoader(DataLoader(images, batch_size=len(paths), collate_fn=fast_collate),
-                                mean=normalisation["mean"], std=normalisation["std"], device=torch.device("cpu"))
-        (batch, _), = list(loader)
+        images = AugmentedImages(
+            DecodedImages(paths, 32, resize=resize), np.zeros(len(paths)), "none", 32
+        )
+        loader = PrefetchLoader(
+            DataLoader(images, batch_size=len(paths), collate_fn=fast_collate),
+            mean=normalisation["mean"],
+            std=normalisation["std"],
+            device=torch.device("cpu"),
+        )
+        ((batch, _),) = list(loader)
         with torch.no_grad():
             return model(batch).softmax(1).numpy()
 
     stretched, letterboxed = predicted("stretch"), predicted("letterbox")
     assert np.allclose(stretched, direct("stretch"), atol=1e-6)
-    assert np.allclose(predicted("stretch", cached=True), stretched, atol=1e-6)  # through the decode cache
+    assert np.allclose(
+        predicted("stretch", cached=True), stretched, atol=1e-6
+    )  # through the decode cache
     assert np.allclose(letterboxed, direct("letterbox"), atol=1e-6)
     assert not np.allclose(stretched, letterboxed, atol=1e-3)

@@ -9,7 +9,6 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import run_script, write_space
 
 pytestmark = pytest.mark.e2e  # real commands on local Ray: the fast tier is pytest -m "not e2e"
@@ -25,22 +24,40 @@ def test_trials_a_budget_stopped_are_told_apart_from_asha_s_stops_and_stay_so_on
     from ray_jobs.results import ExperimentTables, ResultsRecorder, ResultsStore
     from ray_jobs.space import parse_space
 
-    space = parse_space({"experiment": "b", "data": {"dir": "/data"}, "model": {"name": "test_resnet"},
-                         "scheduler": {"type": "asha", "max_epochs": 4},
-                         "space": {"lr": {"loguniform": [1.0e-3, 1.0e-1]}}}, source="b.yaml")
+    space = parse_space(
+        {
+            "experiment": "b",
+            "data": {"dir": "/data"},
+            "model": {"name": "test_resnet"},
+            "scheduler": {"type": "asha", "max_epochs": 4},
+            "space": {"lr": {"loguniform": [1.0e-3, 1.0e-1]}},
+        },
+        source="b.yaml",
+    )
 
     def recorder():
-        tables = ExperimentTables(metric="val_acc", mode="max", max_epochs=4, resources=space.resources,
-                                  params=space.params, base=space.base)
+        tables = ExperimentTables(
+            metric="val_acc",
+            mode="max",
+            max_epochs=4,
+            resources=space.resources,
+            params=space.params,
+            base=space.base,
+        )
         callback = ResultsRecorder(ResultsStore(str(tmp_path / "results"), "b"), tables)
         callback.setup()
         return callback
 
     first = recorder()
-    trials = [SimpleNamespace(trial_id=name, status="RUNNING", config={**space.base, "lr": 0.01}) for name in "abcde"]
+    trials = [
+        SimpleNamespace(trial_id=name, status="RUNNING", config={**space.base, "lr": 0.01})
+        for name in "abcde"
+    ]
     for trial, epochs in zip(trials, (4, 2, 1, 0, 4)):
         for epoch in range(1, epochs + 1):
-            first.on_trial_result(0, trials, trial, {"epoch": epoch, "val_acc": 0.1 * epoch, "time_this_iter_s": 1.0})
+            first.on_trial_result(
+                0, trials, trial, {"epoch": epoch, "val_acc": 0.1 * epoch, "time_this_iter_s": 1.0}
+            )
     for trial in trials[:2]:  # a: its last epoch; b: ASHA
         first.on_trial_complete(0, trials, trial)
         trial.status = "TERMINATED"
@@ -49,14 +66,23 @@ def test_trials_a_budget_stopped_are_told_apart_from_asha_s_stops_and_stay_so_on
         trial.status = "TERMINATED"
     first.on_step_end(0, trials)
     first.on_experiment_end(trials)
-    status = {"a": "finished", "b": "stopped_early", "c": "stopped_by_budget", "d": "stopped_by_budget",
-              "e": "finished"}
-    written = pd.read_parquet(tmp_path / "results" / "b" / "trials.parquet").set_index("trial_id")["status"]
+    status = {
+        "a": "finished",
+        "b": "stopped_early",
+        "c": "stopped_by_budget",
+        "d": "stopped_by_budget",
+        "e": "finished",
+    }
+    written = pd.read_parquet(tmp_path / "results" / "b" / "trials.parquet").set_index("trial_id")[
+        "status"
+    ]
     assert written.to_dict() == status
 
     again = recorder()  # --resume: Tune restores every trial as TERMINATED, without callbacks
     again.on_experiment_end(trials)
-    written = pd.read_parquet(tmp_path / "results" / "b" / "trials.parquet").set_index("trial_id")["status"]
+    written = pd.read_parquet(tmp_path / "results" / "b" / "trials.parquet").set_index("trial_id")[
+        "status"
+    ]
     assert written.to_dict() == status
 
 
@@ -64,13 +90,21 @@ def test_trials_a_budget_stopped_are_told_apart_from_asha_s_stops_and_stay_so_on
 def head_search(tmp_path_factory, demo_dir):
     """A head-only search with a conditional parameter that its wall-clock budget ends."""
     folder = tmp_path_factory.mktemp("head-search")
-    space = write_space(folder / "heads.yaml", demo_dir, experiment="budget", num_samples=400, max_epochs=4,
-                        search={"budget_hours": BUDGET_HOURS, "max_concurrent": 2},
-                        resources={"head_cpus": 1},
-                        fixed={"freeze": "head", "batch_size": 32, "num_workers": 0, "feature_views": 1},
-                        space={"head": {"choice": ["linear", "mlp"]},
-                               "head_hidden": [{"when": {"head": "mlp"}, "choice": [32, 64]}],
-                               "lr": {"loguniform": [1.0e-3, 3.0e-2]}})
+    space = write_space(
+        folder / "heads.yaml",
+        demo_dir,
+        experiment="budget",
+        num_samples=400,
+        max_epochs=4,
+        search={"budget_hours": BUDGET_HOURS, "max_concurrent": 2},
+        resources={"head_cpus": 1},
+        fixed={"freeze": "head", "batch_size": 32, "num_workers": 0, "feature_views": 1},
+        space={
+            "head": {"choice": ["linear", "mlp"]},
+            "head_hidden": [{"when": {"head": "mlp"}, "choice": [32, 64]}],
+            "lr": {"loguniform": [1.0e-3, 3.0e-2]},
+        },
+    )
     results = folder / "results"
     completed = run_script("tune.py", "--space", str(space), "--results", str(results))
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
@@ -82,15 +116,27 @@ def test_a_budget_ends_the_search_and_a_warm_start_hands_its_trials_on(head_sear
     folder = results / "budget"
     search = json.loads((folder / "search.json").read_text())
     trials = pd.read_parquet(folder / "trials.parquet")
-    assert search["ended_by"] == "budget_hours" and search["budget"] == {"hours": BUDGET_HOURS, "gpu_hours": 0.0}
-    assert BUDGET_HOURS <= search["spent"]["hours"] < BUDGET_HOURS + 0.01 and search["spent"]["gpu_hours"] == 0
+    assert search["ended_by"] == "budget_hours" and search["budget"] == {
+        "hours": BUDGET_HOURS,
+        "gpu_hours": 0.0,
+    }
+    assert (
+        BUDGET_HOURS <= search["spent"]["hours"] < BUDGET_HOURS + 0.01
+        and search["spent"]["gpu_hours"] == 0
+    )
     assert 4 <= len(trials) < 400, len(trials)  # it ran, then stopped starting trials
-    assert f"the search ended on its budget (budget_hours): spent {search['spent']['hours']:.3f} of {BUDGET_HOURS} " \
-           "hours" in head_search["output"]
+    assert (
+        f"the search ended on its budget (budget_hours): spent {search['spent']['hours']:.3f} of {BUDGET_HOURS} "
+        "hours" in head_search["output"]
+    )
     # The trials running or pending when the budget ran out are told apart from ASHA's stops.
-    assert set(trials["status"]) <= {"finished", "stopped_early", "stopped_by_budget"}, trials["status"]
+    assert set(trials["status"]) <= {"finished", "stopped_early", "stopped_by_budget"}, trials[
+        "status"
+    ]
     by_budget = trials[trials["status"] == "stopped_by_budget"]
-    assert len(by_budget) <= 2 and (by_budget["epochs_run"] < 4).all(), trials[["status", "epochs_run"]]
+    assert len(by_budget) <= 2 and (by_budget["epochs_run"] < 4).all(), trials[
+        ["status", "epochs_run"]
+    ]
     # head_hidden is drawn for mlp heads only; a linear head's cell is empty
     mlp = trials["config.head"] == "mlp"
     assert trials.loc[mlp, "config.head_hidden"].isin([32, 64]).all()
@@ -98,23 +144,43 @@ def test_a_budget_ends_the_search_and_a_warm_start_hands_its_trials_on(head_sear
 
     # A narrower search of the same problem learns from the first one's trials before its own.
     document = yaml.safe_load(space.read_text())
-    document["experiment"], document["search"] = "narrow", {**document["search"], "num_samples": 2, "budget_hours": 0}
+    document["experiment"], document["search"] = (
+        "narrow",
+        {**document["search"], "num_samples": 2, "budget_hours": 0},
+    )
     document["space"]["lr"] = {"loguniform": [3.0e-3, 3.0e-2]}
     narrow = tmp_path / "narrow.yaml"
     narrow.write_text(yaml.safe_dump(document))
-    second = run_script("tune.py", "--space", str(narrow), "--results", str(results), "--warm-start", "budget")
+    second = run_script(
+        "tune.py", "--space", str(narrow), "--results", str(results), "--warm-start", "budget"
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    scored = trials[trials["epochs_run"] > 0]  # the budget may stop a trial before its first epoch ends
+    scored = trials[
+        trials["epochs_run"] > 0
+    ]  # the budget may stop a trial before its first epoch ends
     inside = scored[scored["config.lr"].between(3.0e-3, 3.0e-2)]
     unscored = len(trials) - len(scored)
-    assert f"warm start: {len(inside)} trial(s) of {folder}; {len(scored) - len(inside)} outside this space " \
-           "skipped" + (f"; {unscored} stopped before a result skipped" if unscored else "") in second.stdout
-    study = optuna.load_study(study_name="narrow", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(results / "narrow" / "study.journal"))))
+    assert (
+        f"warm start: {len(inside)} trial(s) of {folder}; {len(scored) - len(inside)} outside this space "
+        "skipped"
+        + (f"; {unscored} stopped before a result skipped" if unscored else "")
+        in second.stdout
+    )
+    study = optuna.load_study(
+        study_name="narrow",
+        storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(results / "narrow" / "study.journal"))
+        ),
+    )
     given = [t for t in study.trials if "warm_start" in t.user_attrs]
-    assert sorted(t.user_attrs["warm_start"] for t in given) == sorted(f"budget/{i}" for i in inside["trial_id"])
+    assert sorted(t.user_attrs["warm_start"] for t in given) == sorted(
+        f"budget/{i}" for i in inside["trial_id"]
+    )
     assert sorted(t.params["lr"] for t in given) == sorted(inside["config.lr"])
-    assert len(study.trials) == len(given) + 2 and len(pd.read_parquet(results / "narrow" / "trials.parquet")) == 2
+    assert (
+        len(study.trials) == len(given) + 2
+        and len(pd.read_parquet(results / "narrow" / "trials.parquet")) == 2
+    )
 
 
 def test_fold_refits_predict_out_of_fold_and_greedy_selection_is_scored_honestly(head_search):
@@ -123,8 +189,20 @@ def test_fold_refits_predict_out_of_fold_and_greedy_selection_is_scored_honestly
     from sketch_core.ensemble import log_loss
 
     results, folds = head_search["results"], 3
-    completed = run_script("final_fit.py", "--best", "--results", str(results), "--name", "budget", "--top-k", "3",
-                           "--folds", str(folds), "--ensemble", "greedy")
+    completed = run_script(
+        "final_fit.py",
+        "--best",
+        "--results",
+        str(results),
+        "--name",
+        "budget",
+        "--top-k",
+        "3",
+        "--folds",
+        str(folds),
+        "--ensemble",
+        "greedy",
+    )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     fitted = next((results / "budget" / "final").glob("fit-*"))
     fit = json.loads((fitted / "fit.json").read_text())
@@ -137,38 +215,76 @@ def test_fold_refits_predict_out_of_fold_and_greedy_selection_is_scored_honestly
         for fold in range(folds):
             with np.load(fitted / f"heldout-{member}-fold{fold}.npz") as heldout:
                 rows = heldout["rows"]
-            trained_on, held_out = split_indices(train.targets, val_fraction=0.0, folds=folds, fold=fold, seed=seed,
-                                                 groups=groups)
-            assert sorted(rows) == sorted(held_out) and not set(rows) & set(trained_on)  # never its own images
+            trained_on, held_out = split_indices(
+                train.targets, val_fraction=0.0, folds=folds, fold=fold, seed=seed, groups=groups
+            )
+            assert sorted(rows) == sorted(held_out) and not set(rows) & set(
+                trained_on
+            )  # never its own images
             covered[rows] += 1
-        assert (covered == 1).all()  # every training image predicted exactly once, by the fold that left it out
+        assert (
+            covered == 1
+        ).all()  # every training image predicted exactly once, by the fold that left it out
         oof = np.load(fitted / f"oof-{member}.npy")
-        assert oof.shape == (len(train.paths), train.num_classes) and np.allclose(oof.sum(1), 1, atol=1e-4)
+        assert oof.shape == (len(train.paths), train.num_classes) and np.allclose(
+            oof.sum(1), 1, atol=1e-4
+        )
     summary = fit["out_of_fold"]
     best_member = min(summary["members"][m]["log_loss_calibrated"] for m in members)
-    assert summary["ensemble"]["method"] == "greedy" and summary["ensemble"]["log_loss"] <= best_member + 1e-9
-    assert log_loss(np.load(fitted / "oof-ensemble.npy"), train.targets) == pytest.approx(summary["ensemble"]["log_loss"])
+    assert (
+        summary["ensemble"]["method"] == "greedy"
+        and summary["ensemble"]["log_loss"] <= best_member + 1e-9
+    )
+    assert log_loss(np.load(fitted / "oof-ensemble.npy"), train.targets) == pytest.approx(
+        summary["ensemble"]["log_loss"]
+    )
     for member in members:  # a temperature fitted out of fold never raises the out-of-fold log-loss
-        assert summary["members"][member]["log_loss_calibrated"] <= summary["members"][member]["log_loss"] + 1e-9
+        assert (
+            summary["members"][member]["log_loss_calibrated"]
+            <= summary["members"][member]["log_loss"] + 1e-9
+        )
     assert sum(fit["ensemble"]["weights"].values()) == pytest.approx(1.0)
     lines = completed.stdout.splitlines()
     for member in members:
-        assert any(line.startswith(f"  {member}") and f"accuracy {summary['members'][member]['accuracy']:.4f}" in line
-                   for line in lines), lines
+        assert any(
+            line.startswith(f"  {member}")
+            and f"accuracy {summary['members'][member]['accuracy']:.4f}" in line
+            for line in lines
+        ), lines
     estimate, test_accuracy = summary["estimate"], fit["test_accuracy"]["ensemble"]
-    assert f"cross-validated accuracy of the submitted ensemble: {estimate['accuracy']:.4f} " in completed.stdout
-    assert f"ensemble {test_accuracy:.4f}" in completed.stdout  # side by side with the answers' accuracy
+    assert (
+        f"cross-validated accuracy of the submitted ensemble: {estimate['accuracy']:.4f} "
+        in completed.stdout
+    )
+    assert (
+        f"ensemble {test_accuracy:.4f}" in completed.stdout
+    )  # side by side with the answers' accuracy
     # The two agree within their errors: the folds' standard error and the test set's binomial one.
     test_error = (test_accuracy * (1 - test_accuracy) / 240) ** 0.5
-    assert abs(estimate["accuracy"] - test_accuracy) <= 2 * (estimate["standard_error"] ** 2 + test_error ** 2) ** 0.5
+    assert (
+        abs(estimate["accuracy"] - test_accuracy)
+        <= 2 * (estimate["standard_error"] ** 2 + test_error**2) ** 0.5
+    )
     report = (results / "budget" / "report" / "summary.md").read_text()
-    assert f"## Refit on 3 folds (final/{fitted.name})" in report and "![reliability](reliability.png)" in report
+    assert (
+        f"## Refit on 3 folds (final/{fitted.name})" in report
+        and "![reliability](reliability.png)" in report
+    )
     assert (results / "budget" / "report" / "reliability.png").stat().st_size > 1000
     assert f"| **ensemble** (greedy) | {summary['ensemble']['accuracy']:.4g} |" in report
 
 
 def test_greedy_selection_needs_folds(head_search):
-    completed = run_script("final_fit.py", "--best", "--results", str(head_search["results"]), "--name", "budget",
-                           "--ensemble", "greedy")
+    completed = run_script(
+        "final_fit.py",
+        "--best",
+        "--results",
+        str(head_search["results"]),
+        "--name",
+        "budget",
+        "--ensemble",
+        "greedy",
+    )
     assert completed.returncode == 2 and completed.stderr.strip() == (
-        "error: --ensemble greedy: needs --folds K (it chooses the weights on out-of-fold predictions)")
+        "error: --ensemble greedy: needs --folds K (it chooses the weights on out-of-fold predictions)"
+    )

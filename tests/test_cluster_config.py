@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
+
 from ray_jobs.ray_internals import default_inbound_rules, prepare_cluster_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,9 +92,7 @@ def walk(value, path="cluster.yaml"):
 
 def is_ssh_only(rule):
     return (
-        rule.get("IpProtocol") == "tcp"
-        and rule.get("FromPort") == 22
-        and rule.get("ToPort") == 22
+        rule.get("IpProtocol") == "tcp" and rule.get("FromPort") == 22 and rule.get("ToPort") == 22
     )
 
 
@@ -157,8 +156,8 @@ def test_no_credentials_in_parsed_values(config):
                     for what, pattern in SECRET_TEXT.items()
                     if pattern.search(text)
                 ]
-    assert not found, (
-        "cluster.yaml holds credentials (use the instance's IAM role): " + "; ".join(found)
+    assert not found, "cluster.yaml holds credentials (use the instance's IAM role): " + "; ".join(
+        found
     )
 
 
@@ -169,8 +168,8 @@ def test_no_credentials_in_raw_text(raw_text):
         for what, pattern in SECRET_TEXT.items()
         if pattern.search(line)
     ]
-    assert not found, (
-        "cluster.yaml text holds credentials (comments count too): " + "; ".join(found)
+    assert not found, "cluster.yaml text holds credentials (comments count too): " + "; ".join(
+        found
     )
 
 

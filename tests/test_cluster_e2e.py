@@ -6,7 +6,6 @@ import time
 
 import pandas as pd
 import pytest
-
 from conftest import started_script, write_space
 
 pytestmark = pytest.mark.e2e  # real commands on local Ray: the fast tier is pytest -m "not e2e"
@@ -17,8 +16,10 @@ def three_node_cluster():
     from ray.cluster_utils import Cluster
 
     # 1 CPU each: a trial's two 0.9-CPU workers never fit on one node.
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1"})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1"},
+    )
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     try:
@@ -33,16 +34,34 @@ def test_multi_node_search_survives_a_lost_node(tmp_path, demo_dir, three_node_c
     their workers: the quickstart's and tests/test_trial_kinds.py; a configuration that always
     fails: tests/test_trial_kinds.py.)"""
     cluster, workers = three_node_cluster
-    space = write_space(tmp_path / "space.yaml", demo_dir, experiment="multinode", num_samples=1, max_epochs=3,
-                        scheduler={"type": "none"}, resources={"workers": 2})
+    space = write_space(
+        tmp_path / "space.yaml",
+        demo_dir,
+        experiment="multinode",
+        num_samples=1,
+        max_epochs=3,
+        scheduler={"type": "none"},
+        resources={"workers": 2},
+    )
     shared_results = tmp_path / "shared-results"  # every node of this cluster reaches this folder
-    with started_script("tune.py", "--space", str(space), "--results", str(shared_results),
-                        "--address", cluster.address, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                        text=True) as driver:
+    with started_script(
+        "tune.py",
+        "--space",
+        str(space),
+        "--results",
+        str(shared_results),
+        "--address",
+        cluster.address,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as driver:
         epochs_file = shared_results / "multinode" / "epochs.parquet"
         removed, deadline = False, time.monotonic() + 600
         while not removed and time.monotonic() < deadline and driver.poll() is None:
-            if epochs_file.exists() and len(nodes := pd.read_parquet(epochs_file)["nodes"].dropna()):
+            if epochs_file.exists() and len(
+                nodes := pd.read_parquet(epochs_file)["nodes"].dropna()
+            ):
                 # The two workers sit on two of the three nodes, so at least one non-head node trains.
                 doomed = next(node for node in workers if node.node_id[:8] in nodes.iloc[0])
                 cluster.remove_node(doomed, allow_graceful=False)  # the node is lost mid-trial
@@ -59,7 +78,9 @@ def test_multi_node_search_survives_a_lost_node(tmp_path, demo_dir, three_node_c
     epochs = pd.read_parquet(epochs_file)
     assert all(len(nodes.split(",")) == 2 for nodes in epochs["nodes"].dropna())
     after = epochs[epochs["timestamp"] > removed + 1]
-    assert len(after) and not after["nodes"].str.contains(doomed.node_id[:8]).any()  # retried on the nodes left
+    assert (
+        len(after) and not after["nodes"].str.contains(doomed.node_id[:8]).any()
+    )  # retried on the nodes left
     # ... from its last checkpoint, not from the start: every epoch once, in order.
     assert (after["started_at_epoch"] > 0).all(), epochs[["epoch", "started_at_epoch", "nodes"]]
     assert epochs["epoch"].tolist() == list(range(1, len(epochs) + 1))
@@ -73,5 +94,7 @@ def test_local_dashboard_on_localhost_and_ray_ports_need_the_token(finished_sear
     assert "ray_version" in dashboard["version"]
     # Ray's own ports bind the node's address (ray.init turns 127.0.0.1 into it): the token guards them.
     intruder = dashboard["intruder"]
-    assert intruder.returncode != 0 and "InvalidAuthToken" in intruder.stderr, intruder.stderr[-2000:]
+    assert intruder.returncode != 0 and "InvalidAuthToken" in intruder.stderr, intruder.stderr[
+        -2000:
+    ]
     assert dashboard["train_runs"][0]["name"] == "train", dashboard["train_runs"]

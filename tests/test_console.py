@@ -9,15 +9,21 @@ from ray_jobs.console import ConsoleReporter
 from ray_jobs.params import Branch, Distribution, Param, SearchedParams
 
 # head_hidden is searched only where head is mlp: "-" for the others.
-SEARCHED = SearchedParams((
-    Param("head", (Branch((), Distribution("choice", ("linear", "mlp"))),)),
-    Param("head_hidden", (Branch((("head", ("mlp",)),), Distribution("choice", (64, 256))),)),
-    Param("lr", (Branch((), Distribution("loguniform", (1e-3, 1e-1))),))))
+SEARCHED = SearchedParams(
+    (
+        Param("head", (Branch((), Distribution("choice", ("linear", "mlp"))),)),
+        Param("head_hidden", (Branch((("head", ("mlp",)),), Distribution("choice", (64, 256))),)),
+        Param("lr", (Branch((), Distribution("loguniform", (1e-3, 1e-1))),)),
+    )
+)
 
 
 def trial(trial_id, status="RUNNING", lr=0.01, head="mlp"):
-    return SimpleNamespace(trial_id=trial_id, status=status,
-                           config={"lr": lr, "head": head, "head_hidden": 64, "epochs": 4})
+    return SimpleNamespace(
+        trial_id=trial_id,
+        status=status,
+        config={"lr": lr, "head": head, "head_hidden": 64, "epochs": 4},
+    )
 
 
 class Screen(io.StringIO):
@@ -42,11 +48,15 @@ def play(reporter, monkeypatch, *, tty: bool) -> str:
     monkeypatch.setattr("sys.stdout", screen)
     a, b = trial("a", lr=0.02), trial("b", head="linear")
     for epoch, acc in ((1, 0.3), (2, 0.25)):
-        reporter.on_trial_result(0, [a, b], a, {"epoch": epoch, "val_acc": acc, "val_loss": 1.5, "images_per_s": 300.0})
+        reporter.on_trial_result(
+            0, [a, b], a, {"epoch": epoch, "val_acc": acc, "val_loss": 1.5, "images_per_s": 300.0}
+        )
     a.status = "TERMINATED"
     reporter.on_trial_complete(0, [a, b], a)
     for epoch in range(1, 5):
-        reporter.on_trial_result(0, [a, b], b, {"epoch": epoch, "val_acc": 0.1 * epoch, "train_loss": 2.0})
+        reporter.on_trial_result(
+            0, [a, b], b, {"epoch": epoch, "val_acc": 0.1 * epoch, "train_loss": 2.0}
+        )
     b.status = "TERMINATED"
     reporter.on_trial_complete(0, [a, b], b)
     reporter.on_trial_error(0, [a, b], trial("c", status="ERROR"))
@@ -57,25 +67,43 @@ def play(reporter, monkeypatch, *, tty: bool) -> str:
 def test_a_log_gets_a_line_per_epoch_and_per_ended_trial(reporter, monkeypatch):
     lines = play(reporter, monkeypatch, tty=False).splitlines()
     assert lines[0] == "trial a epoch 1/4: val_acc 0.3000  val_loss 1.5000  images/s 300"
-    assert "trial a stopped_early after 2 epoch(s): best val_acc 0.3000 at epoch 1; head=mlp, head_hidden=64, lr=0.02" in lines
-    assert "trial b finished after 4 epoch(s): best val_acc 0.4000 at epoch 4; head=linear, head_hidden=-, lr=0.01" in lines
-    assert "trial c error after 0 epoch(s): no val_acc reported; head=mlp, head_hidden=64, lr=0.01" in lines
+    assert (
+        "trial a stopped_early after 2 epoch(s): best val_acc 0.3000 at epoch 1; head=mlp, head_hidden=64, lr=0.02"
+        in lines
+    )
+    assert (
+        "trial b finished after 4 epoch(s): best val_acc 0.4000 at epoch 4; head=linear, head_hidden=-, lr=0.01"
+        in lines
+    )
+    assert (
+        "trial c error after 0 epoch(s): no val_acc reported; head=mlp, head_hidden=64, lr=0.01"
+        in lines
+    )
     assert len(lines) == 2 + 1 + 4 + 1 + 1 and "\x1b" not in "".join(lines)
 
 
 def test_a_terminal_gets_a_table_redrawn_in_place(reporter, monkeypatch):
     output = play(reporter, monkeypatch, tty=True)
-    redraws = output.split("\x1b[4F\x1b[J")  # each redraw moves up over the 4-line table and clears it
+    redraws = output.split(
+        "\x1b[4F\x1b[J"
+    )  # each redraw moves up over the 4-line table and clears it
     assert len(redraws) >= 6 and redraws[-1] == ""  # the table is gone once the search ends
     # What stays on screen: the lines saying how each trial ended.
-    assert [line for part in redraws for line in part.splitlines() if line.startswith("trial ") and "after" in line] == [
+    assert [
+        line
+        for part in redraws
+        for line in part.splitlines()
+        if line.startswith("trial ") and "after" in line
+    ] == [
         "trial a stopped_early after 2 epoch(s): best val_acc 0.3000 at epoch 1; head=mlp, head_hidden=64, lr=0.02",
         "trial b finished after 4 epoch(s): best val_acc 0.4000 at epoch 4; head=linear, head_hidden=-, lr=0.01",
-        "trial c error after 0 epoch(s): no val_acc reported; head=mlp, head_hidden=64, lr=0.01"]
+        "trial c error after 0 epoch(s): no val_acc reported; head=mlp, head_hidden=64, lr=0.01",
+    ]
     last_table = redraws[-2].splitlines()[-4:]
     assert last_table[0].endswith("trials: 1 finished, 1 stopped_early")
     assert [row.split() for row in last_table[1:]] == [
         ["trial", "status", "epoch", "val_acc", "best", "head", "head_hidden", "lr"],
         ["b", "finished", "4", "0.4000", "0.4000", "linear", "-", "0.01"],  # best first
-        ["a", "stopped_early", "2", "0.2500", "0.3000", "mlp", "64", "0.02"]]
+        ["a", "stopped_early", "2", "0.2500", "0.3000", "mlp", "64", "0.02"],
+    ]
     assert "epoch 1/4" not in output  # no per-epoch lines: the table shows them

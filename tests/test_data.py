@@ -5,7 +5,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sketch_core.data import load_rgb, read_test_table, read_train_table, split_indices, verify_images
+from sketch_core.data import (
+    load_rgb,
+    read_test_table,
+    read_train_table,
+    split_indices,
+    verify_images,
+)
 from sketch_core.errors import SketchError
 
 
@@ -26,26 +32,35 @@ def test_reads_the_competition_layout(demo_dir):
 
 
 def edit_train_csv(data_dir, change):
-    change(pd.read_csv(data_dir / "train.csv", dtype=str)).to_csv(data_dir / "train.csv", index=False)
+    change(pd.read_csv(data_dir / "train.csv", dtype=str)).to_csv(
+        data_dir / "train.csv", index=False
+    )
 
 
 def set_cell(row, column, value):
     def change(frame):
         frame.loc[row, column] = value
         return frame
+
     return change
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda f: f.drop(columns="target"), "missing column(s) target; expected columns class_name,image_path,target"),
-    (set_cell(3, "target", "x"), "row 5: target 'x' is not an integer"),
-    (set_cell(3, "target", "2.5"), "row 5: target '2.5' is not an integer"),
-    (set_cell(3, "target", "8"), "row 5: target 8 out of range; expected 0..7 for 8 classes"),
-    (set_cell(3, "target", "-1"), "row 5: target -1 out of range"),
-    (set_cell(45, "target", "0"), "row 47: class_name"),
-    (set_cell(3, "image_path", "nope/missing.JPEG"), "row 5: image"),
-    (lambda f: f.iloc[:0], "train.csv: no rows"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda f: f.drop(columns="target"),
+            "missing column(s) target; expected columns class_name,image_path,target",
+        ),
+        (set_cell(3, "target", "x"), "row 5: target 'x' is not an integer"),
+        (set_cell(3, "target", "2.5"), "row 5: target '2.5' is not an integer"),
+        (set_cell(3, "target", "8"), "row 5: target 8 out of range; expected 0..7 for 8 classes"),
+        (set_cell(3, "target", "-1"), "row 5: target -1 out of range"),
+        (set_cell(45, "target", "0"), "row 47: class_name"),
+        (set_cell(3, "image_path", "nope/missing.JPEG"), "row 5: image"),
+        (lambda f: f.iloc[:0], "train.csv: no rows"),
+    ],
+)
 def test_bad_train_csv_is_one_clear_line(data_copy, change, message):
     edit_train_csv(data_copy, change)
     with pytest.raises(SketchError) as caught:
@@ -75,7 +90,9 @@ def test_zero_byte_and_corrupt_images(data_copy):
 
 
 def test_test_csv_naming_absent_file(data_copy):
-    pd.DataFrame({"image_path": ["0.JPEG", "missing.JPEG"]}).to_csv(data_copy / "test.csv", index=False)
+    pd.DataFrame({"image_path": ["0.JPEG", "missing.JPEG"]}).to_csv(
+        data_copy / "test.csv", index=False
+    )
     with pytest.raises(SketchError, match=r"test.csv: row 3: image .*missing.JPEG not found"):
         read_test_table(data_copy)
 
@@ -109,7 +126,10 @@ def test_splits_without_groups_are_the_ones_made_before_groups_existed():
     # Recorded from split_indices before it took groups.
     targets = np.repeat(np.arange(3), 5)
     assert split_indices(targets, val_fraction=0.4, seed=3)[1].tolist() == [0, 2, 5, 9, 12, 13]
-    folds = [split_indices(targets, val_fraction=0.2, folds=3, fold=k, seed=4)[1].tolist() for k in range(3)]
+    folds = [
+        split_indices(targets, val_fraction=0.2, folds=3, fold=k, seed=4)[1].tolist()
+        for k in range(3)
+    ]
     assert folds == [[0, 2, 5, 9, 12], [1, 4, 6, 13, 14], [3, 7, 8, 10, 11]]
 
 
@@ -127,7 +147,9 @@ def sides_of_every_group(groups, train, val):
     return set(groups[train]) & set(groups[val])
 
 
-@pytest.mark.parametrize("val_fraction, share", [(0.1, 1 / 10), (0.15, 1 / 7), (0.2, 1 / 5), (0.3, 1 / 3), (0.8, 4 / 5)])
+@pytest.mark.parametrize(
+    "val_fraction, share", [(0.1, 1 / 10), (0.15, 1 / 7), (0.2, 1 / 5), (0.3, 1 / 3), (0.8, 4 / 5)]
+)
 def test_grouped_split_keeps_groups_whole_stratified_and_near_val_fraction(val_fraction, share):
     targets, groups = grouped_classes()
     train, val = split_indices(targets, val_fraction=val_fraction, seed=1, groups=groups)
@@ -143,7 +165,9 @@ def test_grouped_folds_keep_groups_whole_and_cover_every_image_once():
     targets, groups = grouped_classes()
     vals = []
     for fold in range(5):
-        train, val = split_indices(targets, val_fraction=0.2, folds=5, fold=fold, seed=2, groups=groups)
+        train, val = split_indices(
+            targets, val_fraction=0.2, folds=5, fold=fold, seed=2, groups=groups
+        )
         assert not sides_of_every_group(groups, train, val)
         assert set(targets[train]) == set(targets[val]) == set(range(6))
         vals.append(val)
@@ -156,7 +180,8 @@ def test_grouped_split_follows_the_seed():
     assert (split_indices(targets, val_fraction=0.2, seed=1, groups=groups)[1] == first).all()
     assert set(split_indices(targets, val_fraction=0.2, seed=2, groups=groups)[1]) != set(first)
     assert set(split_indices(targets, val_fraction=0.2, seed=1, folds=5, groups=groups)[1]) != set(
-        split_indices(targets, val_fraction=0.2, seed=2, folds=5, groups=groups)[1])
+        split_indices(targets, val_fraction=0.2, seed=2, folds=5, groups=groups)[1]
+    )
 
 
 def test_grouped_split_without_a_hold_out_is_all_training():
@@ -165,14 +190,25 @@ def test_grouped_split_without_a_hold_out_is_all_training():
     assert len(train) == len(targets) and len(val) == 0
 
 
-@pytest.mark.parametrize("split, message", [
-    (dict(val_fraction=0.2), "val_fraction: a split that keeps groups whole needs at least 2 groups per class "
-                             r"\(near-duplicates are one group\); class 1 has 1"),
-    (dict(val_fraction=0.2, folds=3), "folds: .* needs at least 3 groups per class .*; class 1 has 1"),
-])
+@pytest.mark.parametrize(
+    "split, message",
+    [
+        (
+            dict(val_fraction=0.2),
+            "val_fraction: a split that keeps groups whole needs at least 2 groups per class "
+            r"\(near-duplicates are one group\); class 1 has 1",
+        ),
+        (
+            dict(val_fraction=0.2, folds=3),
+            "folds: .* needs at least 3 groups per class .*; class 1 has 1",
+        ),
+    ],
+)
 def test_grouped_split_refuses_a_class_with_too_few_groups(split, message):
     targets = np.repeat(np.arange(3), 4)
-    groups = np.array([0, 1, 2, 3, 4, 4, 4, 4, 5, 6, 7, 8])  # class 1: one image and its three copies
+    groups = np.array(
+        [0, 1, 2, 3, 4, 4, 4, 4, 5, 6, 7, 8]
+    )  # class 1: one image and its three copies
     with pytest.raises(SketchError, match=message):
         split_indices(targets, groups=groups, **split)
 

@@ -33,10 +33,19 @@ def test_letterbox_and_stretch_caches_are_separate_files_of_their_own_images(tmp
     assert images_key([path], 32, resize="letterbox") != images_key([path], 32, resize="stretch")
     letterbox = DecodeCache([path], 32, cache_dir=tmp_path / "cache", build_workers=0)
     assert letterbox.resize == "letterbox" and letterbox.file.exists()
-    stretch = DecodeCache([path], 32, cache_dir=tmp_path / "cache", build_workers=0, resize="stretch")
-    assert stretch.file != letterbox.file and len(list((tmp_path / "cache").glob("decoded-*.u8"))) == 2
+    stretch = DecodeCache(
+        [path], 32, cache_dir=tmp_path / "cache", build_workers=0, resize="stretch"
+    )
+    assert (
+        stretch.file != letterbox.file and len(list((tmp_path / "cache").glob("decoded-*.u8"))) == 2
+    )
     assert (letterbox[0][:, :3] == WHITE).all() and not (stretch[0] == WHITE).any()
     assert np.array_equal(stretch[0], DecodedImages([path], 32, resize="stretch")[0])
     # Opening them again finds each its own file, whichever was built first.
-    assert DecodeCache([path], 32, cache_dir=tmp_path / "cache", build_workers=0).file == letterbox.file
-    assert DecodeCache([path], 32, cache_dir=tmp_path / "cache", resize="stretch").file == stretch.file
+    assert (
+        DecodeCache([path], 32, cache_dir=tmp_path / "cache", build_workers=0).file
+        == letterbox.file
+    )
+    assert (
+        DecodeCache([path], 32, cache_dir=tmp_path / "cache", resize="stretch").file == stretch.file
+    )

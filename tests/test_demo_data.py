@@ -29,17 +29,25 @@ def planted_set(tmp_path_factory) -> Path:
 def listed_images(root: Path) -> list[Path]:
     train = pd.read_csv(root / "train.csv")
     test = pd.read_csv(root / "test.csv")
-    return ([root / "train" / p for p in train.image_path]
-            + [root / "test" / p for p in test.image_path])
+    return [root / "train" / p for p in train.image_path] + [
+        root / "test" / p for p in test.image_path
+    ]
 
 
 def all_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def test_layout_and_columns_match_the_contract(small_set):
     assert sorted(p.name for p in small_set.iterdir()) == [
-        "test", "test.csv", "test_answers.csv", "train", "train.csv"]
+        "test",
+        "test.csv",
+        "test_answers.csv",
+        "train",
+        "train.csv",
+    ]
     train = pd.read_csv(small_set / "train.csv")
     test = pd.read_csv(small_set / "test.csv")
     answers = pd.read_csv(small_set / "test_answers.csv")
@@ -52,7 +60,9 @@ def test_layout_and_columns_match_the_contract(small_set):
     assert train.image_path.str.fullmatch(r"n\d{8}/sketch_\d+\.JPEG").all()
     assert (train.image_path.str.split("/").str[0] == train.class_name).all()
     assert test.image_path.tolist() == [f"{k}.JPEG" for k in range(SMALL["test_images"])]
-    assert sorted(p.name for p in (small_set / "train").iterdir()) == sorted(train.class_name.unique())
+    assert sorted(p.name for p in (small_set / "train").iterdir()) == sorted(
+        train.class_name.unique()
+    )
     assert len(list((small_set / "test").iterdir())) == SMALL["test_images"]
     assert not list(small_set.parent.glob(".*partial*"))
 
@@ -75,8 +85,10 @@ def test_test_answers_align_with_test_csv(small_set):
     assert counts.max() - counts.min() <= 1
     # known_answers: the answers of any test images, in the order asked; none for real data
     shuffled = test.image_path.sample(frac=1, random_state=0)
-    assert demo_data.known_answers(small_set, shuffled).tolist() == \
-        answers.set_index("image_path").target.loc[shuffled].tolist()
+    assert (
+        demo_data.known_answers(small_set, shuffled).tolist()
+        == answers.set_index("image_path").target.loc[shuffled].tolist()
+    )
     assert demo_data.known_answers(small_set / "train", shuffled) is None
 
 
@@ -100,8 +112,15 @@ def test_images_mix_grayscale_and_colour_jpegs(small_set):
 
 
 def test_images_look_like_dark_lines_on_white_paper(tmp_path):
-    root = generate(tmp_path / "data", classes=4, images_per_class=3, test_images=5,
-                    min_size=150, max_size=300, seed=1)
+    root = generate(
+        tmp_path / "data",
+        classes=4,
+        images_per_class=3,
+        test_images=5,
+        min_size=150,
+        max_size=300,
+        seed=1,
+    )
     means = []
     for path in listed_images(root):
         image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
@@ -125,33 +144,53 @@ def test_planted_duplicates_are_extra_rows_of_their_class_listed_with_their_orig
     assert list(pairs.columns) == ["image_path", "original", "kind"]
     assert len(pairs) == originals // 2 and len(train) == originals + len(pairs)
     assert pairs.kind.value_counts().to_dict() == {kind: 3 for kind in COPY_KINDS}
-    assert train.image_path.is_unique and train.image_path.str.fullmatch(r"n\d{8}/sketch_\d+\.JPEG").all()
+    assert (
+        train.image_path.is_unique
+        and train.image_path.str.fullmatch(r"n\d{8}/sketch_\d+\.JPEG").all()
+    )
     target_of = dict(zip(train.image_path, train.target))
     assert (pairs.image_path.map(target_of) == pairs.original.map(target_of)).all()
     assert pairs.original.is_unique and not set(pairs.original) & set(pairs.image_path)
-    assert (pairs.original.str.extract(r"sketch_(\d+)")[0].astype(int) < PLANTED["images_per_class"]).all()
+    assert (
+        pairs.original.str.extract(r"sketch_(\d+)")[0].astype(int) < PLANTED["images_per_class"]
+    ).all()
 
 
 def copy_errors(root: Path, copy: str, original: str) -> dict[str, float]:
     """Mean absolute difference (grey levels) between a copy and the closest transform of its
     original of each kind (inf where none has the copy's shape)."""
-    copied, source = (cv2.imread(str(root / "train" / p), cv2.IMREAD_GRAYSCALE).astype(np.float32)
-                      for p in (copy, original))
+    copied, source = (
+        cv2.imread(str(root / "train" / p), cv2.IMREAD_GRAYSCALE).astype(np.float32)
+        for p in (copy, original)
+    )
     height, width = source.shape
 
     def small_rotation(sign, degrees):
         rotation = cv2.getRotationMatrix2D((width / 2, height / 2), sign * degrees, 1.0)
-        return cv2.warpAffine(source, rotation, (width, height), borderMode=cv2.BORDER_CONSTANT, borderValue=255)
+        return cv2.warpAffine(
+            source, rotation, (width, height), borderMode=cv2.BORDER_CONSTANT, borderValue=255
+        )
 
     transforms = {
         "mirror": [cv2.flip(source, 1)],
-        "quarter_turn": [cv2.rotate(source, turn) for turn in (cv2.ROTATE_90_CLOCKWISE, cv2.ROTATE_180,
-                                                               cv2.ROTATE_90_COUNTERCLOCKWISE)],
-        "small_rotation": [small_rotation(sign, degrees) for sign in (-1, 1) for degrees in np.arange(5, 10.01, 0.25)],
+        "quarter_turn": [
+            cv2.rotate(source, turn)
+            for turn in (cv2.ROTATE_90_CLOCKWISE, cv2.ROTATE_180, cv2.ROTATE_90_COUNTERCLOCKWISE)
+        ],
+        "small_rotation": [
+            small_rotation(sign, degrees)
+            for sign in (-1, 1)
+            for degrees in np.arange(5, 10.01, 0.25)
+        ],
         "reencode": [cv2.resize(source, copied.shape[::-1], interpolation=cv2.INTER_AREA)],
     }
-    return {kind: min((np.abs(image - copied).mean() for image in images if image.shape == copied.shape),
-                      default=np.inf) for kind, images in transforms.items()}
+    return {
+        kind: min(
+            (np.abs(image - copied).mean() for image in images if image.shape == copied.shape),
+            default=np.inf,
+        )
+        for kind, images in transforms.items()
+    }
 
 
 def test_each_planted_copy_is_the_transform_its_kind_names(planted_set):
@@ -216,11 +255,20 @@ def test_fills_an_existing_empty_directory(tmp_path):
     assert (root / "train.csv").is_file()
 
 
-@pytest.mark.parametrize("bad", [
-    dict(classes=1), dict(classes=MAX_CLASSES + 1), dict(images_per_class=1),
-    dict(test_images=0), dict(min_size=15, max_size=64), dict(min_size=65, max_size=64),
-    dict(seed=-1), dict(duplicates=-0.1), dict(duplicates=1.5),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(classes=1),
+        dict(classes=MAX_CLASSES + 1),
+        dict(images_per_class=1),
+        dict(test_images=0),
+        dict(min_size=15, max_size=64),
+        dict(min_size=65, max_size=64),
+        dict(seed=-1),
+        dict(duplicates=-0.1),
+        dict(duplicates=1.5),
+    ],
+)
 def test_rejects_out_of_range_arguments_without_writing(tmp_path, bad):
     with pytest.raises(ValueError):
         generate(tmp_path / "data", **{**SMALL, **bad})
@@ -232,13 +280,31 @@ def test_supports_many_distinct_classes():
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sketch_core.demo_data", *map(str, args)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "sketch_core.demo_data", *map(str, args)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_cli_writes_data_set_and_reports_one_line(tmp_path):
-    result = run_cli(tmp_path / "data", "--classes", 3, "--images-per-class", 2, "--test-images", 2,
-                     "--min-size", 32, "--max-size", 48, "--seed", 3)
+    result = run_cli(
+        tmp_path / "data",
+        "--classes",
+        3,
+        "--images-per-class",
+        2,
+        "--test-images",
+        2,
+        "--min-size",
+        32,
+        "--max-size",
+        48,
+        "--seed",
+        3,
+    )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.strip().splitlines()) == 1
     assert str(tmp_path / "data") in result.stdout
@@ -246,8 +312,21 @@ def test_cli_writes_data_set_and_reports_one_line(tmp_path):
 
 
 def test_cli_plants_duplicates_and_counts_them(tmp_path):
-    result = run_cli(tmp_path / "data", "--classes", 3, "--images-per-class", 4, "--test-images", 2,
-                     "--min-size", 32, "--max-size", 48, "--duplicates", 0.5)
+    result = run_cli(
+        tmp_path / "data",
+        "--classes",
+        3,
+        "--images-per-class",
+        4,
+        "--test-images",
+        2,
+        "--min-size",
+        32,
+        "--max-size",
+        48,
+        "--duplicates",
+        0.5,
+    )
     assert result.returncode == 0, result.stderr
     assert "wrote 18 train (6 of them planted near-duplicates)" in result.stdout
     assert len(pd.read_csv(tmp_path / "data" / "duplicates.csv")) == 6
@@ -261,13 +340,16 @@ def assert_one_line_usage_error(result: subprocess.CompletedProcess) -> None:
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("args", [
-    ["--classes", "1"],
-    [f"--classes={MAX_CLASSES + 1}"],
-    ["--min-size", "100", "--max-size", "50"],
-    ["--classes", "many"],
-    ["--duplicates", "1.5"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--classes", "1"],
+        [f"--classes={MAX_CLASSES + 1}"],
+        ["--min-size", "100", "--max-size", "50"],
+        ["--classes", "many"],
+        ["--duplicates", "1.5"],
+    ],
+)
 def test_cli_bad_arguments_print_one_error_line_and_exit_2(tmp_path, args):
     assert_one_line_usage_error(run_cli(tmp_path / "data", *args))
     assert list(tmp_path.iterdir()) == []

@@ -18,7 +18,9 @@ from sketch_core.duplicates import duplicate_groups, orientation_hashes
 from sketch_core.errors import SketchError
 
 # Half the originals get a copy: 20 of each kind. Tiny images, so it takes about a second.
-PLANTED = dict(classes=8, images_per_class=20, test_images=2, min_size=64, max_size=192, seed=5, duplicates=0.5)
+PLANTED = dict(
+    classes=8, images_per_class=20, test_images=2, min_size=64, max_size=192, seed=5, duplicates=0.5
+)
 # Measured recall at the default distance: 1.0 for every kind here; on 2,000-image sets of
 # 150-800 px images, 1.0 for mirrors, quarter turns and re-encodes, 0.92-0.99 for small rotations
 # (misses are long thin images, whose turned copies lose their corners).
@@ -33,7 +35,9 @@ def planted(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def planted_groups(planted, tmp_path_factory):
     table = read_train_table(planted)
-    groups = duplicate_groups(table.paths, table.targets, cache_dir=tmp_path_factory.mktemp("hashes"), workers=0)
+    groups = duplicate_groups(
+        table.paths, table.targets, cache_dir=tmp_path_factory.mktemp("hashes"), workers=0
+    )
     return table, groups
 
 
@@ -41,14 +45,20 @@ def copy_pairs(root: Path, table) -> pd.DataFrame:
     """duplicates.csv with the rows in train.csv of each copy and its original."""
     row_of = {path: row for row, path in enumerate(table.frame["image_path"])}
     pairs = pd.read_csv(root / "duplicates.csv")
-    return pairs.assign(copy_row=pairs.image_path.map(row_of), original_row=pairs.original.map(row_of))
+    return pairs.assign(
+        copy_row=pairs.image_path.map(row_of), original_row=pairs.original.map(row_of)
+    )
 
 
 def test_planted_copies_of_every_kind_share_their_originals_group(planted, planted_groups):
     table, groups = planted_groups
     pairs = copy_pairs(planted, table)
-    recall = (pairs.assign(found=groups[pairs.copy_row] == groups[pairs.original_row])
-              .groupby("kind").found.mean().to_dict())
+    recall = (
+        pairs.assign(found=groups[pairs.copy_row] == groups[pairs.original_row])
+        .groupby("kind")
+        .found.mean()
+        .to_dict()
+    )
     assert set(recall) == set(COPY_KINDS)
     assert all(recall[kind] >= MIN_RECALL[kind] for kind in COPY_KINDS), recall
 
@@ -57,8 +67,11 @@ def test_distinct_images_of_a_class_rarely_share_a_group(planted, planted_groups
     table, groups = planted_groups
     copies = set(copy_pairs(planted, table).copy_row)
     originals = np.array([row for row in range(len(groups)) if row not in copies])
-    distinct_pairs = [(a, b) for target in range(PLANTED["classes"])
-                      for a, b in itertools.combinations(originals[table.targets[originals] == target], 2)]
+    distinct_pairs = [
+        (a, b)
+        for target in range(PLANTED["classes"])
+        for a, b in itertools.combinations(originals[table.targets[originals] == target], 2)
+    ]
     merged = np.mean([groups[a] == groups[b] for a, b in distinct_pairs])
     assert merged <= 0.002, f"{merged:.4f} of {len(distinct_pairs)} distinct pairs merged"
     assert np.bincount(groups).max() <= 3  # no chains of look-alikes swallowing a class
@@ -103,19 +116,26 @@ def test_hashes_are_computed_once_and_rehashed_when_a_file_changes(planted, tmp_
         duplicate_groups(table.paths, table.targets, cache_dir=cache, workers=0)
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(targets=[0]), "targets: 1 targets for 3 images"),
-    (dict(max_distance=-1), "max_distance: expected 0..144 bits, got -1"),
-    (dict(max_distance=145), "max_distance: expected 0..144 bits, got 145"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(targets=[0]), "targets: 1 targets for 3 images"),
+        (dict(max_distance=-1), "max_distance: expected 0..144 bits, got -1"),
+        (dict(max_distance=145), "max_distance: expected 0..144 bits, got 145"),
+    ],
+)
 def test_bad_arguments_are_one_clear_line(tmp_path, change, message):
     arguments = {"paths": ["a", "b", "c"], "targets": [0, 0, 1], "cache_dir": tmp_path, **change}
     with pytest.raises(SketchError, match=message):
         duplicate_groups(**arguments)
 
 
-@pytest.mark.parametrize("split", [dict(val_fraction=0.2), *(dict(val_fraction=0.2, folds=4, fold=k) for k in range(4))])
-def test_split_by_duplicate_groups_keeps_every_planted_copy_beside_its_original(planted, planted_groups, split):
+@pytest.mark.parametrize(
+    "split", [dict(val_fraction=0.2), *(dict(val_fraction=0.2, folds=4, fold=k) for k in range(4))]
+)
+def test_split_by_duplicate_groups_keeps_every_planted_copy_beside_its_original(
+    planted, planted_groups, split
+):
     table, groups = planted_groups
     pairs = copy_pairs(planted, table)
     train, val = split_indices(table.targets, seed=0, groups=groups, **split)
@@ -127,7 +147,9 @@ def test_split_by_duplicate_groups_keeps_every_planted_copy_beside_its_original(
     assert (in_val[pairs.copy_row] != in_val[pairs.original_row]).any()
 
 
-def test_training_keeps_copies_beside_their_originals_and_the_leaky_estimate_is_the_inflated_one(tmp_path):
+def test_training_keeps_copies_beside_their_originals_and_the_leaky_estimate_is_the_inflated_one(
+    tmp_path,
+):
     """What trials and refits run (TrainingRun's split): with group_duplicates (the default) no
     planted copy is on the other side of the validation split from its original, and the model
     scores lower on that honest split than on a leaky one, where copies of its training images
@@ -135,13 +157,34 @@ def test_training_keeps_copies_beside_their_originals_and_the_leaky_estimate_is_
     from sketch_core.config import TrainConfig
     from sketch_core.engine import TrainingRun
 
-    root = generate(tmp_path / "data", classes=8, images_per_class=30, test_images=8, min_size=64, max_size=128,
-                    duplicates=1.0)
+    root = generate(
+        tmp_path / "data",
+        classes=8,
+        images_per_class=30,
+        test_images=8,
+        min_size=64,
+        max_size=128,
+        duplicates=1.0,
+    )
     best = {}
     for grouped in (True, False):
-        run = TrainingRun(TrainConfig.from_dict(dict(
-            data_dir=str(root), model="test_resnet", image_size=48, batch_size=16, lr=5e-3, weight_decay=0.01,
-            augment="none", num_workers=0, epochs=6, val_fraction=0.2, group_duplicates=grouped)))
+        run = TrainingRun(
+            TrainConfig.from_dict(
+                dict(
+                    data_dir=str(root),
+                    model="test_resnet",
+                    image_size=48,
+                    batch_size=16,
+                    lr=5e-3,
+                    weight_decay=0.01,
+                    augment="none",
+                    num_workers=0,
+                    epochs=6,
+                    val_fraction=0.2,
+                    group_duplicates=grouped,
+                )
+            )
+        )
         pairs = copy_pairs(root, run.table)
         in_val = np.isin(np.arange(len(run.table.paths)), run.split[1])
         separated = (in_val[pairs["copy_row"]] != in_val[pairs["original_row"]]).sum()

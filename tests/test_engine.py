@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import QUICK_TRAINING, REPO_ROOT, free_port
 from torch.nn.utils import parameters_to_vector
 
-from conftest import QUICK_TRAINING, REPO_ROOT, free_port
 from sketch_core.config import TrainConfig
 from sketch_core.data import read_test_table
 from sketch_core.engine import TrainingRun, load_checkpoint, save_checkpoint
@@ -24,7 +24,9 @@ METRICS = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_s", "
 
 
 def quick_config(demo_dir, **changes):
-    return TrainConfig.from_dict({**QUICK_TRAINING, "data_dir": str(demo_dir), "epochs": 10, **changes})
+    return TrainConfig.from_dict(
+        {**QUICK_TRAINING, "data_dir": str(demo_dir), "epochs": 10, **changes}
+    )
 
 
 def test_learns_well_above_chance_and_predictions_agree_with_answers(demo_dir, tmp_path):
@@ -51,7 +53,9 @@ def test_learns_well_above_chance_and_predictions_agree_with_answers(demo_dir, t
 def test_resume_continues_exactly_where_it_stopped(demo_dir, tmp_path):
     """As the shipped GPU spaces train (loader workers, augmentation, Mixup, EMA): the same seed
     gives the same run, and a resumed run draws what the uninterrupted one would have."""
-    config = quick_config(demo_dir, epochs=3, augment="sketch", num_workers=2, mixup_alpha=0.2, ema=True)
+    config = quick_config(
+        demo_dir, epochs=3, augment="sketch", num_workers=2, mixup_alpha=0.2, ema=True
+    )
     straight = TrainingRun(config)
     straight_history = list(straight.epochs())
 
@@ -78,8 +82,13 @@ def test_checkpoint_errors(tmp_path):
 
 
 def test_step_schedule_gives_the_lr_it_names_at_each_epoch(demo_dir):
-    history = list(TrainingRun(quick_config(demo_dir, epochs=3, lr_schedule="step", decay_epochs=1,
-                                            decay_rate=0.1, lr=1e-2)).epochs())
+    history = list(
+        TrainingRun(
+            quick_config(
+                demo_dir, epochs=3, lr_schedule="step", decay_epochs=1, decay_rate=0.1, lr=1e-2
+            )
+        ).epochs()
+    )
     assert [m["lr"] for m in history] == pytest.approx([1e-3, 1e-4, 1e-5])
     warm = TrainingRun(quick_config(demo_dir, epochs=3, warmup_epochs=1, lr=1e-2))
     assert warm._lr() == pytest.approx(1e-4)  # warmup starts at 1% of lr
@@ -93,7 +102,11 @@ def gradient_norms(run: TrainingRun) -> list[float]:
 
     def recording_step(*args, **kwargs):
         grads = [p.grad for p in run.model.parameters() if p.grad is not None]
-        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        norms.append(
+            float(
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            )
+        )
         return step(*args, **kwargs)
 
     run.optimizer.step = recording_step
@@ -101,7 +114,9 @@ def gradient_norms(run: TrainingRun) -> list[float]:
 
 
 def test_gradient_clipping_bounds_every_step(demo_dir):
-    clipped, free = (TrainingRun(quick_config(demo_dir, epochs=1, grad_clip=clip)) for clip in (0.05, 0.0))
+    clipped, free = (
+        TrainingRun(quick_config(demo_dir, epochs=1, grad_clip=clip)) for clip in (0.05, 0.0)
+    )
     clipped_norms, free_norms = gradient_norms(clipped), gradient_norms(free)
     list(clipped.epochs()), list(free.epochs())
     assert len(clipped_norms) == len(free_norms) == len(clipped.train_loader)
@@ -122,9 +137,14 @@ def test_train_step_returns_the_batch_loss_and_updates_the_weights(demo_dir):
     assert result["updated"] and result["images"] == len(targets)
     assert not result["loss"].requires_grad
     assert result["loss"].item() == pytest.approx(expected_loss.item(), rel=1e-5)
-    moved = {name for (name, after), initial in zip(run.model.named_parameters(), before.parameters())
-             if not torch.equal(after, initial)}
-    assert any(name.startswith("head.") for name in moved) and any(name.startswith("backbone.") for name in moved)
+    moved = {
+        name
+        for (name, after), initial in zip(run.model.named_parameters(), before.parameters())
+        if not torch.equal(after, initial)
+    }
+    assert any(name.startswith("head.") for name in moved) and any(
+        name.startswith("backbone.") for name in moved
+    )
 
 
 def test_train_step_accumulates_gradients_until_the_last_batch_of_an_accumulation(demo_dir):
@@ -141,11 +161,17 @@ def test_train_step_clips_the_gradient_the_optimiser_applies(demo_dir):
     weights move c / |g| as far as unclipped, from the same weights on the same batch."""
     moves, norms = {}, {}
     for clip in (0.05, 0.0):
-        run = TrainingRun(quick_config(demo_dir, epochs=1, optimizer="sgd", weight_decay=0.0, lr=10.0, grad_clip=clip))
+        run = TrainingRun(
+            quick_config(
+                demo_dir, epochs=1, optimizer="sgd", weight_decay=0.0, lr=10.0, grad_clip=clip
+            )
+        )
         initial = parameters_to_vector(run.model.parameters()).clone()
         norms[clip] = gradient_norms(run)
         run.train_step(*first_batch(run))
-        moves[clip] = torch.linalg.vector_norm(parameters_to_vector(run.model.parameters()) - initial).item()
+        moves[clip] = torch.linalg.vector_norm(
+            parameters_to_vector(run.model.parameters()) - initial
+        ).item()
     [clipped], [free] = norms[0.05], norms[0.0]
     assert clipped == pytest.approx(0.05, rel=1e-4) and free > 0.05
     assert moves[0.05] / moves[0.0] == pytest.approx(0.05 / free, rel=1e-3)
@@ -162,32 +188,48 @@ def test_epoch_loop_trains_every_batch_through_train_step_and_repeats_with_the_s
         return result
 
     recorded.train_step = recording_step
-    histories = [[{k: v for k, v in m.items() if k != "images_per_s"} for m in run.epochs()]
-                 for run in (recorded, repeated)]
+    histories = [
+        [{k: v for k, v in m.items() if k != "images_per_s"} for m in run.epochs()]
+        for run in (recorded, repeated)
+    ]
     batches = len(recorded.train_loader)
     assert len(losses) == 2 * batches
-    for epoch, metrics in enumerate(histories[0]):  # every batch is full (drop_last): the plain mean
-        assert metrics["train_loss"] == pytest.approx(np.mean(losses[epoch * batches:(epoch + 1) * batches]),
-                                                      rel=1e-9)
+    for epoch, metrics in enumerate(
+        histories[0]
+    ):  # every batch is full (drop_last): the plain mean
+        assert metrics["train_loss"] == pytest.approx(
+            np.mean(losses[epoch * batches : (epoch + 1) * batches]), rel=1e-9
+        )
     assert histories[0] == histories[1]
-    for (name, tensor), other in zip(recorded.state_dict()["model"].items(), repeated.state_dict()["model"].values()):
+    for (name, tensor), other in zip(
+        recorded.state_dict()["model"].items(), repeated.state_dict()["model"].values()
+    ):
         assert torch.equal(tensor, other), name
 
 
 def test_accumulating_k_batches_of_b_equals_one_batch_of_k_times_b(demo_dir):
     """Gradient accumulation (K=2 batches of 8) against one batch of 16, same data order and
     updates: with SGD and a model without batch statistics (ConvNeXt's LayerNorm) the weights agree."""
-    common = dict(model="test_convnext", optimizer="sgd", augment="none", epochs=1, lr=5e-2, weight_decay=0.0)
+    common = dict(
+        model="test_convnext", optimizer="sgd", augment="none", epochs=1, lr=5e-2, weight_decay=0.0
+    )
     accumulated = TrainingRun(quick_config(demo_dir, batch_size=8, grad_accum_steps=2, **common))
     single = TrainingRun(quick_config(demo_dir, batch_size=16, **common))
     assert accumulated.updates_per_epoch == single.updates_per_epoch == len(single.train_loader)
-    assert isinstance(single.optimizer, torch.optim.SGD) and single.optimizer.param_groups[0]["momentum"] == 0.9
+    assert (
+        isinstance(single.optimizer, torch.optim.SGD)
+        and single.optimizer.param_groups[0]["momentum"] == 0.9
+    )
     [a], [b] = list(accumulated.epochs()), list(single.epochs())
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
     moved = False
-    for (name, after), initial in zip(single.model.state_dict().items(),
-                                      TrainingRun(quick_config(demo_dir, **common)).model.state_dict().values()):
-        torch.testing.assert_close(accumulated.model.state_dict()[name], after, rtol=1e-4, atol=1e-5)
+    for (name, after), initial in zip(
+        single.model.state_dict().items(),
+        TrainingRun(quick_config(demo_dir, **common)).model.state_dict().values(),
+    ):
+        torch.testing.assert_close(
+            accumulated.model.state_dict()[name], after, rtol=1e-4, atol=1e-5
+        )
         moved |= not torch.equal(after, initial)
     assert moved, "SGD changed no weight"
 
@@ -211,13 +253,26 @@ def test_mixup_and_cutmix_train_on_mixed_images_and_soft_targets(demo_dir):
 
 
 def test_last_n_blocks_trains_only_the_last_blocks_and_the_head(demo_dir):
-    run = TrainingRun(quick_config(demo_dir, epochs=1, freeze="last_n_blocks", trainable_blocks=1, head="mlp",
-                                   head_hidden=32, head_dropout=0.1, augment="heavy", drop_path_rate=0.1))
+    run = TrainingRun(
+        quick_config(
+            demo_dir,
+            epochs=1,
+            freeze="last_n_blocks",
+            trainable_blocks=1,
+            head="mlp",
+            head_hidden=32,
+            head_dropout=0.1,
+            augment="heavy",
+            drop_path_rate=0.1,
+        )
+    )
     before = {name: tensor.clone() for name, tensor in run.model.named_parameters()}
     trainable = {name for name, p in run.model.named_parameters() if p.requires_grad}
     assert any(name.startswith("head.") for name in trainable)
-    assert trainable and all(name.startswith(("head.", "backbone.layer4.", "backbone.fc", "backbone.head"))
-                             for name in trainable), trainable
+    assert trainable and all(
+        name.startswith(("head.", "backbone.layer4.", "backbone.fc", "backbone.head"))
+        for name in trainable
+    ), trainable
     list(run.epochs())
     for name, tensor in run.model.named_parameters():
         assert torch.equal(tensor, before[name]) != (name in trainable), name
@@ -233,7 +288,9 @@ def test_compiled_model_trains_like_the_eager_one(demo_dir):
 
 
 def test_gpu_throughput_quick_run_times_the_engines_train_step(monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("gpu_throughput", REPO_ROOT / "bench" / "gpu_throughput.py")
+    spec = importlib.util.spec_from_file_location(
+        "gpu_throughput", REPO_ROOT / "bench" / "gpu_throughput.py"
+    )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     batches, train_step = [], TrainingRun.train_step
@@ -244,18 +301,30 @@ def test_gpu_throughput_quick_run_times_the_engines_train_step(monkeypatch, caps
 
     monkeypatch.setattr(TrainingRun, "train_step", counting_step)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads spin against each other under other jobs' load on 2 cores
+    torch.set_num_threads(
+        1
+    )  # two threads spin against each other under other jobs' load on 2 cores
     try:
         bench.main(["--quick", "--device", "cpu"])
     finally:
         torch.set_num_threads(threads)
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     quick = bench.QUICK
-    assert batches == [quick["batch_size"]] * (1 + 2 * (quick["warmup"] + quick["steps"]))  # flop count, 2 variants
-    assert figures["step"] == "TrainingRun.train_step" and figures["grad_clip"] == 1.0  # eva02.yaml's
+    assert batches == [quick["batch_size"]] * (
+        1 + 2 * (quick["warmup"] + quick["steps"])
+    )  # flop count, 2 variants
+    assert (
+        figures["step"] == "TrainingRun.train_step" and figures["grad_clip"] == 1.0
+    )  # eva02.yaml's
     assert figures["model"] == "test_vit" and figures["compile_speedup"] is None
-    for name in ("eager_images_per_s", "eager_channels_last_images_per_s", "best_images_per_s",
-                 "train_tflop_per_image", "achieved_tflops", "channels_last_speedup"):
+    for name in (
+        "eager_images_per_s",
+        "eager_channels_last_images_per_s",
+        "best_images_per_s",
+        "train_tflop_per_image",
+        "achieved_tflops",
+        "channels_last_speedup",
+    ):
         assert figures[name] > 0, name
 
 
@@ -265,7 +334,9 @@ def test_batch_larger_than_the_data_is_refused(demo_dir):
 
 
 def _ddp_worker(rank, world_size, port, data_dir, results):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
     try:
         torch.set_num_threads(1)
         run = TrainingRun(quick_config(data_dir, epochs=2))
@@ -277,9 +348,16 @@ def _ddp_worker(rank, world_size, port, data_dir, results):
 def test_ddp_in_two_processes_reports_the_same_metrics_on_every_rank(demo_dir):
     context = mp.get_context("spawn")
     results = context.Queue()
-    mp.start_processes(_ddp_worker, args=(2, free_port(), str(demo_dir), results), nprocs=2,
-                       start_method="spawn", join=True)
-    by_rank = dict((rank, (history, batches)) for rank, history, batches in (results.get(), results.get()))
+    mp.start_processes(
+        _ddp_worker,
+        args=(2, free_port(), str(demo_dir), results),
+        nprocs=2,
+        start_method="spawn",
+        join=True,
+    )
+    by_rank = dict(
+        (rank, (history, batches)) for rank, history, batches in (results.get(), results.get())
+    )
     single = len(TrainingRun(quick_config(demo_dir)).train_loader)
     assert by_rank[0][1] == by_rank[1][1] == single // 2  # each rank sees half the batches
     for epoch0, epoch1 in zip(by_rank[0][0], by_rank[1][0]):

@@ -5,8 +5,16 @@ import math
 import numpy as np
 import pytest
 
-from sketch_core.ensemble import (accuracy, calibrated, fold_estimate, greedy_weights, log_loss, scores, temperature,
-                                  weighted)
+from sketch_core.ensemble import (
+    accuracy,
+    calibrated,
+    fold_estimate,
+    greedy_weights,
+    log_loss,
+    scores,
+    temperature,
+    weighted,
+)
 
 CLASSES, IMAGES = 5, 600
 
@@ -29,10 +37,14 @@ def test_temperature_undoes_over_and_under_confidence(sharpness, direction):
     assert (t > 1.5) if direction == "softer" else (t < 0.7), t
     fixed = calibrated(probs, t)
     assert log_loss(fixed, targets) < log_loss(probs, targets) - 0.05
-    assert accuracy(fixed, targets) == accuracy(probs, targets)  # a temperature never changes the argmax
+    assert accuracy(fixed, targets) == accuracy(
+        probs, targets
+    )  # a temperature never changes the argmax
     assert np.allclose(fixed.sum(1), 1.0)
     # the minimum: a little off in either direction is worse
-    assert log_loss(fixed, targets) <= min(log_loss(calibrated(probs, t * f), targets) for f in (0.9, 1.1))
+    assert log_loss(fixed, targets) <= min(
+        log_loss(calibrated(probs, t * f), targets) for f in (0.9, 1.1)
+    )
 
 
 @pytest.mark.parametrize("skill, sharpness", [(1.5, 1.0), (1.5, 4.0), (2.5, 0.5)])
@@ -46,20 +58,30 @@ def test_temperature_finds_the_bayes_calibration(skill, sharpness):
 
 def test_greedy_selection_never_loses_to_the_best_member_and_ignores_a_useless_one():
     good, targets = predictions(3, skill=2.0, sharpness=1.0)
-    other, _ = predictions(4, skill=2.0, sharpness=1.0)  # as good, independent errors: worth averaging
+    other, _ = predictions(
+        4, skill=2.0, sharpness=1.0
+    )  # as good, independent errors: worth averaging
     useless = np.full_like(good, 1.0 / CLASSES)
     members = {"useless": useless, "good": good, "other": other}
     for metric in ("log_loss", "accuracy"):
         weights = greedy_weights(members, targets, metric=metric)
         assert sum(weights.values()) == pytest.approx(1.0)
         ensemble = weighted(members, weights)
-        best_single = max(accuracy(p, targets) for p in members.values()) if metric == "accuracy" else \
-            min(log_loss(p, targets) for p in members.values())
+        best_single = (
+            max(accuracy(p, targets) for p in members.values())
+            if metric == "accuracy"
+            else min(log_loss(p, targets) for p in members.values())
+        )
         score = accuracy(ensemble, targets) if metric == "accuracy" else log_loss(ensemble, targets)
-        assert (score >= best_single) if metric == "accuracy" else (score <= best_single), (metric, weights)
+        assert (score >= best_single) if metric == "accuracy" else (score <= best_single), (
+            metric,
+            weights,
+        )
     weights = greedy_weights(members, targets)
     assert weights["useless"] == 0 and weights["good"] > 0 and weights["other"] > 0
-    assert log_loss(weighted(members, weights), targets) < min(log_loss(good, targets), log_loss(other, targets))
+    assert log_loss(weighted(members, weights), targets) < min(
+        log_loss(good, targets), log_loss(other, targets)
+    )
     with pytest.raises(ValueError, match="metric: expected one of log_loss, accuracy"):
         greedy_weights(members, targets, metric="auc")
 

@@ -3,14 +3,15 @@ training results as without it, and the cases where it must not be used."""
 
 import os
 import shutil
+
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import QUICK_TRAINING, free_port
 from timm.data.loader import PrefetchLoader, fast_collate
 from torch.utils.data import DataLoader
 
-from conftest import QUICK_TRAINING, free_port
 from sketch_core.config import TrainConfig
 from sketch_core.data import read_train_table
 from sketch_core.dataset import AugmentedImages, DecodeCache
@@ -39,16 +40,29 @@ class Counting:
 
     def __call__(self, views):
         self.calls += 1
-        loader = PrefetchLoader(DataLoader(views, batch_size=5, collate_fn=fast_collate),
-                                mean=self.normalisation["mean"], std=self.normalisation["std"], device=torch.device("cpu"))
+        loader = PrefetchLoader(
+            DataLoader(views, batch_size=5, collate_fn=fast_collate),
+            mean=self.normalisation["mean"],
+            std=self.normalisation["std"],
+            device=torch.device("cpu"),
+        )
         return encode_batches(self.net, loader, torch.no_grad)
 
 
 def store_for(images, net, normalisation, cache_dir, model="test_resnet"):
     encode = Counting(net, normalisation)
-    return FeatureStore(weights_digest(net), images, encode, model=model, pretrained=False, checkpoint_file="",
-                        mean=normalisation["mean"], std=normalisation["std"], precision="fp32",
-                        cache_dir=cache_dir), encode
+    return FeatureStore(
+        weights_digest(net),
+        images,
+        encode,
+        model=model,
+        pretrained=False,
+        checkpoint_file="",
+        mean=normalisation["mean"],
+        std=normalisation["std"],
+        precision="fp32",
+        cache_dir=cache_dir,
+    ), encode
 
 
 def normalised(images, normalisation):
@@ -63,7 +77,10 @@ def few_images(demo_dir, tmp_path):
     """Copies of 12 demo images (their mtimes are changed in tests) and their decode cache."""
     folder = tmp_path / "images"
     folder.mkdir()
-    paths = [shutil.copy(path, folder / f"{index}.jpg") for index, path in enumerate(read_train_table(demo_dir).paths[:12])]
+    paths = [
+        shutil.copy(path, folder / f"{index}.jpg")
+        for index, path in enumerate(read_train_table(demo_dir).paths[:12])
+    ]
     return paths
 
 
@@ -90,18 +107,32 @@ def test_cache_is_reused_and_rebuilt_when_its_key_changes(few_images, tmp_path):
     built_at = file.stat().st_mtime_ns
 
     again, encode_again = store_for(images, net, normalisation, tmp_path)
-    assert torch.equal(again.features("none", 0), first) and encode_again.calls == 0  # reused, not recomputed
+    assert (
+        torch.equal(again.features("none", 0), first) and encode_again.calls == 0
+    )  # reused, not recomputed
     assert again.file("none", 0) == file and file.stat().st_mtime_ns == built_at
 
-    other_size = store_for(DecodeCache(few_images, 40, cache_dir=tmp_path, build_workers=0), net, normalisation,
-                           tmp_path)[0]
-    other_weights = store_for(images, backbone(seed=1)[0], normalisation, tmp_path)[0]  # another seed's init
+    other_size = store_for(
+        DecodeCache(few_images, 40, cache_dir=tmp_path, build_workers=0),
+        net,
+        normalisation,
+        tmp_path,
+    )[0]
+    other_weights = store_for(images, backbone(seed=1)[0], normalisation, tmp_path)[
+        0
+    ]  # another seed's init
     assert other_size.file("none", 0) != file and other_weights.file("none", 0) != file
-    assert len({store.file("light", 0), store.file("light", 1), store.file("sketch", 1), file}) == 4  # views
+    assert (
+        len({store.file("light", 0), store.file("light", 1), store.file("sketch", 1), file}) == 4
+    )  # views
 
     os.utime(few_images[0], ns=(0, 0))  # an image file changed
-    changed, encode_changed = store_for(DecodeCache(few_images, 32, cache_dir=tmp_path, build_workers=0), net,
-                                        normalisation, tmp_path)
+    changed, encode_changed = store_for(
+        DecodeCache(few_images, 32, cache_dir=tmp_path, build_workers=0),
+        net,
+        normalisation,
+        tmp_path,
+    )
     changed.features("none", 0)
     assert changed.file("none", 0) != file and encode_changed.calls == 1
     assert not list(tmp_path.glob("*.partial-*"))
@@ -109,15 +140,25 @@ def test_cache_is_reused_and_rebuilt_when_its_key_changes(few_images, tmp_path):
 
 def test_letterbox_and_stretch_images_never_share_features(few_images, tmp_path):
     net, normalisation = backbone()
-    letterbox, _ = store_for(DecodeCache(few_images, 32, cache_dir=tmp_path, build_workers=0), net, normalisation,
-                             tmp_path)
+    letterbox, _ = store_for(
+        DecodeCache(few_images, 32, cache_dir=tmp_path, build_workers=0),
+        net,
+        normalisation,
+        tmp_path,
+    )
     letterboxed = letterbox.features("none", 0)  # now kept in this process as well as on disk
-    stretch, encode = store_for(DecodeCache(few_images, 32, cache_dir=tmp_path, build_workers=0, resize="stretch"),
-                                net, normalisation, tmp_path)
+    stretch, encode = store_for(
+        DecodeCache(few_images, 32, cache_dir=tmp_path, build_workers=0, resize="stretch"),
+        net,
+        normalisation,
+        tmp_path,
+    )
     assert stretch.identity["resize"] == "stretch" and letterbox.identity["resize"] == "letterbox"
     assert stretch.file("none", 0) != letterbox.file("none", 0)
     stretched = stretch.features("none", 0)
-    assert encode.calls == 1 and not torch.allclose(stretched, letterboxed)  # encoded, not the kept letterbox ones
+    assert encode.calls == 1 and not torch.allclose(
+        stretched, letterboxed
+    )  # encoded, not the kept letterbox ones
 
 
 def test_a_head_run_reads_the_features_of_its_resize_policy(demo_dir):
@@ -126,14 +167,18 @@ def test_a_head_run_reads_the_features_of_its_resize_policy(demo_dir):
     letterbox = TrainingRun(head_config(demo_dir, epochs=1))
     stretch = TrainingRun(head_config(demo_dir, epochs=1, resize="stretch"))
     assert (letterbox.images.resize, stretch.images.resize) == ("letterbox", "stretch")
-    assert stretch.model.backbone is letterbox.model.backbone  # the same weights: kept, as they should be
+    assert (
+        stretch.model.backbone is letterbox.model.backbone
+    )  # the same weights: kept, as they should be
     assert not torch.equal(stretch.train_loader.views[0], letterbox.train_loader.views[0])
 
 
 def test_augmented_views_are_fixed_per_view_and_differ_between_views(few_images, tmp_path):
     images = DecodeCache(few_images, 32, cache_dir=tmp_path, build_workers=0)
-    view1, view1_again, view2 = (AugmentedImages(images, np.zeros(len(images)), "sketch", 32, seed=view)
-                                 for view in (1, 1, 2))
+    view1, view1_again, view2 = (
+        AugmentedImages(images, np.zeros(len(images)), "sketch", 32, seed=view)
+        for view in (1, 1, 2)
+    )
     order = [5, 0, 11, 3]  # another order, as another loader worker would read them
     for index in order:
         assert np.array_equal(view1[index][0], view1_again[index][0])
@@ -142,14 +187,22 @@ def test_augmented_views_are_fixed_per_view_and_differ_between_views(few_images,
 
 def test_feature_batches_follow_the_sampler_and_cycle_views():
     views = [torch.full((6, 2), float(v)) + torch.arange(6.0)[:, None] * 10 for v in range(3)]
-    sampler = torch.utils.data.DistributedSampler(range(4), num_replicas=1, rank=0, shuffle=True, seed=0,
-                                                  drop_last=True)
-    batches = FeatureBatches(views, rows=[1, 2, 4, 5], targets=[0, 1, 2, 3], batch_size=3, device=torch.device("cpu"),
-                             sampler=sampler, drop_last=True)
+    sampler = torch.utils.data.DistributedSampler(
+        range(4), num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True
+    )
+    batches = FeatureBatches(
+        views,
+        rows=[1, 2, 4, 5],
+        targets=[0, 1, 2, 3],
+        batch_size=3,
+        device=torch.device("cpu"),
+        sampler=sampler,
+        drop_last=True,
+    )
     assert len(batches) == 1
     for epoch in range(4):
         sampler.set_epoch(epoch)
-        (features, targets), = list(batches)
+        ((features, targets),) = list(batches)
         positions = list(sampler)[:3]
         assert targets.tolist() == positions
         assert features[:, 0].tolist() == [10.0 * [1, 2, 4, 5][p] + epoch % 3 for p in positions]
@@ -203,12 +256,18 @@ def test_a_process_keeps_its_frozen_backbone_and_features_for_the_next_run(demo_
     assert other_head.train_loader.views[0] is first.train_loader.views[0]  # not read again
     list(other_head.epochs())
     again = TrainingRun(config)
+
     def numbers(history):
-        return [{key: value for key, value in metrics.items() if key != "images_per_s"} for metrics in history]
+        return [
+            {key: value for key, value in metrics.items() if key != "images_per_s"}
+            for metrics in history
+        ]
 
     # The head's init follows the seed, not what ran before it in this process.
     assert numbers(again.epochs()) == numbers(first_history)
-    assert TrainingRun(head_config(demo_dir, seed=1)).model.backbone is not first.model.backbone  # other weights
+    assert (
+        TrainingRun(head_config(demo_dir, seed=1)).model.backbone is not first.model.backbone
+    )  # other weights
 
 
 def test_mixup_with_a_frozen_backbone_trains_on_images(demo_dir):
@@ -223,7 +282,9 @@ def test_mixup_with_a_frozen_backbone_trains_on_images(demo_dir):
 def _ddp_worker(rank, world_size, port, data_dir, results):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
     try:
         torch.set_num_threads(1)
         for feature_cache in (True, False):
@@ -236,15 +297,22 @@ def _ddp_worker(rank, world_size, port, data_dir, results):
 def test_ddp_ranks_train_on_their_shards_of_the_cache(demo_dir):
     context = mp.get_context("spawn")
     results = context.Queue()
-    mp.start_processes(_ddp_worker, args=(2, free_port(), str(demo_dir), results), nprocs=2, start_method="spawn",
-                       join=True)
+    mp.start_processes(
+        _ddp_worker,
+        args=(2, free_port(), str(demo_dir), results),
+        nprocs=2,
+        start_method="spawn",
+        join=True,
+    )
     runs = {}
     for _ in range(4):
         feature_cache, rank, history, batches = results.get()
         runs[feature_cache, rank] = history, batches
     single = len(TrainingRun(head_config(demo_dir, epochs=2)).train_loader)
     assert runs[True, 0][1] == runs[True, 1][1] == single // 2  # each rank sees half the batches
-    assert runs[True, 0][0] == runs[True, 1][0] and all(m["feature_cache"] == 1.0 for m in runs[True, 0][0])
+    assert runs[True, 0][0] == runs[True, 1][0] and all(
+        m["feature_cache"] == 1.0 for m in runs[True, 0][0]
+    )
     for with_cache, without in zip(runs[True, 0][0], runs[False, 0][0]):
         assert with_cache["val_acc"] == pytest.approx(without["val_acc"], abs=1e-9)
         assert with_cache["train_loss"] == pytest.approx(without["train_loss"], rel=1e-4)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import own_output, run_script, started_script, wait_for
+
 from ray_jobs.results import SCHEMA_VERSION
 from sketch_core.demo_data import known_answers
 
@@ -23,19 +23,23 @@ def read_fit_logs(experiment_dir):
 
 
 def accuracy(submission, data_dir):
-    return (submission["target"].to_numpy() == known_answers(data_dir, submission["image_path"])).mean()
+    return (
+        submission["target"].to_numpy() == known_answers(data_dir, submission["image_path"])
+    ).mean()
 
 
 def best_trial_test_accuracy(best: dict, demo_dir) -> float:
     """Test accuracy of the best trial's checkpoint at its best epoch, predicted as final_fit does."""
+    from ray_jobs.trial import CHECKPOINT_FILE
     from sketch_core.config import TrainConfig
     from sketch_core.data import read_test_table
     from sketch_core.engine import TrainingRun, load_checkpoint
     from sketch_core.predict import submission_frame
-    from ray_jobs.trial import CHECKPOINT_FILE
 
-    run = TrainingRun(TrainConfig.from_dict(best["config"]),
-                      state=load_checkpoint(Path(best["checkpoint"]) / CHECKPOINT_FILE))
+    run = TrainingRun(
+        TrainConfig.from_dict(best["config"]),
+        state=load_checkpoint(Path(best["checkpoint"]) / CHECKPOINT_FILE),
+    )
     test = read_test_table(str(demo_dir))
     return accuracy(submission_frame(test.frame, run.predict(test.paths)), demo_dir)
 
@@ -67,9 +71,12 @@ def test_the_quickstart_refit_writes_a_valid_submission(finished_search):
     # (final_fit.py --verbose has that).
     epochs = best["epoch"]
     assert [line.split(":")[0] for line in lines if line.startswith("top1 epoch ")] == [
-        f"top1 epoch {epoch}/{epochs}" for epoch in range(1, epochs + 1)]
+        f"top1 epoch {epoch}/{epochs}" for epoch in range(1, epochs + 1)
+    ]
     assert f"top1 trained {epochs} epoch(s) and predicted {len(submission)} test images" in lines
-    assert not any("Reporting training result" in line or "Trial status" in line for line in lines), lines
+    assert not any(
+        "Reporting training result" in line or "Trial status" in line for line in lines
+    ), lines
 
 
 def test_top_k_picks_the_best_distinct_configurations_each_on_every_fold(finished_search):
@@ -78,11 +85,21 @@ def test_top_k_picks_the_best_distinct_configurations_each_on_every_fold(finishe
     folder = finished_search["results"] / "demo"
     trials = pd.read_parquet(folder / "trials.parquet")
     search = json.loads((folder / "search.json").read_text())
-    specs = choose_models(trials, metric="val_acc", mode="max", searched=search["searched"], base=search["base"],
-                          top_k=2, folds=3,
-                          epochs=None, data_dir="/data")
+    specs = choose_models(
+        trials,
+        metric="val_acc",
+        mode="max",
+        searched=search["searched"],
+        base=search["base"],
+        top_k=2,
+        folds=3,
+        epochs=None,
+        data_dir="/data",
+    )
     assert [s.model_id for s in specs] == [f"top{k}-fold{f}" for k in (1, 2) for f in range(3)]
-    ranked = trials[trials["best_epoch"] > 0].sort_values("best_val_acc", ascending=False, kind="stable")
+    ranked = trials[trials["best_epoch"] > 0].sort_values(
+        "best_val_acc", ascending=False, kind="stable"
+    )
     assert specs[0].source_trial == json.loads((folder / "best.json").read_text())["trial_id"]
     assert specs[0].source_trial == ranked["trial_id"].iloc[0]
     assert specs[3].source_trial == ranked["trial_id"].iloc[1]
@@ -91,16 +108,33 @@ def test_top_k_picks_the_best_distinct_configurations_each_on_every_fold(finishe
     assert all(s.until_epoch == by_trial.loc[s.source_trial, "best_epoch"] for s in specs)
     assert all(s.config["data_dir"] == "/data" for s in specs)
 
-    whole = choose_models(trials, metric="val_acc", mode="max", searched=search["searched"], base=search["base"],
-                          top_k=1, folds=0,
-                          epochs=7, data_dir="/data")
-    assert [(s.model_id, s.until_epoch, s.config["epochs"], s.config["val_fraction"]) for s in whole] == [
-        ("top1", 7, 7, 0.0)]
+    whole = choose_models(
+        trials,
+        metric="val_acc",
+        mode="max",
+        searched=search["searched"],
+        base=search["base"],
+        top_k=1,
+        folds=0,
+        epochs=7,
+        data_dir="/data",
+    )
+    assert [
+        (s.model_id, s.until_epoch, s.config["epochs"], s.config["val_fraction"]) for s in whole
+    ] == [("top1", 7, 7, 0.0)]
 
     tied = trials.assign(best_val_acc=0.5)  # on a tie the first trial wins, as in best.json
-    first = choose_models(tied, metric="val_acc", mode="max", searched=search["searched"], base=search["base"],
-                          top_k=1, folds=0,
-                          epochs=None, data_dir="/data")[0]
+    first = choose_models(
+        tied,
+        metric="val_acc",
+        mode="max",
+        searched=search["searched"],
+        base=search["base"],
+        top_k=1,
+        folds=0,
+        epochs=None,
+        data_dir="/data",
+    )[0]
     assert first.source_trial == tied.loc[tied["best_epoch"] > 0, "trial_id"].iloc[0]
 
 
@@ -109,32 +143,62 @@ def test_a_chosen_trial_on_folds_soft_votes_and_never_overwrites(finished_search
     first_submission = (folder / "final" / "submission.csv").read_bytes()
     trials = pd.read_parquet(folder / "trials.parquet")
     # A head-only trial: its fold models train in a reused Tune process, in seconds.
-    chosen = trials[trials["config.freeze"] == "head"].sort_values("best_val_acc", ascending=False,
-                                                                   kind="stable")["trial_id"].iloc[0]
+    chosen = (
+        trials[trials["config.freeze"] == "head"]
+        .sort_values("best_val_acc", ascending=False, kind="stable")["trial_id"]
+        .iloc[0]
+    )
     # From the clone's root with every local path relative: the default --results, --data-dir and
     # SKETCH_CACHE_DIR. The fold models train in a Tune trial process, whose working directory is
     # its trial's folder, where a relative path would miss.
     # --no-calibrate: the plain soft vote (calibration and greedy weights: test_budget_and_warm_start.py)
     clone = finished_search["clone"]
-    result = run_script("final_fit.py", "--trial", chosen, "--name", "demo", "--folds", "2", "--no-tta",
-                        "--epochs", "2", "--no-calibrate", "--data-dir", "data/demo", cwd=clone,
-                        env={**os.environ, "SKETCH_CACHE_DIR": "cache"})
+    result = run_script(
+        "final_fit.py",
+        "--trial",
+        chosen,
+        "--name",
+        "demo",
+        "--folds",
+        "2",
+        "--no-tta",
+        "--epochs",
+        "2",
+        "--no-calibrate",
+        "--data-dir",
+        "data/demo",
+        cwd=clone,
+        env={**os.environ, "SKETCH_CACHE_DIR": "cache"},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert list((clone / "cache").glob("features-*.pt")) and list((clone / "cache").glob("decoded-*.u8"))
+    assert list((clone / "cache").glob("features-*.pt")) and list(
+        (clone / "cache").glob("decoded-*.u8")
+    )
     assert (folder / "final" / "submission.csv").read_bytes() == first_submission
     assert (folder / "final" / "submission-2.csv").is_file()
     log = json.loads(read_fit_logs(folder)[-1].read_text())
     assert log["data_dir"] == str(clone / "data" / "demo")
     assert [m["model_id"] for m in log["models"]] == ["top1-fold0", "top1-fold1"]
-    assert {m["source_trial"] for m in log["models"]} == {chosen} and {m["epochs"] for m in log["models"]} == {2}
-    assert all(m["val_acc"] is not None for m in log["models"])  # each fold model has its held-out fold
+    assert {m["source_trial"] for m in log["models"]} == {chosen} and {
+        m["epochs"] for m in log["models"]
+    } == {2}
+    assert all(
+        m["val_acc"] is not None for m in log["models"]
+    )  # each fold model has its held-out fold
     # Soft vote: the ensemble is the mean of its members' probabilities and the submission its argmax.
     # Its accuracy may fall below a member's on 80 images, but by Jensen's inequality its log-loss
     # never exceeds the members' mean log-loss; a hard vote (one-hot) or a wrong mean breaks this.
     fit_folder = read_fit_logs(folder)[-1].parent
-    assert log["ensemble"] == {"method": "mean", "weights": {"top1": 1.0}, "temperatures": {"top1": 1.0}}
+    assert log["ensemble"] == {
+        "method": "mean",
+        "weights": {"top1": 1.0},
+        "temperatures": {"top1": 1.0},
+    }
     train = pd.read_csv(finished_search["data_dir"] / "train.csv")
-    assert np.load(fit_folder / "oof-top1.npy").shape == (len(train), train["target"].nunique())  # out of fold
+    assert np.load(fit_folder / "oof-top1.npy").shape == (
+        len(train),
+        train["target"].nunique(),
+    )  # out of fold
     members = np.stack([np.load(fit_folder / f"probs-{m['model_id']}.npy") for m in log["models"]])
     ensemble = np.load(fit_folder / "probs-ensemble.npy")
     np.testing.assert_allclose(ensemble, members.mean(axis=0), rtol=1e-6)
@@ -160,7 +224,9 @@ def test_errors(finished_search, tmp_path, capsys):
         assert len(lines) == 1 and lines[0].startswith("error: "), lines
         return lines[0]
 
-    assert "say which configuration to refit: --best" in final_fit("--results", str(tmp_path / "empty"))
+    assert "say which configuration to refit: --best" in final_fit(
+        "--results", str(tmp_path / "empty")
+    )
     assert "no experiment found" in final_fit("--best", "--results", str(tmp_path / "empty"))
     for option in ("--epochs", "--max-concurrent", "--top-k"):
         assert f"{option}: expected at least 1, got 0" in final_fit("--best", option, "0")
@@ -174,23 +240,37 @@ def test_errors(finished_search, tmp_path, capsys):
     search = json.loads((experiment / "search.json").read_text())
     shutil.copy(experiment / "best.json", copied / "demo" / "best.json")
     (copied / "demo" / "search.json").write_text(json.dumps({**search, "schema": 0}))
-    assert f"results schema 0, this version reads {SCHEMA_VERSION}" in final_fit("--best", "--results", str(copied))
+    assert f"results schema 0, this version reads {SCHEMA_VERSION}" in final_fit(
+        "--best", "--results", str(copied)
+    )
 
     (copied / "demo" / "search.json").write_text(json.dumps(search))
     other = tmp_path / "other-data"
     from sketch_core.demo_data import generate
+
     generate(other, classes=3, images_per_class=4, test_images=3, min_size=32, max_size=48)
-    assert "classes differ" in final_fit("--best", "--results", str(copied), "--data-dir", str(other))
-    assert "--top-k 50: the search has only" in final_fit("--best", "--results", str(copied), "--top-k", "50")
-    assert "--folds: expected 0 (no folds) or at least 2, got 1" in final_fit("--best", "--results", str(copied),
-                                                                             "--folds", "1")
-    assert "--trial nope: no trial with that id" in final_fit("--trial", "nope", "--results", str(copied))
-    assert "--top-k 2: goes with --best" in final_fit("--trial", "x", "--top-k", "2", "--results", str(copied))
+    assert "classes differ" in final_fit(
+        "--best", "--results", str(copied), "--data-dir", str(other)
+    )
+    assert "--top-k 50: the search has only" in final_fit(
+        "--best", "--results", str(copied), "--top-k", "50"
+    )
+    assert "--folds: expected 0 (no folds) or at least 2, got 1" in final_fit(
+        "--best", "--results", str(copied), "--folds", "1"
+    )
+    assert "--trial nope: no trial with that id" in final_fit(
+        "--trial", "nope", "--results", str(copied)
+    )
+    assert "--top-k 2: goes with --best" in final_fit(
+        "--trial", "x", "--top-k", "2", "--results", str(copied)
+    )
 
     # Files damaged by a full disk or a half-copied folder: one line naming the file.
-    for name, damage in [("trials.parquet", lambda data: data[:len(data) // 2]),
-                         ("search.json", lambda data: data[:len(data) // 2]),
-                         ("best.json", lambda data: b"{}")]:
+    for name, damage in [
+        ("trials.parquet", lambda data: data[: len(data) // 2]),
+        ("search.json", lambda data: data[: len(data) // 2]),
+        ("best.json", lambda data: b"{}"),
+    ]:
         original = (copied / "demo" / name).read_bytes()
         (copied / "demo" / name).write_bytes(damage(original))
         message = final_fit("--best", "--results", str(copied))
@@ -202,9 +282,15 @@ def test_unfinished_refits_are_told_apart_from_ctrl_c():
     from ray_jobs.final_fit import check_refits
     from sketch_core.errors import SketchError
 
-    fitted = pd.DataFrame([{"model_id": "top1", "done": True, "error": ""},
-                           {"model_id": "top2", "done": False, "error": ""}])
-    with pytest.raises(SketchError, match="refit of top2 ended without predicting the test set; see /t"):
+    fitted = pd.DataFrame(
+        [
+            {"model_id": "top1", "done": True, "error": ""},
+            {"model_id": "top2", "done": False, "error": ""},
+        ]
+    )
+    with pytest.raises(
+        SketchError, match="refit of top2 ended without predicting the test set; see /t"
+    ):
         check_refits(fitted, interrupted=False, tune_folder="/t")
     with pytest.raises(KeyboardInterrupt):
         check_refits(fitted, interrupted=True, tune_folder="/t")
@@ -219,17 +305,36 @@ def test_ctrl_c_during_the_refit_writes_no_submission(finished_search, tmp_path)
     submissions = sorted(path.name for path in (folder / "final").glob("submission*.csv"))
     fits, fit_folders = set(read_fit_logs(folder)), set(folder.glob("final/fit-*"))
     log = tmp_path / "final_fit.log"
-    with log.open("w") as output, started_script("final_fit.py", "--best", "--results", str(finished_search["results"]),
-                                                 stdout=output, stderr=subprocess.STDOUT) as driver:
+    with (
+        log.open("w") as output,
+        started_script(
+            "final_fit.py",
+            "--best",
+            "--results",
+            str(finished_search["results"]),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        ) as driver,
+    ):
+
         def refit_running():  # Ray Tune runs this fit's trial, so it is Tune that takes the Ctrl-C
-            return any(list(path.glob("tune/run_trial_*")) for path in set(folder.glob("final/fit-*")) - fit_folders)
+            return any(
+                list(path.glob("tune/run_trial_*"))
+                for path in set(folder.glob("final/fit-*")) - fit_folders
+            )
 
         wait_for(refit_running, "the refit under Ray Tune", driver, interval=0.5, log=log)
         driver.send_signal(signal.SIGINT)
         driver.wait(timeout=300)
     output = log.read_text()
-    assert "Stop signal received" in output, output[-3000:]  # Ray Tune's own line: it caught the signal
-    assert driver.returncode == 130 and "interrupted; run final_fit.py again for a new fit" in output, output[-3000:]
+    assert "Stop signal received" in output, output[
+        -3000:
+    ]  # Ray Tune's own line: it caught the signal
+    assert (
+        driver.returncode == 130 and "interrupted; run final_fit.py again for a new fit" in output
+    ), output[-3000:]
     assert "Traceback" not in own_output(output) and "error:" not in output, output[-3000:]
     assert sorted(path.name for path in (folder / "final").glob("submission*.csv")) == submissions
-    assert set(read_fit_logs(folder)) == fits  # the interrupted fit has no fit.json to mistake for a good one
+    assert (
+        set(read_fit_logs(folder)) == fits
+    )  # the interrupted fit has no fit.json to mistake for a good one

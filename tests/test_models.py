@@ -21,7 +21,9 @@ def test_freeze_policies(name):
 
 
 def test_head_only_keeps_the_backbone_in_eval_mode():
-    model = create_classifier("test_vit", num_classes=3, freeze="head", head="mlp", head_hidden=16).train()
+    model = create_classifier(
+        "test_vit", num_classes=3, freeze="head", head="mlp", head_hidden=16
+    ).train()
     assert model.head.training and not model.backbone.training
     assert isinstance(model.head[0], torch.nn.Linear) and model.head[0].out_features == 16
 
@@ -47,11 +49,15 @@ def test_unavailable_pretrained_weights_name_the_model_and_the_way_out(monkeypat
 def test_local_checkpoint_file_replaces_the_hub(tmp_path):
     source = create_classifier("test_resnet", num_classes=3)
     torch.save(source.backbone.state_dict(), tmp_path / "weights.pth")
-    loaded = create_classifier("test_resnet", num_classes=3, checkpoint_file=str(tmp_path / "weights.pth"))
+    loaded = create_classifier(
+        "test_resnet", num_classes=3, checkpoint_file=str(tmp_path / "weights.pth")
+    )
     for name, tensor in source.backbone.state_dict().items():
         assert torch.equal(tensor, loaded.backbone.state_dict()[name]), name
     with pytest.raises(SketchError, match="checkpoint_file: .*missing.pth not found"):
-        create_classifier("test_resnet", num_classes=3, checkpoint_file=str(tmp_path / "missing.pth"))
+        create_classifier(
+            "test_resnet", num_classes=3, checkpoint_file=str(tmp_path / "missing.pth")
+        )
 
 
 def test_weights_are_checked_without_loading_them(monkeypatch, tmp_path):
@@ -62,11 +68,16 @@ def test_weights_are_checked_without_loading_them(monkeypatch, tmp_path):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(SketchError, match=r"^model test_resnet.r160_in1k: pretrained weights could not be fetched "
-                                          r"\(OfflineModeIsEnabled.*pre-fill the Hugging Face cache"):
+    with pytest.raises(
+        SketchError,
+        match=r"^model test_resnet.r160_in1k: pretrained weights could not be fetched "
+        r"\(OfflineModeIsEnabled.*pre-fill the Hugging Face cache",
+    ):
         check_pretrained_weights("test_resnet.r160_in1k", pretrained=True)
     with pytest.raises(SketchError, match="checkpoint_file: .*missing.pth not found"):
-        check_pretrained_weights("test_resnet", pretrained=False, checkpoint_file=str(tmp_path / "missing.pth"))
+        check_pretrained_weights(
+            "test_resnet", pretrained=False, checkpoint_file=str(tmp_path / "missing.pth")
+        )
 
     # The cache layout huggingface_hub writes: refs/main names the snapshot holding the files.
     repo = tmp_path / "hub" / "models--timm--test_resnet.r160_in1k"
@@ -74,8 +85,10 @@ def test_weights_are_checked_without_loading_them(monkeypatch, tmp_path):
     (repo / "refs" / "main").write_text("0" * 40)
     (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
     weights = timm.create_model("test_resnet", num_classes=1000).state_dict()
-    save_file({name: tensor.contiguous() for name, tensor in weights.items()},
-              str(repo / "snapshots" / ("0" * 40) / "model.safetensors"))
+    save_file(
+        {name: tensor.contiguous() for name, tensor in weights.items()},
+        str(repo / "snapshots" / ("0" * 40) / "model.safetensors"),
+    )
     check_pretrained_weights("test_resnet.r160_in1k", pretrained=True)
     model = create_classifier("test_resnet.r160_in1k", num_classes=3, pretrained=True)
     assert torch.equal(model.backbone.conv1[0].weight, weights["conv1.0.weight"])

@@ -27,20 +27,35 @@ def test_ray_reuses_processes_for_equal_requests_and_saves_state_under_known_nam
         assert local_ray_instances() == [ray.get_runtime_context().gcs_address]
         own = [{"own": True}, {"own": True}, {"own": False}, {"own": False}]
         trainable = tune.with_resources(
-            report_pid, lambda config: OwnRequest([{"CPU": 0.5}]) if config["own"]
-            else tune.PlacementGroupFactory([{"CPU": 0.5}]))
+            report_pid,
+            lambda config: (
+                OwnRequest([{"CPU": 0.5}])
+                if config["own"]
+                else tune.PlacementGroupFactory([{"CPU": 0.5}])
+            ),
+        )
         results = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=DrawnTrials(own, metric="score", mode="max"), num_samples=4,
-                                        max_concurrent_trials=1, reuse_actors=True),
+            tune_config=tune.TuneConfig(
+                search_alg=DrawnTrials(own, metric="score", mode="max"),
+                num_samples=4,
+                max_concurrent_trials=1,
+                reuse_actors=True,
+            ),
             run_config=tune.RunConfig(name="exp", storage_path=str(tmp_path), verbose=0),
         ).fit()
-        pids = [result.metrics["pid"] for result in sorted(results, key=lambda r: r.metrics["trial_id"])]
+        pids = [
+            result.metrics["pid"] for result in sorted(results, key=lambda r: r.metrics["trial_id"])
+        ]
     finally:
         ray.shutdown()
     # Trials run in the order drawn: two with requests of their own, then two with equal requests.
-    assert pids[2] == pids[3], "Tune no longer reuses a process for a trial with an equal resource request"
-    assert len({pids[0], pids[1], pids[2]}) == 3, "a trial with a request of its own was given another's process"
+    assert pids[2] == pids[3], (
+        "Tune no longer reuses a process for a trial with an equal resource request"
+    )
+    assert len({pids[0], pids[1], pids[2]}) == 3, (
+        "a trial with a request of its own was given another's process"
+    )
 
     folder = tmp_path / "exp"
     names = os.listdir(folder)

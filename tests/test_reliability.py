@@ -9,8 +9,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import REPO_ROOT
+
 from sketch_core.engine import load_checkpoint
 from sketch_core.errors import SketchError
 
@@ -19,7 +19,9 @@ def test_ended_trials_free_their_workers_while_the_search_goes_on(finished_searc
     """(An ASHA-stopped trial's workers: tests/test_trial_kinds.py.)"""
     released = finished_search["released"]  # watched while the shared search ran
     assert released, "no fine-tuning trial ended while the quickstart search went on"
-    assert all(trial["after_s"] is not None for trial in released.values()), f"workers outlived their trial: {released}"
+    assert all(trial["after_s"] is not None for trial in released.values()), (
+        f"workers outlived their trial: {released}"
+    )
 
 
 PAYLOAD_SIZE = 20_000_000
@@ -40,12 +42,16 @@ def test_a_killed_writer_leaves_a_whole_version(tmp_path):
     store = ResultsStore(str(tmp_path), "exp")
     store.write_bytes("table.bin", b"a" * PAYLOAD_SIZE)
     for delay in (0.7, 1.3, 2.1):
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(REPO_ROOT), str(tmp_path), str(PAYLOAD_SIZE)])
+        writer = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(REPO_ROOT), str(tmp_path), str(PAYLOAD_SIZE)]
+        )
         time.sleep(delay)
         writer.send_signal(signal.SIGKILL)
         writer.wait()
         content = store.read_bytes("table.bin")
-        assert content in (b"a" * PAYLOAD_SIZE, b"b" * PAYLOAD_SIZE), "a half-written file replaced the last one"
+        assert content in (b"a" * PAYLOAD_SIZE, b"b" * PAYLOAD_SIZE), (
+            "a half-written file replaced the last one"
+        )
 
 
 def test_checkpoints_load_weights_only(tmp_path):
@@ -69,15 +75,28 @@ def test_a_search_state_that_tune_cannot_restore_is_refused_before_resuming(tmp_
     from ray_jobs.tuning import check_saved_state
 
     store = ResultsStore(str(tmp_path), "exp")
-    store.write_bytes("tune/experiment_state-2026-01-01_00-00-00.json", b"{truncated")  # an older session's
-    store.write_bytes("tune/experiment_state-2026-01-02_00-00-00.json", json.dumps({"trial_data": []}).encode())
-    store.write_bytes("tune/search_gen_state-2026-01-02_00-00-00.json", pickle.dumps({"counter": 1}))
-    store.write_bytes("tune/searcher-state-2026-01-02_00-00-00.pkl", pickle.dumps({"handed_out": 1}))
+    store.write_bytes(
+        "tune/experiment_state-2026-01-01_00-00-00.json", b"{truncated"
+    )  # an older session's
+    store.write_bytes(
+        "tune/experiment_state-2026-01-02_00-00-00.json", json.dumps({"trial_data": []}).encode()
+    )
+    store.write_bytes(
+        "tune/search_gen_state-2026-01-02_00-00-00.json", pickle.dumps({"counter": 1})
+    )
+    store.write_bytes(
+        "tune/searcher-state-2026-01-02_00-00-00.pkl", pickle.dumps({"handed_out": 1})
+    )
     check_saved_state(store)
 
-    store.write_bytes("tune/experiment_state-2026-01-02_00-00-00.json", b'{"trial_data": [["{\\"trainable')
-    with pytest.raises(SketchError, match=r"cannot resume: experiment_state-2026-01-02_00-00-00.json is damaged "
-                                          r"\(JSONDecodeError\).*--warm-start exp$"):
+    store.write_bytes(
+        "tune/experiment_state-2026-01-02_00-00-00.json", b'{"trial_data": [["{\\"trainable'
+    )
+    with pytest.raises(
+        SketchError,
+        match=r"cannot resume: experiment_state-2026-01-02_00-00-00.json is damaged "
+        r"\(JSONDecodeError\).*--warm-start exp$",
+    ):
         check_saved_state(store)
     store.write_bytes("tune/experiment_state-2026-01-02_00-00-00.json", b"{}")
     (tmp_path / "exp" / "tune" / "search_gen_state-2026-01-02_00-00-00.json").unlink()

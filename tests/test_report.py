@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from conftest import run_script
 from PIL import Image
 
-from conftest import run_script
 from ray_jobs.report import axis_scale, observed_distribution, write_report
 from ray_jobs.results import ExperimentTables, ResultsStore, TrialState
 from ray_jobs.space import parse_space
@@ -30,12 +30,24 @@ class Trial:
 
 # The real demo search /tmp/res/smoke2 (3 trials, ASHA stopped two): its configurations and curves.
 SMOKE2 = [
-    Trial("e5debfc8", "TERMINATED", [0.048611, 0.076389, 0.111111, 0.090278, 0.208333, 0.201389],
-          {"lr": 0.006923530586011298, "label_smoothing": 0.0875174422525385}),
-    Trial("aaf421b2", "TERMINATED", [0.069444, 0.138889, 0.159722, 0.055556],
-          {"lr": 0.005483312693790956, "label_smoothing": 0.18511932765853223}),
-    Trial("8ddb7e85", "TERMINATED", [0.041667, 0.048611],
-          {"lr": 0.013549145341210668, "label_smoothing": 0.1957236684465528}),
+    Trial(
+        "e5debfc8",
+        "TERMINATED",
+        [0.048611, 0.076389, 0.111111, 0.090278, 0.208333, 0.201389],
+        {"lr": 0.006923530586011298, "label_smoothing": 0.0875174422525385},
+    ),
+    Trial(
+        "aaf421b2",
+        "TERMINATED",
+        [0.069444, 0.138889, 0.159722, 0.055556],
+        {"lr": 0.005483312693790956, "label_smoothing": 0.18511932765853223},
+    ),
+    Trial(
+        "8ddb7e85",
+        "TERMINATED",
+        [0.041667, 0.048611],
+        {"lr": 0.013549145341210668, "label_smoothing": 0.1957236684465528},
+    ),
 ]
 
 
@@ -46,38 +58,82 @@ def wide_search() -> list[Trial]:
     for i in range(12):
         lr = float(10 ** rng.uniform(-5, -2))
         head = ["linear", "mlp"][i % 2]
-        accs = list(np.linspace(0.1, 0.3 + 0.1 * (head == "mlp") - 0.05 * abs(np.log10(lr) + 3.5), 6))
-        trials.append(Trial(f"w{i:07d}", "TERMINATED", accs[:6 if i % 3 == 0 else 2],
-                            {"lr": lr, "head": head, "ema": bool(i % 4 == 0), "label_smoothing": 0.1}))
+        accs = list(
+            np.linspace(0.1, 0.3 + 0.1 * (head == "mlp") - 0.05 * abs(np.log10(lr) + 3.5), 6)
+        )
+        trials.append(
+            Trial(
+                f"w{i:07d}",
+                "TERMINATED",
+                accs[: 6 if i % 3 == 0 else 2],
+                {"lr": lr, "head": head, "ema": bool(i % 4 == 0), "label_smoothing": 0.1},
+            )
+        )
     return trials
 
 
 # Distributions the searched values below were drawn from.
-DISTRIBUTIONS = {"lr": {"loguniform": [1.0e-5, 2.0e-2]}, "head": {"choice": ["linear", "mlp"]},
-                 "ema": {"choice": [False, True]}, "label_smoothing": {"uniform": [0.0, 0.2]},
-                 "augment": {"choice": ["none", "light", "sketch"]},
-                 "head_hidden": [{"when": {"head": "mlp"}, "choice": [64, 256]}]}
+DISTRIBUTIONS = {
+    "lr": {"loguniform": [1.0e-5, 2.0e-2]},
+    "head": {"choice": ["linear", "mlp"]},
+    "ema": {"choice": [False, True]},
+    "label_smoothing": {"uniform": [0.0, 0.2]},
+    "augment": {"choice": ["none", "light", "sketch"]},
+    "head_hidden": [{"when": {"head": "mlp"}, "choice": [64, 256]}],
+}
 
 
-def write_search(store: ResultsStore, trials: list[Trial], *, searched=SMOKE_SEARCHED, max_epochs: int = 6,
-                 gpus_per_trial: float = 0.0, with_best: bool = True) -> ResultsStore:
+def write_search(
+    store: ResultsStore,
+    trials: list[Trial],
+    *,
+    searched=SMOKE_SEARCHED,
+    max_epochs: int = 6,
+    gpus_per_trial: float = 0.0,
+    with_best: bool = True,
+) -> ResultsStore:
     """search.json, trials.parquet, epochs.parquet and best.json as tune.py and ResultsRecorder write them."""
-    space = parse_space({
-        "experiment": store.experiment, "data": {"dir": "/data"},
-        "model": {"name": "test_resnet", "image_size": 48},
-        "resources": {"workers": 2, "cpus_per_worker": 0.9, "gpus_per_worker": gpus_per_trial / 2},
-        "scheduler": {"type": "asha", "max_epochs": max_epochs},
-        "space": {name: DISTRIBUTIONS[name] for name in searched}}, source="search_spaces/demo.yaml")
-    tables = ExperimentTables(metric="val_acc", mode="max", max_epochs=max_epochs, resources=space.resources,
-                              params=space.params, base=space.base)
+    space = parse_space(
+        {
+            "experiment": store.experiment,
+            "data": {"dir": "/data"},
+            "model": {"name": "test_resnet", "image_size": 48},
+            "resources": {
+                "workers": 2,
+                "cpus_per_worker": 0.9,
+                "gpus_per_worker": gpus_per_trial / 2,
+            },
+            "scheduler": {"type": "asha", "max_epochs": max_epochs},
+            "space": {name: DISTRIBUTIONS[name] for name in searched},
+        },
+        source="search_spaces/demo.yaml",
+    )
+    tables = ExperimentTables(
+        metric="val_acc",
+        mode="max",
+        max_epochs=max_epochs,
+        resources=space.resources,
+        params=space.params,
+        base=space.base,
+    )
     for start, trial in enumerate(trials):
         for epoch, val_acc in enumerate(trial.val_accs, start=1):
-            tables.add_result(trial.trial_id, {
-                "epoch": epoch, "val_acc": val_acc, "val_loss": 3.0 - val_acc, "train_loss": 3.2 - 0.1 * epoch,
-                "lr": 0.01 / epoch, "images_per_s": 320.0, "time_total_s": 30.0 + 2.0 * epoch,
-                "time_this_iter_s": 32.0 if epoch == 1 else 2.0,
-                "checkpoint_path": f"/ckpt/{trial.trial_id}/{epoch}", "nodes": "192.0.2.2",
-                "timestamp": 1.7956e9 + 60.0 * start + 2.0 * epoch})
+            tables.add_result(
+                trial.trial_id,
+                {
+                    "epoch": epoch,
+                    "val_acc": val_acc,
+                    "val_loss": 3.0 - val_acc,
+                    "train_loss": 3.2 - 0.1 * epoch,
+                    "lr": 0.01 / epoch,
+                    "images_per_s": 320.0,
+                    "time_total_s": 30.0 + 2.0 * epoch,
+                    "time_this_iter_s": 32.0 if epoch == 1 else 2.0,
+                    "checkpoint_path": f"/ckpt/{trial.trial_id}/{epoch}",
+                    "nodes": "192.0.2.2",
+                    "timestamp": 1.7956e9 + 60.0 * start + 2.0 * epoch,
+                },
+            )
     base = {**space.base, "augment": "light", "head": "linear"}
     states = [TrialState(t.trial_id, t.tune_status, {**base, **t.config}, t.error) for t in trials]
     trials_frame = tables.trials_frame(states)
@@ -119,16 +175,27 @@ def assert_names_best_trial(summary: str, best: dict) -> None:
     assert f"- val_acc: {best['val_acc']:.4g} at epoch {best['epoch']}" in summary
 
 
-@pytest.mark.parametrize("trials, searched, constant", [
-    (SMOKE2, SMOKE_SEARCHED, ["augment", "head"]),
-    (wide_search(), ["ema", "head", "label_smoothing", "lr"], ["label_smoothing"]),
-], ids=["smoke2", "wide"])
-def test_report_of_a_search_has_every_plot_and_names_the_best_trial(tmp_path, trials, searched, constant):
+@pytest.mark.parametrize(
+    "trials, searched, constant",
+    [
+        (SMOKE2, SMOKE_SEARCHED, ["augment", "head"]),
+        (wide_search(), ["ema", "head", "label_smoothing", "lr"], ["label_smoothing"]),
+    ],
+    ids=["smoke2", "wide"],
+)
+def test_report_of_a_search_has_every_plot_and_names_the_best_trial(
+    tmp_path, trials, searched, constant
+):
     store = local_search(tmp_path, trials, searched=searched)
     assert write_report(store) == str(tmp_path / "results" / "exp" / "report")
     summary, images = read_report(store)
-    expected = {"learning_curves.png", "parallel_coordinates.png", "importance.png", "cost.png",
-                *(f"param-{name}.png" for name in searched)}
+    expected = {
+        "learning_curves.png",
+        "parallel_coordinates.png",
+        "importance.png",
+        "cost.png",
+        *(f"param-{name}.png" for name in searched),
+    }
     assert set(images) == expected
     assert sorted(store.list_names("report")) == sorted(expected | {"summary.md"})
     assert_names_best_trial(summary, store.read_json("best.json"))
@@ -145,17 +212,28 @@ def test_cost_counts_the_epochs_asha_saved(tmp_path):
     store = local_search(tmp_path, SMOKE2, gpus_per_trial=2.0)
     write_report(store)
     summary = store.read_bytes("report/summary.md").decode()
-    assert "trial-epochs: 12 run of 18 (3 trials x 6 epochs); ASHA's early stopping saved 6 (33%)" in summary
+    assert (
+        "trial-epochs: 12 run of 18 (3 trials x 6 epochs); ASHA's early stopping saved 6 (33%)"
+        in summary
+    )
     gpu_hours = store.read_parquet("trials.parquet")["gpu_hours"].sum()
     assert f"- GPU-hours: {gpu_hours:.3f} in all" in summary and "CPU-only" not in summary
 
 
 def test_epochs_a_budget_cut_are_not_counted_as_asha_s(tmp_path):
-    store = local_search(tmp_path, SMOKE2 + [Trial("b0000001", "STOPPED_BY_BUDGET", [0.05, 0.07], {"lr": 0.01})])
-    assert store.read_parquet("trials.parquet").set_index("trial_id").loc["b0000001", "status"] == "stopped_by_budget"
+    store = local_search(
+        tmp_path, SMOKE2 + [Trial("b0000001", "STOPPED_BY_BUDGET", [0.05, 0.07], {"lr": 0.01})]
+    )
+    assert (
+        store.read_parquet("trials.parquet").set_index("trial_id").loc["b0000001", "status"]
+        == "stopped_by_budget"
+    )
     write_report(store)
     summary = store.read_bytes("report/summary.md").decode()
-    assert "trial-epochs: 14 run of 24 (4 trials x 6 epochs); ASHA's early stopping saved 6 (25%)" in summary
+    assert (
+        "trial-epochs: 14 run of 24 (4 trials x 6 epochs); ASHA's early stopping saved 6 (25%)"
+        in summary
+    )
     assert "- 4 trial-epochs not run for other reasons" in summary
 
 
@@ -172,19 +250,39 @@ def test_errored_trials_are_listed_and_marked(tmp_path):
     assert "- `err00002` (error): ValueError: a | b went wrong" in summary
     assert "learning_curves.png" in images and "cost.png" in images
     assert_names_best_trial(summary, store.read_json("best.json"))
-    assert "trial-epochs: 13 run of 30" in summary and "11 trial-epochs not run for other reasons" in summary
+    assert (
+        "trial-epochs: 13 run of 30" in summary
+        and "11 trial-epochs not run for other reasons" in summary
+    )
 
 
-@pytest.mark.parametrize("trials, searched, reason", [
-    ([SMOKE2[0], Trial("err00001", "ERROR", [], error="RuntimeError: boom"), Trial("run00001", "RUNNING", [0.1])],
-     SMOKE_SEARCHED, "skipped: 1 trial(s) ended with a val_acc; at least 2 needed."),
-    (SMOKE2, ["lr"], "skipped: 1 searched hyperparameter(s) varied (lr); at least 2 needed."),
-    ([Trial(t.trial_id, t.tune_status, t.val_accs) for t in SMOKE2], SMOKE_SEARCHED,
-     "skipped: 0 searched hyperparameter(s) varied (none); at least 2 needed. Constant over these trials, so left "
-     "out: augment, head, label_smoothing, lr."),
-    ([Trial(t.trial_id, t.tune_status, [0.1] * len(t.val_accs), t.config) for t in SMOKE2], SMOKE_SEARCHED,
-     "skipped: every trial scored the same val_acc. Constant over these trials, so left out: augment, head."),
-], ids=["one-finished-trial", "one-param", "constant-params", "same-score"])
+@pytest.mark.parametrize(
+    "trials, searched, reason",
+    [
+        (
+            [
+                SMOKE2[0],
+                Trial("err00001", "ERROR", [], error="RuntimeError: boom"),
+                Trial("run00001", "RUNNING", [0.1]),
+            ],
+            SMOKE_SEARCHED,
+            "skipped: 1 trial(s) ended with a val_acc; at least 2 needed.",
+        ),
+        (SMOKE2, ["lr"], "skipped: 1 searched hyperparameter(s) varied (lr); at least 2 needed."),
+        (
+            [Trial(t.trial_id, t.tune_status, t.val_accs) for t in SMOKE2],
+            SMOKE_SEARCHED,
+            "skipped: 0 searched hyperparameter(s) varied (none); at least 2 needed. Constant over these trials, so left "
+            "out: augment, head, label_smoothing, lr.",
+        ),
+        (
+            [Trial(t.trial_id, t.tune_status, [0.1] * len(t.val_accs), t.config) for t in SMOKE2],
+            SMOKE_SEARCHED,
+            "skipped: every trial scored the same val_acc. Constant over these trials, so left out: augment, head.",
+        ),
+    ],
+    ids=["one-finished-trial", "one-param", "constant-params", "same-score"],
+)
 def test_importance_is_skipped_with_a_note(tmp_path, trials, searched, reason):
     store = local_search(tmp_path, trials, searched=searched)
     write_report(store)
@@ -196,9 +294,11 @@ def test_importance_is_skipped_with_a_note(tmp_path, trials, searched, reason):
 
 
 def test_report_of_a_running_search_without_best_json(tmp_path):
-    trials = [Trial("run00001", "RUNNING", [0.05, float("nan"), 0.12], {"lr": 0.002}),
-              Trial("run00002", "RUNNING", [], {"lr": 0.01}),
-              Trial("pend0001", "PENDING", [], {"lr": 0.004})]
+    trials = [
+        Trial("run00001", "RUNNING", [0.05, float("nan"), 0.12], {"lr": 0.002}),
+        Trial("run00002", "RUNNING", [], {"lr": 0.01}),
+        Trial("pend0001", "PENDING", [], {"lr": 0.004}),
+    ]
     store = local_search(tmp_path, trials, with_best=False)
     write_report(store)
     summary, images = read_report(store)
@@ -234,15 +334,31 @@ def test_axes_and_distributions_follow_what_the_search_drew_from():
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
     assert axis_scale([{"kind": "loguniform", "args": [1e-5, 1e-2]}]) == "log"
-    assert axis_scale([{"kind": "uniform", "args": [1e-5, 1e-2]}]) == "linear"  # three decades, searched linearly
-    assert axis_scale([{"kind": "choice", "args": [8, 16]}, {"when": {"head": ["mlp"]}, "kind": "grid",
-                                                            "args": [32]}]) == "categories"
-    assert axis_scale([{"kind": "choice", "args": [0.0]}, {"kind": "qloguniform", "args": [1, 9, 1]}]) == "log"
+    assert (
+        axis_scale([{"kind": "uniform", "args": [1e-5, 1e-2]}]) == "linear"
+    )  # three decades, searched linearly
+    assert (
+        axis_scale(
+            [
+                {"kind": "choice", "args": [8, 16]},
+                {"when": {"head": ["mlp"]}, "kind": "grid", "args": [32]},
+            ]
+        )
+        == "categories"
+    )
+    assert (
+        axis_scale([{"kind": "choice", "args": [0.0]}, {"kind": "qloguniform", "args": [1, 9, 1]}])
+        == "log"
+    )
     values = pd.Series([0.0055, 0.0069, 0.0135])
     assert observed_distribution(values, "log") == FloatDistribution(0.0055, 0.0135, log=True)
     assert observed_distribution(values, "linear") == FloatDistribution(0.0055, 0.0135)
-    assert observed_distribution(pd.Series([16, 8, 16]), "categories") == CategoricalDistribution([16, 8])
-    assert observed_distribution(pd.Series([True, False]), "categories") == CategoricalDistribution([False, True])
+    assert observed_distribution(pd.Series([16, 8, 16]), "categories") == CategoricalDistribution(
+        [16, 8]
+    )
+    assert observed_distribution(pd.Series([True, False]), "categories") == CategoricalDistribution(
+        [False, True]
+    )
 
 
 def test_cli_writes_the_report_and_says_where(tmp_path):
@@ -272,12 +388,22 @@ def test_a_conditional_parameter_is_shown_only_where_a_trial_drew_it(tmp_path):
     holds the mlp trials alone, and the report's tables mark the others "-"."""
     from ray_jobs.report import Importance, load_results, report_figures
 
-    trials = [Trial(t.trial_id, t.tune_status, t.val_accs, {**t.config, "head_hidden": 64 + 192 * (i % 3 == 0)})
-              for i, t in enumerate(wide_search())]
+    trials = [
+        Trial(
+            t.trial_id,
+            t.tune_status,
+            t.val_accs,
+            {**t.config, "head_hidden": 64 + 192 * (i % 3 == 0)},
+        )
+        for i, t in enumerate(wide_search())
+    ]
     store = local_search(tmp_path, trials, searched=["head", "head_hidden", "lr"])
     table = store.read_parquet("trials.parquet")
     mlp = table["config.head"] == "mlp"
-    assert table.loc[mlp, "config.head_hidden"].isin([64, 256]).all() and table.loc[~mlp, "config.head_hidden"].isna().all()
+    assert (
+        table.loc[mlp, "config.head_hidden"].isin([64, 256]).all()
+        and table.loc[~mlp, "config.head_hidden"].isna().all()
+    )
     write_report(store)
     summary, images = read_report(store)
     assert "param-head_hidden.png" in images
@@ -302,6 +428,13 @@ def test_the_reliability_diagram_measures_calibration():
     targets = np.where(right, 0, 1)
     assert expected_calibration_error(probs, targets) < 0.03
     table = reliability_bins(probs, targets)
-    assert table["images"].sum() == 4000 and (table["accuracy"] - table["confidence"]).abs().max() < 0.06
-    overconfident = np.stack([np.full(4000, 0.99), np.full(4000, 0.01)], axis=1)  # 99% sure, right ~60%
-    assert expected_calibration_error(overconfident, targets) == pytest.approx(0.99 - (targets == 0).mean(), abs=1e-9)
+    assert (
+        table["images"].sum() == 4000
+        and (table["accuracy"] - table["confidence"]).abs().max() < 0.06
+    )
+    overconfident = np.stack(
+        [np.full(4000, 0.99), np.full(4000, 0.01)], axis=1
+    )  # 99% sure, right ~60%
+    assert expected_calibration_error(overconfident, targets) == pytest.approx(
+        0.99 - (targets == 0).mean(), abs=1e-9
+    )

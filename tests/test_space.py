@@ -13,7 +13,9 @@ SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 DEMO = yaml.safe_load((SPACES / "demo.yaml").read_text())
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "eva02.yaml", "convnext.yaml", "demo_head.yaml", "eva02_head.yaml"])
+@pytest.mark.parametrize(
+    "name", ["demo.yaml", "eva02.yaml", "convnext.yaml", "demo_head.yaml", "eva02_head.yaml"]
+)
 def test_shipped_spaces_load(name):
     space = load_space(SPACES / name)
     assert space.params and space.base["epochs"] == space.scheduler.max_epochs
@@ -27,8 +29,16 @@ def test_eva02_is_the_real_search():
     assert space.base["model"] == "eva02_large_patch14_448.mim_m38m_ft_in22k_in1k"
     assert space.base["pretrained"] is True and space.base["image_size"] == 448
     assert space.resources.workers == 4 and space.resources.gpus_per_worker == 1
-    assert {"lr", "freeze", "head", "weight_decay", "label_smoothing", "augment", "mixup_alpha",
-            "batch_size"} <= set(space.params.names)
+    assert {
+        "lr",
+        "freeze",
+        "head",
+        "weight_decay",
+        "label_smoothing",
+        "augment",
+        "mixup_alpha",
+        "batch_size",
+    } <= set(space.params.names)
     assert space.search.budget_gpu_hours == 40 and space.start_from[0]["freeze"] == "head"
     # A recipe per freeze value: every head-only trial trains on cached features, at a head's rates.
     searcher, _ = _searcher(space)
@@ -47,10 +57,18 @@ def test_head_spaces_train_every_trial_in_its_tune_process_with_a_gpu_share():
     for name, gpus in (("eva02_head.yaml", 0.125), ("demo_head.yaml", 0)):
         space = load_space(SPACES / name)
         for bound in (0, -1):  # the ends of every searched range, and each option
-            config = {**space.base, **{param.name: param.branches[0].distribution.bounds()[bound]
-                                       for param in space.params}}
+            config = {
+                **space.base,
+                **{
+                    param.name: param.branches[0].distribution.bounds()[bound]
+                    for param in space.params
+                },
+            }
             assert runs_in_trial_process(config)
-            assert space.resources.of_trial(config) == {"CPU": 1.0, **({"GPU": gpus} if gpus else {})}
+            assert space.resources.of_trial(config) == {
+                "CPU": 1.0,
+                **({"GPU": gpus} if gpus else {}),
+            }
     mixed = load_space(SPACES / "eva02.yaml")
     assert mixed.resources.head_gpus == Resources.HEAD_GPUS  # the default where workers have GPUs
     head_only = {**mixed.base, "freeze": "head", "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
@@ -73,37 +91,64 @@ def changed(path: str, value):
     return document
 
 
-@pytest.mark.parametrize("path, value, message", [
-    ("bogus", 1, "bogus: unknown key"),
-    ("search.sercher", "optuna", "search.sercher: unknown key"),
-    ("experiment", None, "experiment: a name is required"),
-    ("experiment", "../up", "experiment: expected a folder name"),
-    ("model.name", "no_such_net", "model: unknown timm model 'no_such_net'"),
-    ("space.lr", {"lognormal": [1, 2]}, "space.lr: unknown distribution 'lognormal'"),
-    ("space.lr", {"loguniform": [0.1, 0.01]}, "space.lr: loguniform: low (0.1) must be below high (0.01)"),
-    ("space.lr", {"loguniform": [0, 0.01]}, "space.lr: loguniform: bounds must be > 0"),
-    ("space.lr", {"uniform": [0.1]}, "space.lr: uniform: expected [low, high]"),
-    ("space.lr", {"uniform": [-1.0, 0.1]}, "space.lr: lr: expected a value > 0.0, got -1.0"),
-    ("space.augment", {"choice": ["light", "psychedelic"]}, "space.augment: augment: expected one of"),
-    ("space.learning_rate", {"uniform": [0.1, 0.2]}, "space: learning_rate: unknown key"),
-    ("space.epochs", {"choice": [1, 2]}, "space.epochs: cannot be searched here; set scheduler.max_epochs"),
-    ("space.model", {"choice": ["test_vit"]}, "space.model: cannot be searched here; set model.name: {choice: [...]}"),
-    ("fixed.epochs", 3, "fixed.epochs: set it as scheduler.max_epochs instead"),
-    ("fixed.lr", 0.1, "space.lr: also set in fixed"),
-    ("fixed.optimizer", "lion", "optimizer: expected one of adamw, sgd"),
-    ("search.searcher", "bayes", "search.searcher: expected one of optuna, random, grid"),
-    ("search.metric", "accuracy", "search.metric: expected one of val_acc, val_loss, train_loss"),
-    ("search.mode", "min", "search.mode: val_acc is best at max"),
-    ("search.num_samples", 0, "search.num_samples: expected a value >= 1, got 0"),
-    ("search.startup_trials", -1, "search.startup_trials: expected a value >= 0, got -1"),
-    ("scheduler.grace_period", 10, "scheduler.grace_period: expected 1..max_epochs (6)"),
-    ("scheduler.reduction_factor", 1, "scheduler.reduction_factor: expected a value > 1"),
-    ("resources.workers", 0, "resources.workers: expected a value >= 1, got 0"),
-    ("resources.head_cpus", 0, "resources.head_cpus: expected a value > 0.0, got 0.0"),
-    ("resources.head_gpus", -0.5, "resources.head_gpus: expected a value >= 0.0, got -0.5"),
-    ("resources.gpus_per_worker", "one", "resources.gpus_per_worker: expected float"),
-    ("space.head", {"grid": ["linear", "mlp"]}, "space: grid values need search.searcher grid or random"),
-])
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ("bogus", 1, "bogus: unknown key"),
+        ("search.sercher", "optuna", "search.sercher: unknown key"),
+        ("experiment", None, "experiment: a name is required"),
+        ("experiment", "../up", "experiment: expected a folder name"),
+        ("model.name", "no_such_net", "model: unknown timm model 'no_such_net'"),
+        ("space.lr", {"lognormal": [1, 2]}, "space.lr: unknown distribution 'lognormal'"),
+        (
+            "space.lr",
+            {"loguniform": [0.1, 0.01]},
+            "space.lr: loguniform: low (0.1) must be below high (0.01)",
+        ),
+        ("space.lr", {"loguniform": [0, 0.01]}, "space.lr: loguniform: bounds must be > 0"),
+        ("space.lr", {"uniform": [0.1]}, "space.lr: uniform: expected [low, high]"),
+        ("space.lr", {"uniform": [-1.0, 0.1]}, "space.lr: lr: expected a value > 0.0, got -1.0"),
+        (
+            "space.augment",
+            {"choice": ["light", "psychedelic"]},
+            "space.augment: augment: expected one of",
+        ),
+        ("space.learning_rate", {"uniform": [0.1, 0.2]}, "space: learning_rate: unknown key"),
+        (
+            "space.epochs",
+            {"choice": [1, 2]},
+            "space.epochs: cannot be searched here; set scheduler.max_epochs",
+        ),
+        (
+            "space.model",
+            {"choice": ["test_vit"]},
+            "space.model: cannot be searched here; set model.name: {choice: [...]}",
+        ),
+        ("fixed.epochs", 3, "fixed.epochs: set it as scheduler.max_epochs instead"),
+        ("fixed.lr", 0.1, "space.lr: also set in fixed"),
+        ("fixed.optimizer", "lion", "optimizer: expected one of adamw, sgd"),
+        ("search.searcher", "bayes", "search.searcher: expected one of optuna, random, grid"),
+        (
+            "search.metric",
+            "accuracy",
+            "search.metric: expected one of val_acc, val_loss, train_loss",
+        ),
+        ("search.mode", "min", "search.mode: val_acc is best at max"),
+        ("search.num_samples", 0, "search.num_samples: expected a value >= 1, got 0"),
+        ("search.startup_trials", -1, "search.startup_trials: expected a value >= 0, got -1"),
+        ("scheduler.grace_period", 10, "scheduler.grace_period: expected 1..max_epochs (6)"),
+        ("scheduler.reduction_factor", 1, "scheduler.reduction_factor: expected a value > 1"),
+        ("resources.workers", 0, "resources.workers: expected a value >= 1, got 0"),
+        ("resources.head_cpus", 0, "resources.head_cpus: expected a value > 0.0, got 0.0"),
+        ("resources.head_gpus", -0.5, "resources.head_gpus: expected a value >= 0.0, got -0.5"),
+        ("resources.gpus_per_worker", "one", "resources.gpus_per_worker: expected float"),
+        (
+            "space.head",
+            {"grid": ["linear", "mlp"]},
+            "space: grid values need search.searcher grid or random",
+        ),
+    ],
+)
 def test_invalid_spaces_are_one_line(path, value, message):
     with pytest.raises(SketchError) as caught:
         parse_space(changed(path, value), source="spaces/x.yaml")
@@ -114,15 +159,19 @@ def test_invalid_spaces_are_one_line(path, value, message):
 def test_grid_searcher_turns_choices_into_a_grid():
     from ray_jobs.tuning import _searcher
 
-    document = changed("search.searcher", "grid") | {"space": {"head": {"choice": ["linear", "mlp"]},
-                                                               "lr": {"grid": [0.1, 0.01]}}}
+    document = changed("search.searcher", "grid") | {
+        "space": {"head": {"choice": ["linear", "mlp"]}, "lr": {"grid": [0.1, 0.01]}}
+    }
     document["search"]["num_samples"] = 2  # the grid twice
     space = parse_space(document, source="x.yaml")
     assert [b.distribution.kind for p in space.params for b in p.branches] == ["grid", "grid"]
     generator, trials = _searcher(space)
     assert trials == 8 and generator.trials == 2 * [
-        {"head": "linear", "lr": 0.1}, {"head": "linear", "lr": 0.01}, {"head": "mlp", "lr": 0.1},
-        {"head": "mlp", "lr": 0.01}]
+        {"head": "linear", "lr": 0.1},
+        {"head": "linear", "lr": 0.01},
+        {"head": "mlp", "lr": 0.1},
+        {"head": "mlp", "lr": 0.01},
+    ]
 
 
 @pytest.mark.parametrize("searcher", ["optuna", "random", "grid"])
@@ -157,8 +206,9 @@ def test_files_that_are_not_spaces(tmp_path):
 
 
 def test_command_line_overrides():
-    space = parse_space(DEMO, source="demo.yaml").with_overrides(experiment="other", num_samples=3,
-                                                                  data_dir="/data/x")
+    space = parse_space(DEMO, source="demo.yaml").with_overrides(
+        experiment="other", num_samples=3, data_dir="/data/x"
+    )
     assert space.experiment == "other" and space.search.num_samples == 3
     assert space.base["data_dir"] == "/data/x" and space.data.demo is False
     with pytest.raises(SketchError, match="--max-concurrent: expected at least 1, got 0"):

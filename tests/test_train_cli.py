@@ -5,13 +5,17 @@ import subprocess
 import sys
 
 import pandas as pd
-
 from conftest import QUICK_TRAINING, REPO_ROOT
 
 
 def run_cli(*args, cwd=REPO_ROOT):
-    return subprocess.run([sys.executable, "-m", "sketch_core.train", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "sketch_core.train", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def quick_options(demo_dir):
@@ -27,9 +31,13 @@ def test_trains_resumes_and_predicts(demo_dir, tmp_path):
     assert first.returncode == 0, first.stderr
     again = run_cli(*quick_options(demo_dir), "--epochs", "2", "--out", str(out))
     assert again.returncode == 2 and "pass --resume" in again.stderr
-    resumed = run_cli(*quick_options(demo_dir), "--epochs", "3", "--out", str(out), "--resume", "--predict")
+    resumed = run_cli(
+        *quick_options(demo_dir), "--epochs", "3", "--out", str(out), "--resume", "--predict"
+    )
     assert resumed.returncode == 0, resumed.stderr
-    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [
+        json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
     assert epochs == [1, 2, 3]
     assert len(pd.read_csv(out / "submission.csv")) == 80
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import QUICK_TRAINING, run_script, started_script, watch_worker_release, write_space
 
 pytestmark = pytest.mark.e2e  # real commands on local Ray: the fast tier is pytest -m "not e2e"
@@ -24,8 +23,10 @@ def one_node_cluster():
     """A local Ray node the test can question after the search (its state API lists dead actors)."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1"})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1"},
+    )
     try:
         yield cluster
     finally:
@@ -40,7 +41,9 @@ def trained_backbone(demo_dir, tmp_path) -> Path:
     from sketch_core.config import TrainConfig
     from sketch_core.engine import TrainingRun
 
-    run = TrainingRun(TrainConfig.from_dict({**QUICK_TRAINING, "data_dir": str(demo_dir), "epochs": 3}))
+    run = TrainingRun(
+        TrainConfig.from_dict({**QUICK_TRAINING, "data_dir": str(demo_dir), "epochs": 3})
+    )
     list(run.epochs())
     torch.save(run.model.backbone.state_dict(), tmp_path / "backbone.pth")
     return tmp_path / "backbone.pth"
@@ -56,7 +59,9 @@ def test_only_head_only_trials_can_share_a_trial_process():
     from ray_jobs.trial import trial_request
     from sketch_core.config import TrainConfig
 
-    resources = Resources(workers=2, cpus_per_worker=4, gpus_per_worker=1, head_cpus=1, head_gpus=0.25)
+    resources = Resources(
+        workers=2, cpus_per_worker=4, gpus_per_worker=1, head_cpus=1, head_gpus=0.25
+    )
     head = {**TrainConfig().to_dict(), "freeze": "head"}
     first, second = trial_request(head, resources), trial_request({**head, "lr": 0.5}, resources)
     assert first == second and hash(first) == hash(second)
@@ -78,8 +83,11 @@ def results_of_running_head_trials(tune_dir: Path, from_epoch: int = 1) -> list[
         lines = result_file.read_text().splitlines()
         if lines:
             last = json.loads(lines[-1])
-            if (last.get("feature_cache") == 1.0 and last["config"]["lr"] > 1e-3
-                    and from_epoch <= last["epoch"] < MAX_EPOCHS):
+            if (
+                last.get("feature_cache") == 1.0
+                and last["config"]["lr"] > 1e-3
+                and from_epoch <= last["epoch"] < MAX_EPOCHS
+            ):
                 running.append(last)
     return running
 
@@ -93,8 +101,11 @@ def freeze_a_head_trial_mid_run(tune_dir: Path, driver, from_epoch: int = 1) -> 
         for seen in results_of_running_head_trials(tune_dir, from_epoch):
             pid = int(seen["pids"])
             os.kill(pid, signal.SIGSTOP)
-            still = [r for r in results_of_running_head_trials(tune_dir, from_epoch)
-                     if r["trial_id"] == seen["trial_id"]]
+            still = [
+                r
+                for r in results_of_running_head_trials(tune_dir, from_epoch)
+                if r["trial_id"] == seen["trial_id"]
+            ]
             if still and int(still[0]["pids"]) == pid:
                 return still[0]
             os.kill(pid, signal.SIGCONT)
@@ -126,14 +137,19 @@ def actor_pids(address: str) -> dict[str, set[int]]:
 
 
 def test_mixed_search_runs_head_trials_in_reused_tune_processes_and_the_rest_in_train_workers(
-        tmp_path, demo_dir, one_node_cluster, trained_backbone):
+    tmp_path, demo_dir, one_node_cluster, trained_backbone
+):
     # Grid order (the first key varies fastest): head and fine-tuning at 2e-2, which wrecks the
     # pretrained features in fine-tuning, so ASHA stops that trial behind the head's, early, while
     # the search goes on; then both at 5e-3; then both at 1e-7, which leaves the head at its random
     # start, below every head trial (and the median of all four before it) at the first rung. (A
     # fine-tuning trial at 1e-7 keeps the backbone's features whole and does well.)
     space = write_space(
-        tmp_path / "space.yaml", demo_dir, experiment="mixed", num_samples=1, max_epochs=MAX_EPOCHS,
+        tmp_path / "space.yaml",
+        demo_dir,
+        experiment="mixed",
+        num_samples=1,
+        max_epochs=MAX_EPOCHS,
         model={"checkpoint_file": str(trained_backbone)},
         search={"searcher": "grid", "max_concurrent": 2, "max_failures": 1},
         scheduler={"grace_period": 1, "reduction_factor": 2},
@@ -145,8 +161,12 @@ def test_mixed_search_runs_head_trials_in_reused_tune_processes_and_the_rest_in_
     results = tmp_path / "results"
     address = ["--results", str(results), "--address", one_node_cluster.address]
     log = tmp_path / "tune.log"
-    with log.open("w") as output, started_script("tune.py", "--space", str(space), *address, stdout=output,
-                                                 stderr=subprocess.STDOUT) as driver:
+    with (
+        log.open("w") as output,
+        started_script(
+            "tune.py", "--space", str(space), *address, stdout=output, stderr=subprocess.STDOUT
+        ) as driver,
+    ):
         killed = kill_a_head_trial_mid_run(results / "mixed" / "tune", driver)
         released = watch_worker_release(driver, results / "mixed", timeout=900)
     assert driver.returncode == 0, log.read_text()[-3000:]
@@ -155,15 +175,23 @@ def test_mixed_search_runs_head_trials_in_reused_tune_processes_and_the_rest_in_
     epochs = pd.read_parquet(results / "mixed" / "epochs.parquet")
     head = trials[trials["config.freeze"] == "head"]
     tuned = trials[trials["config.freeze"] == "none"]
-    assert len(head) == len(tuned) == 3 and (head["feature_cache"] == 1).all() and (tuned["feature_cache"] == 0).all()
+    assert (
+        len(head) == len(tuned) == 3
+        and (head["feature_cache"] == 1).all()
+        and (tuned["feature_cache"] == 0).all()
+    )
     assert set(trials["status"]) <= {"finished", "stopped_early"}, trials[["status", "error"]]
     # ASHA stopped trials of each kind (the head at 1e-7, fine-tuning at 2e-2, at least).
     for kind in (head, tuned):
-        assert (kind["status"] == "stopped_early").any(), kind[["config.lr", "status", "best_val_acc"]]
+        assert (kind["status"] == "stopped_early").any(), kind[
+            ["config.lr", "status", "best_val_acc"]
+        ]
     # A stopped fine-tuning trial's Train workers ended while the search went on (its process was
     # not kept for reuse: it would still hold them), and no ended trial's workers outlived it.
     stopped = set(tuned.index[tuned["status"] == "stopped_early"])
-    assert stopped & {trial for trial, seen in released.items() if seen["after_s"] is not None}, released
+    assert stopped & {trial for trial, seen in released.items() if seen["after_s"] is not None}, (
+        released
+    )
     assert all(seen["after_s"] is not None for seen in released.values()), released
 
     # The killed head trial went on from its checkpoint, in another process, to its last epoch.
@@ -174,7 +202,9 @@ def test_mixed_search_runs_head_trials_in_reused_tune_processes_and_the_rest_in_
     assert attempts["epoch"].tolist() == list(range(1, len(attempts) + 1))
     after_kill = attempts[attempts["epoch"] > killed["epoch"]]
     resumed_from = after_kill["started_at_epoch"]
-    assert len(after_kill) and resumed_from.between(killed["epoch"] - 1, killed["epoch"]).all(), attempts
+    assert len(after_kill) and resumed_from.between(killed["epoch"] - 1, killed["epoch"]).all(), (
+        attempts
+    )
     assert set(after_kill["pids"].astype(int)) != {int(killed["pids"])}
     assert trials.loc[killed["trial_id"], "status"] in ("finished", "stopped_early")  # not error
 
@@ -182,15 +212,26 @@ def test_mixed_search_runs_head_trials_in_reused_tune_processes_and_the_rest_in_
     # Fine-tuning trials trained in RayTrainWorker processes.
     ran = actor_pids(one_node_cluster.address)
     head_pids = {int(pid) for pid in epochs.loc[epochs["trial_id"].isin(head.index), "pids"]}
-    tuned_pids = {int(pid) for pids in epochs.loc[epochs["trial_id"].isin(tuned.index), "pids"]
-                  for pid in str(pids).split(",")}
-    assert head_pids <= ran["ImplicitFunc"] and not head_pids & ran.get("RayTrainWorker", set()), (head_pids, ran)
+    tuned_pids = {
+        int(pid)
+        for pids in epochs.loc[epochs["trial_id"].isin(tuned.index), "pids"]
+        for pid in str(pids).split(",")
+    }
+    assert head_pids <= ran["ImplicitFunc"] and not head_pids & ran.get("RayTrainWorker", set()), (
+        head_pids,
+        ran,
+    )
     assert tuned_pids <= ran["RayTrainWorker"], (tuned_pids, ran)
     pid_of = epochs.groupby("trial_id")["pids"].last().astype(str)
-    assert len({pid_of[trial] for trial in head.index}) < len(head), "no head trial reused a process"
+    assert len({pid_of[trial] for trial in head.index}) < len(head), (
+        "no head trial reused a process"
+    )
     # The head trials checkpoint the head only: a few kilobytes, not the backbone.
     checkpoints = list((results / "mixed" / "tune").glob("*/checkpoint_*/state.pt"))
-    assert checkpoints and max(path.stat().st_size for path in checkpoints) < trained_backbone.stat().st_size / 4
+    assert (
+        checkpoints
+        and max(path.stat().st_size for path in checkpoints) < trained_backbone.stat().st_size / 4
+    )
 
     # Every epoch of either kind has its checkpoint in the tables (Tune's or Ray Train's, in the
     # trial's folder; each keeps the trial's best keep_checkpoints on disk), and best.json names one.
@@ -205,7 +246,9 @@ def test_mixed_search_runs_head_trials_in_reused_tune_processes_and_the_rest_in_
     fit = json.loads(next((results / "mixed").glob("final/fit-*/fit.json")).read_text())
     assert fit["models"][0]["source_trial"] == best["trial_id"]
     assert fit["test_accuracy"]["ensemble"] > 0.25, fit["test_accuracy"]  # twice chance
-    started_train_workers = len(actor_pids(one_node_cluster.address).get("RayTrainWorker", ())) > train_workers_before
+    started_train_workers = (
+        len(actor_pids(one_node_cluster.address).get("RayTrainWorker", ())) > train_workers_before
+    )
     assert started_train_workers == (best["config"]["freeze"] != "head"), best["config"]
 
 
@@ -213,12 +256,18 @@ def test_a_head_only_search_killed_mid_trial_resumes_from_its_checkpoints(tmp_pa
     """kill -9 of the driver while a head-only trial is between two epochs, then --resume: the trial
     goes on from its last Tune checkpoint, and no row written before the kill is lost. A
     configuration that fails in every attempt is recorded as an error, and the search completes."""
-    space = write_space(tmp_path / "space.yaml", demo_dir, experiment="heads", num_samples=1, max_epochs=MAX_EPOCHS,
-                        search={"searcher": "grid", "max_concurrent": 1, "max_failures": 1},
-                        scheduler={"type": "none"},
-                        fixed={"freeze": "head", "num_workers": 0, "augment": "light", "lr": 2.0e-2},
-                        # A batch of 512 is more than the 256 training images: fails every time.
-                        space={"batch_size": {"grid": [4, 512]}})
+    space = write_space(
+        tmp_path / "space.yaml",
+        demo_dir,
+        experiment="heads",
+        num_samples=1,
+        max_epochs=MAX_EPOCHS,
+        search={"searcher": "grid", "max_concurrent": 1, "max_failures": 1},
+        scheduler={"type": "none"},
+        fixed={"freeze": "head", "num_workers": 0, "augment": "light", "lr": 2.0e-2},
+        # A batch of 512 is more than the 256 training images: fails every time.
+        space={"batch_size": {"grid": [4, 512]}},
+    )
     document = yaml.safe_load(space.read_text())
     del document["fixed"]["batch_size"]  # write_space's default
     space.write_text(yaml.safe_dump(document))
@@ -228,12 +277,18 @@ def test_a_head_only_search_killed_mid_trial_resumes_from_its_checkpoints(tmp_pa
     # (keep_checkpoints 2) and every 10 s. A kill -9 amid an upload can cut a file short, which
     # --resume refuses (below). The 10 s uploads are put off here, and the kill waits for the last
     # upload to end: the trial is frozen, so none starts meanwhile.
-    with started_script(*command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                        env={"TUNE_GLOBAL_CHECKPOINT_S": "3600"}) as driver:
+    with started_script(
+        *command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={"TUNE_GLOBAL_CHECKPOINT_S": "3600"},
+    ) as driver:
         # From epoch 2: Tune's saved state has caught up with at least one of its checkpoints.
         frozen = freeze_a_head_trial_mid_run(results / "heads" / "tune", driver, from_epoch=2)
         time.sleep(2)
-        driver.send_signal(signal.SIGKILL)  # kill -9, a lost SSH session, while the trial is mid-run
+        driver.send_signal(
+            signal.SIGKILL
+        )  # kill -9, a lost SSH session, while the trial is mid-run
         driver.wait()
         os.kill(int(frozen["pids"]), signal.SIGKILL)  # a frozen process would never see its Ray go
     # Leaving the block stopped what the killed driver left of its local Ray.
@@ -243,8 +298,15 @@ def test_a_head_only_search_killed_mid_trial_resumes_from_its_checkpoints(tmp_pa
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     trials = pd.read_parquet(results / "heads" / "trials.parquet").set_index("config.batch_size")
     epochs = pd.read_parquet(results / "heads" / "epochs.parquet")
-    assert len(trials) == 2 and trials.loc[4, "status"] == "finished" and trials.loc[4, "feature_cache"] == 1
-    assert trials.loc[512, "status"] == "error" and "batch_size: 512 per worker exceeds" in trials.loc[512, "error"]
+    assert (
+        len(trials) == 2
+        and trials.loc[4, "status"] == "finished"
+        and trials.loc[4, "feature_cache"] == 1
+    )
+    assert (
+        trials.loc[512, "status"] == "error"
+        and "batch_size: 512 per worker exceeds" in trials.loc[512, "error"]
+    )
     kept = before.merge(epochs, on=["trial_id", "epoch"], how="left", suffixes=("", "_after"))
     assert kept["val_acc_after"].notna().all(), "rows written before the kill were lost"
     attempts = epochs[epochs["trial_id"] == frozen["trial_id"]].sort_values("epoch")
@@ -252,17 +314,24 @@ def test_a_head_only_search_killed_mid_trial_resumes_from_its_checkpoints(tmp_pa
     # written yet, and the trial goes on after the checkpoint of that epoch.)
     assert attempts["epoch"].is_unique and attempts["epoch"].max() == MAX_EPOCHS, attempts
     after = attempts[attempts["epoch"] > frozen["epoch"]]
-    assert len(after) and (after["started_at_epoch"] > 0).all(), attempts  # from a checkpoint, not from scratch
+    assert len(after) and (after["started_at_epoch"] > 0).all(), (
+        attempts
+    )  # from a checkpoint, not from scratch
 
     # A kill -9 amid Tune's upload of its state can leave a file of it cut short. Tune would restore
     # nothing from it and start the search again; --resume says so instead, and changes nothing.
-    tables = {name: (results / "heads" / name).read_bytes() for name in ("trials.parquet", "epochs.parquet")}
+    tables = {
+        name: (results / "heads" / name).read_bytes()
+        for name in ("trials.parquet", "epochs.parquet")
+    }
     searcher_state = max((results / "heads" / "tune").glob("searcher-state-*.pkl"))
     searcher_state.write_bytes(searcher_state.read_bytes()[:40])
     refused = run_script(*command, "--resume")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
-    assert refused.stderr.strip() == (f"error: {results / 'heads' / 'tune'}: cannot resume: {searcher_state.name} is "
-                                      "damaged (UnpicklingError), as when the driver is killed while Ray Tune saves "
-                                      "the search; start a new search that learns from this one's trials: --name NEW "
-                                      "--warm-start heads"), refused.stderr
+    assert refused.stderr.strip() == (
+        f"error: {results / 'heads' / 'tune'}: cannot resume: {searcher_state.name} is "
+        "damaged (UnpicklingError), as when the driver is killed while Ray Tune saves "
+        "the search; start a new search that learns from this one's trials: --name NEW "
+        "--warm-start heads"
+    ), refused.stderr
     assert tables == {name: (results / "heads" / name).read_bytes() for name in tables}
