@@ -276,7 +276,7 @@ def parse_space(document: Any, *, source: str) -> SearchSpace:
         (SEARCHABLE_MODEL_KEYS[key], spec, f"{source}: model.{key}")
         for key, spec in searched_model.items()
     ]
-    for name, spec in _mapping(document.get("space") or {}, source, "space").items():
+    for name, param_spec in _mapping(document.get("space") or {}, source, "space").items():
         if name in OWNED_FIELDS:
             hint = (
                 f"model.{name if name == 'image_size' else 'name'}: {{choice: [...]}}"
@@ -285,7 +285,7 @@ def parse_space(document: Any, *, source: str) -> SearchSpace:
             )
             raise SketchError(f"{source}: space.{name}: cannot be searched here; set {hint}")
         TrainConfig.check_keys([name], source=f"{source}: space")
-        specs.append((name, spec, f"{source}: space.{name}"))
+        specs.append((name, param_spec, f"{source}: space.{name}"))
 
     fixed = _mapping(document.get("fixed") or {}, source, "fixed")
     for key in fixed:
@@ -293,9 +293,15 @@ def parse_space(document: Any, *, source: str) -> SearchSpace:
             raise SketchError(f"{source}: fixed.{key}: set it as {OWNED_FIELDS[key]} instead")
     params: list[Param] = []
     names = [name for name, _, _ in specs]
-    for index, (name, spec, where) in enumerate(specs):
+    for index, (name, param_spec, where) in enumerate(specs):
         params.append(
-            _param(name, spec, where, earlier={p.name: p for p in params}, later=names[index + 1 :])
+            _param(
+                name,
+                param_spec,
+                where,
+                earlier={p.name: p for p in params},
+                later=names[index + 1 :],
+            )
         )
     first_of = {}  # a searched model key's value in the base config: its first option
     for param, (_, _, where) in zip(params, specs):
@@ -312,7 +318,7 @@ def parse_space(document: Any, *, source: str) -> SearchSpace:
         **first_of,
     }
     base_config = TrainConfig.from_dict(base, source=source).to_dict()
-    for param, (name, spec, where) in zip(params, specs):
+    for param, (name, param_spec, where) in zip(params, specs):
         if name in fixed and not param.conditional:
             raise SketchError(
                 f"{where}: also set in fixed, which no trial would use; keep one "
@@ -321,7 +327,7 @@ def parse_space(document: Any, *, source: str) -> SearchSpace:
         for index, branch in enumerate(
             param.branches
         ):  # every branch's bounds make a valid config, under its conditions
-            at = f"{where}[{index}]" if isinstance(spec, list) else where
+            at = f"{where}[{index}]" if isinstance(param_spec, list) else where
             for condition in branch.condition_values():
                 for value in branch.distribution.bounds():
                     TrainConfig.from_dict({**base_config, **condition, name: value}, source=at)
