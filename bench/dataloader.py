@@ -1,7 +1,8 @@
 """Images/s of the project's loader against the straightforward per-sample loader.
 
-    python bench/dataloader.py            # 600 JPEGs of 400-800 px, 448 px, 'sketch' preset, 2 workers
-    python bench/dataloader.py --quick    # fewer images and epochs
+    python bench/dataloader.py          # 600 JPEGs of 400-800 px, 448 px, 'sketch' preset,
+                                        # 2 workers
+    python bench/dataloader.py --quick  # fewer images and epochs
 
 Ours: ``DecodeCache`` (decode + letterbox once per node, uint8 memory map) -> ``AugmentedImages``
 (augmentation on uint8) -> ``timm`` ``fast_collate`` (uint8 batches) -> ``PrefetchLoader``
@@ -128,7 +129,8 @@ def time_split(paths, cache, augment: str, image_size: int, samples: int = 40) -
 
 
 def normalise_batch_ms(batch_size: int, image_size: int, repeats: int = 5) -> float:
-    """Milliseconds PrefetchLoader takes to normalise one uint8 batch on the CPU (in the main process)."""
+    """Milliseconds PrefetchLoader takes to normalise one uint8 batch on the CPU (in the main
+    process)."""
     batch = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8)
     mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
     std = torch.tensor(STD).view(1, 3, 1, 1) * 255
@@ -218,7 +220,8 @@ def main(argv=None) -> int:
     ratio = rates[OURS] / rates[BASELINE]
     print(
         f"{count} JPEGs of 400-800 px -> {args.image_size} px, augment={args.augment!r}, "
-        f"{args.workers} workers, batch {args.batch_size}, {len(os.sched_getaffinity(0))} CPUs, normalised on the CPU; "
+        f"{args.workers} workers, batch {args.batch_size}, {len(os.sched_getaffinity(0))} CPUs, "
+        "normalised on the CPU; "
         f"load average {load_before:.1f} -> {load_after:.1f} (data generated in {generate_s:.1f}s)"
     )
     print(f"{'loader':<46}{'epoch s (1, 2, ...)':<36}{'images/s (2+)':>14}{'ratio':>8}")
@@ -235,7 +238,8 @@ def main(argv=None) -> int:
         count / seconds[BASELINE][0]
     )
     print(
-        f"first epoch including the cache build: {first_epoch_ratio:.2f}x the baseline's first epoch"
+        f"first epoch including the cache build: {first_epoch_ratio:.2f}x "
+        "the baseline's first epoch"
     )
     print(
         "time split, ms per image in one process: "
@@ -243,8 +247,9 @@ def main(argv=None) -> int:
     )
     ceiling = args.batch_size / batch_normalise_ms * 1e3
     print(
-        f"PrefetchLoader normalises a batch of {args.batch_size} in {batch_normalise_ms:.1f} ms in the main process: "
-        f"a ceiling of {ceiling:.0f} images/s however many workers decode and augment, when the device is the CPU"
+        f"PrefetchLoader normalises a batch of {args.batch_size} in {batch_normalise_ms:.1f} ms "
+        f"in the main process: a ceiling of {ceiling:.0f} images/s however many workers decode "
+        "and augment, when the device is the CPU"
     )
     print(
         json.dumps(

@@ -58,7 +58,8 @@ def timed_run(config: TrainConfig) -> dict:
 
 
 def pretrain_backbone(config: TrainConfig, out: Path) -> tuple[Path, float, float]:
-    """Train the whole model briefly; save its backbone as a checkpoint file. Returns file, seconds, val_acc."""
+    """Train the whole model briefly; save its backbone as a checkpoint file. Returns file, seconds,
+    val_acc."""
     started = time.perf_counter()
     run = TrainingRun(config)
     history = list(run.epochs())
@@ -149,14 +150,16 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only, no GPU"
 
     print(
-        f"{args.model} at {args.image_size} px, freeze=head, augment={args.augment!r} ({views} cached view(s)), "
-        f"{args.classes * args.images_per_class} images, {args.epochs} epochs, {args.workers} workers, "
+        f"{args.model} at {args.image_size} px, freeze=head, augment={args.augment!r} "
+        f"({views} cached view(s)), {args.classes * args.images_per_class} images, "
+        f"{args.epochs} epochs, {args.workers} workers, "
         f"load average {load[0]:.1f} -> {load[1]:.1f}, "
         f"{len(os.sched_getaffinity(0))} CPUs, {device}"
     )
     if checkpoint:
         print(
-            f"backbone pre-trained on separate demo data: {args.pretrain_epochs} epochs, {pretrain_s:.1f}s, "
+            f"backbone pre-trained on separate demo data: {args.pretrain_epochs} epochs, "
+            f"{pretrain_s:.1f}s, "
             f"val_acc {pretrain_acc:.3f} there"
         )
     else:

@@ -3,7 +3,8 @@
     python bench/gpu_throughput.py                       # EVA02-L at 448 px, batch 32, on CUDA
     python bench/gpu_throughput.py --no-compile --steps 10
     python bench/gpu_throughput.py --batch-size 16 --set mixup_alpha=0.8 --set cutmix_alpha=1.0
-    python bench/gpu_throughput.py --quick               # smoke run: test_vit at 32 px (on the CPU without a GPU)
+    python bench/gpu_throughput.py --quick               # smoke run: test_vit at 32 px (on the CPU
+                                                         # without a GPU)
 
 Times ``TrainingRun.train_step`` (sketch_core/engine.py), the step every trial runs on each
 batch, built from a space file's settings (default search_spaces/eva02.yaml: AdamW, fused on
@@ -232,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit(
-            "error: no CUDA GPU here; this benchmark measures GPU training (--quick for a smoke run on the CPU)"
+            "error: no CUDA GPU here; this benchmark measures GPU training "
+            "(--quick for a smoke run on the CPU)"
         )
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     try:
@@ -241,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {exc}")
     workload = Workload(config, args.classes, steps_per_run=args.warmup + args.steps, device=device)
     print(
-        f"TrainingRun.train_step: {config.model} at {config.image_size} px, batch {config.batch_size}, "
+        f"TrainingRun.train_step: {config.model} at {config.image_size} px, "
+        f"batch {config.batch_size}, "
         f"{args.classes} classes, {config.optimizer}, grad_clip {config.grad_clip}, "
         f"{'bf16 autocast' if config.amp and device.type == 'cuda' else 'fp32'}, on {gpu}",
         flush=True,

@@ -1,7 +1,9 @@
 """A head-only search through Ray Tune against the same search in a plain loop in one process.
 
-    python bench/head_search.py            # resnet18 at 64 px, backbone pre-trained briefly, 48 configurations
-    python bench/head_search.py --quick    # random-init backbone (accuracies near chance): a smoke run
+    python bench/head_search.py          # resnet18 at 64 px, backbone pre-trained briefly,
+                                         # 48 configurations
+    python bench/head_search.py --quick  # random-init backbone (accuracies near chance):
+                                         # a smoke run
 
 The same N head configurations of one frozen backbone, on the same cached features, with the same
 seed and epochs, are trained (a) by ``ray_jobs/tune.py`` (grid searcher, no early stopping, head
@@ -216,12 +218,14 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only, no GPU"
     print(
         f"{n} head-only configurations of {args.model} at {args.image_size} px (frozen, "
-        f"{'random init' if args.quick else 'pre-trained briefly'}), {8 * args.images_per_class} images, "
-        f"{args.epochs} epochs each; {len(os.sched_getaffinity(0))} CPUs, {device}; feature cache built once in "
+        f"{'random init' if args.quick else 'pre-trained briefly'}), "
+        f"{8 * args.images_per_class} images, {args.epochs} epochs each; "
+        f"{len(os.sched_getaffinity(0))} CPUs, {device}; feature cache built once in "
         f"{cache_s:.1f}s"
     )
     print(
-        f"(a) tune.py, {args.concurrent} trials at once, {processes} trial process(es): {tune_s:7.1f}s  "
+        f"(a) tune.py, {args.concurrent} trials at once, {processes} trial process(es): "
+        f"{tune_s:7.1f}s  "
         f"one trial {tune_trial_s:.2f}s  best val_acc {tune_best:.4f}"
     )
     print(
@@ -229,7 +233,8 @@ def main(argv=None) -> int:
         f"one trial {loop_trial_s:.2f}s  best val_acc {loop_best:.4f}"
     )
     print(
-        f"per-trial overhead {overhead_s:.2f}s (target <= {TARGET_OVERHEAD_S}s); (a)/(b) {ratio:.2f}x "
+        f"per-trial overhead {overhead_s:.2f}s (target <= {TARGET_OVERHEAD_S}s); "
+        f"(a)/(b) {ratio:.2f}x "
         f"(target <= {TARGET_RATIO}x)"
     )
     print(

@@ -81,7 +81,9 @@ def search_spec(name: str, *, base: dict, seed: int, trials: int, epochs: int, g
         CONDITIONAL: ("optuna", asha, CONDITIONAL_SPACE),
     }[name]
     return {
-        "experiment": f"{searcher}-{'conditional' if space is CONDITIONAL_SPACE else 'flat'}-seed{seed}",
+        "experiment": (
+            f"{searcher}-{'conditional' if space is CONDITIONAL_SPACE else 'flat'}-seed{seed}"
+        ),
         "data": {"dir": base["data_dir"]},
         "model": {
             "name": base["model"],
@@ -135,7 +137,8 @@ def epochs_to_reach(running_best: list[float], target: float) -> int | None:
 
 
 def compare_to_random(runs: dict[int, dict], baseline: dict[int, dict]) -> dict:
-    """Per seed against random search of the same seed: epoch fraction to within 1 point, best gap."""
+    """Per seed against random search of the same seed: epoch fraction to within 1 point, best
+    gap."""
     fractions, gaps = [], []
     for seed, run in runs.items():
         spent = epochs_to_reach(run["running_best"], baseline[seed]["best_val_acc"] - WITHIN)
@@ -153,10 +156,13 @@ def sign_claim(subject: str, gaps: list[float], against: str) -> str:
     n, above, below = len(gaps), sum(g > 0 for g in gaps), sum(g < 0 for g in gaps)
     gap_text = "gap " + spread_text(spread([100 * g for g in gaps]), "{:+.1f}") + " points"
     if above == n or below == n:
-        return f"{subject} ended {'above' if above == n else 'below'} {against}'s best in {n}/{n} seeds ({gap_text})"
+        return (
+            f"{subject} ended {'above' if above == n else 'below'} {against}'s best "
+            f"in {n}/{n} seeds ({gap_text})"
+        )
     return (
-        f"no consistent claim on the best val_acc: {subject} ended above {against}'s best in {above}/{n} "
-        f"seeds, below in {below}/{n} ({gap_text})"
+        f"no consistent claim on the best val_acc: {subject} ended above {against}'s best "
+        f"in {above}/{n} seeds, below in {below}/{n} ({gap_text})"
     )
 
 
@@ -165,7 +171,8 @@ def claims(name: str, against_random: dict, runs: dict, baseline: dict) -> list[
     reached, fractions = against_random["reached"], against_random["epoch_fraction"]
     share = spread([runs[s]["trial_epochs"] / baseline[s]["trial_epochs"] for s in runs])
     lines = [
-        f"{name} spent {spread_text(share, '{:.0%}')} of random search's trial-epochs ({n}/{n} seeds)"
+        f"{name} spent {spread_text(share, '{:.0%}')} of random search's trial-epochs "
+        f"({n}/{n} seeds)"
     ]
     if reached == n:
         lines.append(
@@ -288,9 +295,11 @@ def main(argv=None) -> int:
         lines.append(f"conditional row written but not measured: {refusal}")
 
     print(
-        f"\n{args.seeds} seeds; per search {args.trials} head-only trials of up to {args.epochs} epochs, resnet18 at "
+        f"\n{args.seeds} seeds; per search {args.trials} head-only trials of up to {args.epochs} "
+        "epochs, resnet18 at "
         f"64 px frozen after brief training, {args.classes * args.images_per_class} demo images "
-        f"({args.classes} classes, {val_images} validation images); set-up {setup_s:.0f}s, all {time.perf_counter() - started:.0f}s"
+        f"({args.classes} classes, {val_images} validation images); set-up {setup_s:.0f}s, "
+        f"all {time.perf_counter() - started:.0f}s"
     )
     print("median (min..max) over seeds")
     print_table(("search", "trial-epochs", "best val_acc", "within 1 pt", "epoch fraction"), table)

@@ -1,8 +1,8 @@
 """At equal compute, does a search plus refit beat training the default configuration for longer?
 
-    python bench/search_vs_default.py [--trials 8] [--epochs 30] [--graces 1 [3 ...]] [--startup-trials 3]
-                                      [--variants [stretch] [warmup]]
-    python bench/search_vs_default.py --quick        # 4 trials of 3 epochs, fewer images: a smoke run
+    python bench/search_vs_default.py [--trials 8] [--epochs 30] [--graces 1 [3 ...]]
+                                      [--startup-trials 3] [--variants [stretch] [warmup]]
+    python bench/search_vs_default.py --quick  # 4 trials of 3 epochs, fewer images: a smoke run
 
 On demo data (12 classes, 60 training images each, 480 test images with their answers in
 test_answers.csv, so one test point is about 5 images), test_resnet at 48 px trained from scratch:
@@ -24,7 +24,8 @@ test_answers.csv, so one test point is about 5 images), test_resnet at 48 px tra
     outside its validation split, a refit's or (b)'s epoch all of it. Then the default trained only
     for the search's ``--epochs`` (is it "longer" that matters?), and the ``--variants`` asked for,
     each one change: ``stretch`` (``resize: stretch``; the default letterboxes), ``warmup`` (1
-    warm-up epoch). The default runs with ``--default-seeds`` seeds to show what one seed's noise is.
+    warm-up epoch). The default runs with ``--default-seeds`` seeds to show what one seed's noise
+    is.
 
 Both arms predict test.csv without test-time augmentation (``final_fit.py --no-tta``;
 ``sketch_core.train --predict`` has none), so only training differs. Prints each one's test
@@ -144,7 +145,8 @@ def search_then_refit(
 
 
 def train_default(data_dir: Path, out: Path, *, epochs: int, seed: int, options: list[str]) -> dict:
-    """(b): ``python -m sketch_core.train`` with the defaults and ``options``; test accuracy, wall time."""
+    """(b): ``python -m sketch_core.train`` with the defaults and ``options``; test accuracy, wall
+    time."""
     done = run_command(
         [
             "-m",
@@ -253,7 +255,8 @@ def main(argv=None) -> int:
         # The winner's schedule as long as (b)'s: is it the configuration or the length that scores?
         long_refit = refit(results[args.graces[0]], data_dir, "--epochs", matched)
         print(
-            f"search, ASHA grace {args.graces[0]}, winner refitted for {matched} epochs: {long_refit}",
+            f"search, ASHA grace {args.graces[0]}, winner refitted for {matched} epochs: "
+            f"{long_refit}",
             flush=True,
         )
         runs = {
@@ -306,8 +309,9 @@ def main(argv=None) -> int:
             )
         )
     print(
-        f"\n{args.classes} classes x {args.images_per_class} training images, {args.test_images} test images "
-        f"(1 point = {args.test_images / 100:.1f} images); {MODEL} at {IMAGE_SIZE} px from scratch; search: "
+        f"\n{args.classes} classes x {args.images_per_class} training images, "
+        f"{args.test_images} test images (1 point = {args.test_images / 100:.1f} images); "
+        f"{MODEL} at {IMAGE_SIZE} px from scratch; search: "
         f"{args.trials} trials of up to {args.epochs} epochs (the first the default, TPE's first "
         f"{args.startup_trials} random); (b) matched to the first search's "
         f"{matched} full-data epochs; all {time.perf_counter() - started:.0f}s"
@@ -316,7 +320,8 @@ def main(argv=None) -> int:
     main_search, default = searches[args.graces[0]], figures["default"]["test_acc"]
     gap = main_search["test_acc"] - default["median"]
     print(
-        f"at equal compute, search + refit minus the default trained as long: {100 * gap:+.1f} points "
+        f"at equal compute, search + refit minus the default trained as long: "
+        f"{100 * gap:+.1f} points "
         f"(the default's seeds span {100 * (default['max'] - default['min']):.1f} points)"
     )
     print(

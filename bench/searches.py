@@ -65,7 +65,8 @@ def run_command(args: list, *, wait_for_ray_s: float = 1800.0) -> Finished:
                 f"{' '.join(map(str, args[:2]))} exited with {done.returncode}:\n{tail}"
             )
         print(
-            f"{Path(str(args[0])).name}: another Ray instance is running on this machine; waiting for it to end",
+            f"{Path(str(args[0])).name}: another Ray instance is running on this machine; "
+            "waiting for it to end",
             file=sys.stderr,
             flush=True,
         )
@@ -160,7 +161,10 @@ def spread_text(summary: dict, fmt: str = "{:.3f}") -> str:
     """'0.512 (0.498..0.530)': median (min..max), or '-' where no seed has the figure."""
     if summary["median"] is None:
         return "-"
-    return f"{fmt.format(summary['median'])} ({fmt.format(summary['min'])}..{fmt.format(summary['max'])})"
+    return (
+        f"{fmt.format(summary['median'])} "
+        f"({fmt.format(summary['min'])}..{fmt.format(summary['max'])})"
+    )
 
 
 def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:

@@ -1,4 +1,5 @@
-"""What the command-line scripts share: one-line errors, local paths made absolute, the demo data folder."""
+"""What the command-line scripts share: one-line errors, local paths made absolute, the demo data
+folder."""
 
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ def local_path(value: str) -> str:
 
 
 def pin_environment_paths() -> None:
-    """Make the folders named in ``PATH_VARIABLES`` absolute in this driver's environment, which local
-    Ray's workers inherit and ``worker_env`` hands to a cluster's."""
+    """Make the folders named in ``PATH_VARIABLES`` absolute in this driver's environment, which
+    local Ray's workers inherit and ``worker_env`` hands to a cluster's."""
     for name in PATH_VARIABLES:
         if os.environ.get(name):
             os.environ[name] = local_path(os.environ[name])

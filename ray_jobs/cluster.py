@@ -91,15 +91,17 @@ def check_trial_fits(resources: Resources, source: str) -> None:
                 for node in node_types
             ):
                 raise SketchError(
-                    f"{source}: {section}: {what} needs {_describe(needs)}, but no node of this cluster "
-                    f"has that much (largest: {_describe(_largest(node_types, needs))}); lower {fields}"
+                    f"{source}: {section}: {what} needs {_describe(needs)}, but no node of this "
+                    f"cluster has that much (largest: {_describe(_largest(node_types, needs))}); "
+                    f"lower {fields}"
                 )
         trial = kind.per_trial()
         capacity = {key: sum(node.get(key, 0) for node in node_types) for key in trial}
         if any(capacity[key] < amount for key, amount in trial.items()):
             raise SketchError(
-                f"{source}: {section}: one trial needs {_describe(trial)} ({kind.workers} workers plus the trial's "
-                f"own {Resources.TRIAL_CPUS} CPU), but this cluster can have at most {_describe(capacity)}; "
+                f"{source}: {section}: one trial needs {_describe(trial)} ({kind.workers} workers "
+                f"plus the trial's own {Resources.TRIAL_CPUS} CPU), but this cluster can have at "
+                f"most {_describe(capacity)}; "
                 "lower workers, cpus_per_worker or gpus_per_worker, or use a larger cluster"
             )
 

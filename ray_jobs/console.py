@@ -175,7 +175,8 @@ class RefitReporter(Callback):
 
 
 def metrics_text(result: dict[str, Any], metric: str) -> str:
-    """``metric``, val_loss and train_loss of a reported result, as far as it has them, and images/s."""
+    """``metric``, val_loss and train_loss of a reported result, as far as it has them, and
+    images/s."""
     shown = [name for name in dict.fromkeys((metric, "val_loss", "train_loss")) if name in result]
     text = "  ".join(f"{name} {float(result[name]):.4f}" for name in shown)
     return text + (

@@ -1,13 +1,15 @@
 """Refit the best configuration(s) of a search on all training data, predict test.csv, submit.
 
-    python ray_jobs/final_fit.py --best                          # best trial of the latest experiment
+    python ray_jobs/final_fit.py --best                # best trial of the latest experiment
     python ray_jobs/final_fit.py --best --name eva02_large_448 --top-k 3 --folds 5 --address auto
-    python ray_jobs/final_fit.py --best --top-k 3 --folds 3 --ensemble greedy  # weights chosen out of fold
-    python ray_jobs/final_fit.py --trial bb8babe0                # a trial of your choice (its trial_id)
+    python ray_jobs/final_fit.py --best --top-k 3 --folds 3 --ensemble greedy  # weights chosen
+                                                                               # out of fold
+    python ray_jobs/final_fit.py --trial bb8babe0      # a trial of your choice (its trial_id)
 
-Writes results/<experiment>/final/: fit-<time>/ (each model's weights and test probabilities,
-the ensemble's probabilities, fit.json; with --folds each configuration's out-of-fold probabilities
-oof-<model>.npy, rows in train.csv order) and a new submission file, never overwriting an earlier one.
+Writes results/<experiment>/final/: fit-<time>/ (each model's weights and test probabilities, the
+ensemble's probabilities, fit.json; with --folds each configuration's out-of-fold probabilities
+oof-<model>.npy, rows in train.csv order) and a new submission file, never overwriting an earlier
+one.
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ def final_fit(args: argparse.Namespace) -> None:
 
     if not args.best and not args.trial:
         raise SketchError(
-            "say which configuration to refit: --best (the best trial of the search) or --trial TRIAL_ID"
+            "say which configuration to refit: --best (the best trial of the search) "
+            "or --trial TRIAL_ID"
         )
     for option, value in (
         ("--top-k", args.top_k),
@@ -134,7 +137,8 @@ def final_fit(args: argparse.Namespace) -> None:
     search = read_search(store)
     if not store.exists("best.json"):
         raise SketchError(
-            f"{store.uri()}: no finished trial yet (no best.json); let the search report a result first"
+            f"{store.uri()}: no finished trial yet (no best.json); "
+            "let the search report a result first"
         )
     store.read_json(
         "best.json", required=BEST_KEYS
@@ -143,8 +147,8 @@ def final_fit(args: argparse.Namespace) -> None:
     train = read_train_table(data_dir)
     if train.class_names != search["class_names"]:
         raise SketchError(
-            f"{data_dir}: its {train.num_classes} classes differ from the {len(search['class_names'])} "
-            f"the experiment {store.experiment} was searched on"
+            f"{data_dir}: its {train.num_classes} classes differ from the "
+            f"{len(search['class_names'])} the experiment {store.experiment} was searched on"
         )
     test = read_test_table(data_dir)
     specs = choose_models(
@@ -331,19 +335,21 @@ def print_out_of_fold(summary: dict) -> None:
     for member, row in summary["members"].items():
         print(
             f"  {member:9s} accuracy {row['accuracy']:.4f}  log-loss {row['log_loss']:.4f} -> "
-            f"{row['log_loss_calibrated']:.4f} at temperature {row['temperature']:.3g}  weight {row['weight']:.3g}"
+            f"{row['log_loss_calibrated']:.4f} at temperature {row['temperature']:.3g}  "
+            f"weight {row['weight']:.3g}"
         )
     ensemble = summary["ensemble"]
     how = ensemble["method"] + (f" by {ensemble['select_by']}" if "select_by" in ensemble else "")
     print(
-        f"  {'ensemble':9s} accuracy {ensemble['accuracy']:.4f}  log-loss {ensemble['log_loss']:.4f} ({how})"
+        f"  {'ensemble':9s} accuracy {ensemble['accuracy']:.4f}  "
+        f"log-loss {ensemble['log_loss']:.4f} ({how})"
     )
     estimate = summary["estimate"]
     print(
         f"cross-validated accuracy of the submitted ensemble: {estimate['accuracy']:.4f} "
-        f"± {estimate['standard_error']:.4f} (standard error over {summary['folds']} folds). Expect this on new "
-        f"data, not the search's best val_acc ({estimate['search_best_val_acc']:.4f}: the best of many trials "
-        "on one split)"
+        f"± {estimate['standard_error']:.4f} (standard error over {summary['folds']} folds). "
+        "Expect this on new data, not the search's best val_acc "
+        f"({estimate['search_best_val_acc']:.4f}: the best of many trials on one split)"
     )
 
 

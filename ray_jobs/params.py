@@ -195,7 +195,8 @@ class SearchedParams:
         return values
 
     def draw(self, rng: np.random.Generator) -> list[dict[str, Any]]:
-        """The trials of one sample: one random draw, or one per combination of the active grid lists."""
+        """The trials of one sample: one random draw, or one per combination of the active grid
+        lists."""
 
         def extend(index: int, values: dict[str, Any]) -> Iterator[dict[str, Any]]:
             if index == len(self.params):
@@ -218,7 +219,10 @@ class SearchedParams:
         """Why this config could not have been drawn from these parameters (None: it could)."""
         for name, branch in self.active(config).items():
             if not branch.distribution.contains(config.get(name)):
-                return f"{name}={config.get(name)!r} is outside {branch.distribution.kind} {list(branch.distribution.args)}"
+                return (
+                    f"{name}={config.get(name)!r} is outside {branch.distribution.kind} "
+                    f"{list(branch.distribution.args)}"
+                )
         return None
 
     def optuna_trial_params(self, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -234,7 +238,8 @@ class SearchedParams:
 
 
 def suggest_value(trial, name: str, distribution) -> Any:
-    """``trial.suggest_*`` for an Optuna distribution (the public API, rather than ``trial._suggest``)."""
+    """``trial.suggest_*`` for an Optuna distribution (the public API, rather than
+    ``trial._suggest``)."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     if isinstance(distribution, CategoricalDistribution):

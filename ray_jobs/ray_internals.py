@@ -59,8 +59,9 @@ SAVED_STATE: tuple[tuple[str, str, Callable[[bytes], Any]], ...] = (
 
 
 def unreadable_saved_state(names: list[str], read: Callable[[str], bytes]) -> str | None:
-    """What keeps Tune from restoring an experiment folder holding the files ``names`` (``read(name)``
-    gives one's bytes): a saved-state file missing or cut short; None when every one reads."""
+    """What keeps Tune from restoring an experiment folder holding the files ``names``
+    (``read(name)`` gives one's bytes): a saved-state file missing or cut short; None when every one
+    reads."""
     for prefix, suffix, load in SAVED_STATE:
         saved = sorted(name for name in names if name.startswith(prefix) and name.endswith(suffix))
         if not saved:

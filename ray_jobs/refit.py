@@ -52,8 +52,8 @@ def choose_models(
     data_dir: str,
     trial_id: str | None = None,
 ) -> list[ModelSpec]:
-    """The ``top_k`` best distinct configurations (or the one of ``trial_id``), each on all data or on
-    each of ``folds`` folds."""
+    """The ``top_k`` best distinct configurations (or the one of ``trial_id``), each on all data or
+    on each of ``folds`` folds."""
     scored = ranked(trials, metric=metric, mode=mode)
     scored = scored[scored["best_epoch"] > 0]
     searched_columns = [f"config.{name}" for name in searched if f"config.{name}" in scored]
@@ -63,11 +63,13 @@ def choose_models(
         if not len(distinct):
             known = ", ".join(scored["trial_id"].head(8))
             raise SketchError(
-                f"--trial {trial_id}: no trial with that id reported a result (trials with one: {known})"
+                f"--trial {trial_id}: no trial with that id reported a result "
+                f"(trials with one: {known})"
             )
     if len(distinct) < top_k:
         raise SketchError(
-            f"--top-k {top_k}: the search has only {len(distinct)} distinct configuration(s) with a result"
+            f"--top-k {top_k}: the search has only {len(distinct)} distinct configuration(s) "
+            "with a result"
         )
     specs = []
     for rank, (_, trial) in enumerate(distinct.head(top_k).iterrows()):
@@ -224,7 +226,8 @@ def fit_models(
             ),
         ),
     )
-    # A refit that Ctrl-C stopped before it started has no result config: it stays not done, no error.
+    # A refit that Ctrl-C stopped before it started has no result config: it stays not done, no
+    # error.
     rows = {
         job["model_id"]: {
             "model_id": job["model_id"],

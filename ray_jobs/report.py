@@ -1,12 +1,12 @@
 """Plots and a summary of one search: results/<experiment>/report/.
 
-    python ray_jobs/report.py                                   # the latest experiment under results/
+    python ray_jobs/report.py                     # the latest experiment under results/
     python ray_jobs/report.py --name eva02_large_448 --results s3://BUCKET/sketch-hpo
 
 Writes report/: summary.md (best trial, top trials, status counts, errors, time and cost,
-hyperparameter importance; after final_fit.py --folds, the members and the ensemble out of fold)
-and the PNGs it embeds: learning curves, each searched hyperparameter against the metric,
-parallel coordinates, importance, cost, and the submitted ensemble's reliability diagram. Safe to run while
+hyperparameter importance; after final_fit.py --folds, the members and the ensemble out of fold) and
+the PNGs it embeds: learning curves, each searched hyperparameter against the metric, parallel
+coordinates, importance, cost, and the submitted ensemble's reliability diagram. Safe to run while
 the search goes on: it reports what the tables hold so far. tune.py runs it after every search.
 """
 
@@ -110,7 +110,8 @@ class SearchResults:
 
     @cached_property
     def params(self) -> list[str]:
-        """The searched hyperparameters that some trial drew (a branch may leave one inactive in all)."""
+        """The searched hyperparameters that some trial drew (a branch may leave one inactive in
+        all)."""
         return [
             name
             for name in self.search["searched"]
@@ -243,7 +244,8 @@ def report_figures(
 
 
 def optuna_figure(plot, study: optuna.Study, **options) -> Figure:
-    """The figure of one of Optuna's matplotlib plots (an experimental API: its warning is muted)."""
+    """The figure of one of Optuna's matplotlib plots (an experimental API: its warning is
+    muted)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         axes = plot(study, **options)
@@ -270,7 +272,8 @@ def png_bytes(figure: Figure) -> bytes:
 
 def axis_scale(branches: list[dict[str, Any]]) -> str:
     """How to lay out a parameter that was drawn from these branches (search.json's ``params``):
-    ``categories`` for lists of values, ``log`` where a branch draws on a log scale, else ``linear``."""
+    ``categories`` for lists of values, ``log`` where a branch draws on a log scale, else
+    ``linear``."""
     kinds = {branch["kind"] for branch in branches}
     if kinds <= {"choice", "grid"}:
         return "categories"
@@ -578,7 +581,10 @@ def reliability_figure(refit: FoldRefit) -> Figure:
         ylim=(0, 1),
         xlabel="confidence (top probability)",
         ylabel="accuracy",
-        title=f"submitted ensemble, out of fold: ECE {expected_calibration_error(refit.probs, refit.targets):.3f}",
+        title=(
+            "submitted ensemble, out of fold: "
+            f"ECE {expected_calibration_error(refit.probs, refit.targets):.3f}"
+        ),
     )
     axes.legend(loc="upper left", fontsize="small")
     axes.grid(alpha=0.3)
@@ -615,10 +621,12 @@ def refit_section(results: SearchResults, images: list[str]) -> str:
         ["member", "accuracy", "log-loss", "log-loss calibrated", "temperature", "weight"], rows
     )
     text = (
-        f"## Refit on {summary['folds']} folds ({results.refit.folder})\n\nOut-of-fold predictions of "
-        f"{summary['images']} training images.\n\n{table}\n\nCross-validated accuracy of the submitted ensemble: "
-        f"{number_text(estimate['accuracy'])} ± {number_text(estimate['standard_error'])} (standard error over "
-        f"folds): the number to expect, not the search's best val_acc ({number_text(estimate['search_best_val_acc'])})."
+        f"## Refit on {summary['folds']} folds ({results.refit.folder})\n\n"
+        f"Out-of-fold predictions of {summary['images']} training images.\n\n{table}\n\n"
+        "Cross-validated accuracy of the submitted ensemble: "
+        f"{number_text(estimate['accuracy'])} ± {number_text(estimate['standard_error'])} "
+        "(standard error over folds): the number to expect, not the search's best val_acc "
+        f"({number_text(estimate['search_best_val_acc'])})."
     )
     if "reliability.png" in images:
         text += "\n\n![reliability](reliability.png)"
@@ -657,7 +665,8 @@ def overview_section(results: SearchResults) -> str:
         f"# Search report: {results.experiment}\n\n"
         f"- metric: `{results.metric}` ({results.search['mode']})\n"
         f"- searched: {', '.join(f'`{name}`' for name in results.search['searched'])}\n"
-        f"- trials: {len(results.trials)}{f' ({counts})' if counts else ''}, up to {results.search['max_epochs']} "
+        f"- trials: {len(results.trials)}{f' ({counts})' if counts else ''}, "
+        f"up to {results.search['max_epochs']} "
         f"epochs each"
     )
 
@@ -745,7 +754,8 @@ def cost_section(results: SearchResults, cost: SearchCost, images: list[str]) ->
     trials = results.trials
     if cost.gpu_hours > 0:
         gpu = (
-            f"- GPU-hours: {cost.gpu_hours:.3f} in all; per trial {trials['gpu_hours'].mean():.3f} on average, "
+            f"- GPU-hours: {cost.gpu_hours:.3f} in all; "
+            f"per trial {trials['gpu_hours'].mean():.3f} on average, "
             f"{trials['gpu_hours'].max():.3f} at most"
         )
     else:
@@ -754,7 +764,8 @@ def cost_section(results: SearchResults, cost: SearchCost, images: list[str]) ->
         "## Time and cost",
         "",
         gpu,
-        f"- trial wall-clock: {cost.trial_hours:.3f} hours in all; per trial {trials['wall_s'].mean():.0f} s "
+        f"- trial wall-clock: {cost.trial_hours:.3f} hours in all; "
+        f"per trial {trials['wall_s'].mean():.0f} s "
         f"on average, {trials['wall_s'].max():.0f} s at most",
     ]
     if cost.elapsed_hours is not None:

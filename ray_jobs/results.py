@@ -98,7 +98,8 @@ class ResultsStore:
         return self.require_keys(name, value, required)
 
     def require_keys(self, name: str, value: Any, keys: tuple[str, ...]) -> Any:
-        """``value`` (read from ``name``) if it is an object with every one of ``keys``; else one error line."""
+        """``value`` (read from ``name``) if it is an object with every one of ``keys``; else one
+        error line."""
         missing = [key for key in keys if not isinstance(value, dict) or key not in value]
         if missing:
             raise SketchError(
@@ -260,7 +261,8 @@ class ExperimentTables:
 
     def _trial_seconds(self, trial_id: str) -> float:
         """Seconds the trial has run so far, over all its attempts. Tune's ``time_total_s`` restarts
-        at 0 when ``--resume`` restores a trial, so the tables add up ``time_this_iter_s`` instead."""
+        at 0 when ``--resume`` restores a trial, so the tables add up ``time_this_iter_s``
+        instead."""
         spent = [row.get("trial_s") for (trial, _), row in self.rows.items() if trial == trial_id]
         return max((value for value in spent if value is not None and value == value), default=0.0)
 
@@ -406,7 +408,8 @@ def trial_status(tune_status: str, epochs_run: int, max_epochs: int) -> str:
 
 def config_of(trial_row: pd.Series, base: dict[str, Any]) -> dict[str, Any]:
     """The TrainConfig dict of a trials.parquet row: its ``config.*`` columns, and for a searched
-    parameter the trial left inactive (an empty cell) the search's ``base`` value, which it ran with."""
+    parameter the trial left inactive (an empty cell) the search's ``base`` value, which it ran
+    with."""
     values = {
         key.removeprefix("config."): plain(value)
         for key, value in trial_row.items()
@@ -446,9 +449,10 @@ class ResultsRecorder(Callback):
     def write(
         self, trials: list, final_status: dict[str, str] | None = None
     ) -> dict[str, Any] | None:
-        """Rewrite the tables; ``final_status`` gives trials whose Tune status is about to change."""
-        # Tune's stop_all (the search's budget: tuning.Budget, the only stopper) ends the running and
-        # pending trials as TERMINATED without on_trial_complete: they are not ASHA's stops.
+        """Rewrite the tables; ``final_status`` gives trials whose Tune status is about to
+        change."""
+        # Tune's stop_all (the search's budget: tuning.Budget, the only stopper) ends the running
+        # and pending trials as TERMINATED without on_trial_complete: they are not ASHA's stops.
         by_budget = {
             t.trial_id: "STOPPED_BY_BUDGET"
             for t in trials
@@ -485,7 +489,8 @@ class ResultsRecorder(Callback):
 
     def on_step_end(self, iteration, trials, **info):
         # On Ctrl-C Tune ends its loop, saves the experiment, then stops the running trials as
-        # TERMINATED without telling callbacks: the last step's statuses tell them from finished ones.
+        # TERMINATED without telling callbacks: the last step's statuses tell them from finished
+        # ones.
         self._unended = {t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")}
 
     def on_experiment_end(self, trials, **info):

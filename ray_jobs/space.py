@@ -5,7 +5,8 @@ names the file and the field. Schema (all sections but ``experiment`` and ``mode
 
     experiment: demo                    # results/<experiment>/
     data:
-      dir: data/demo                    # competition layout; relative paths: to the working directory
+      dir: data/demo                    # competition layout; relative paths: to the working
+                                        # directory
       demo: true                        # generate the demo data set here if it is missing
     model: {name: test_resnet, pretrained: false, image_size: 48, checkpoint_file: ""}
       # name and image_size may be searched: {choice: [...]} or branches (below); they come first
@@ -19,14 +20,16 @@ names the file and the field. Schema (all sections but ``experiment`` and ``mode
       metric: val_acc
       mode: max
       seed: 0
-      startup_trials: 10                # optuna: random trials before TPE models the results (n_startup_trials)
+      startup_trials: 10                # optuna: random trials before TPE models the results
+                                        # (n_startup_trials)
       max_failures: 2                   # retries of a failed trial from its last checkpoint
       keep_checkpoints: 2               # the best N per trial are kept
       budget_gpu_hours: 0               # 0: none; once spent, no trial starts and running ones stop
       budget_hours: 0                   # wall clock, over every run of the search
       start_from: [{freeze: head, lr: 1.0e-3}]   # tried first, in addition to num_samples
     scheduler: {type: asha, max_epochs: 4, grace_period: 1, reduction_factor: 2}   # or type: none
-    fixed: {batch_size: 32, ...}        # any TrainConfig field; also the value of an inactive parameter
+    fixed: {batch_size: 32, ...}        # any TrainConfig field; also the value of an inactive
+                                        # parameter
     space:                              # any TrainConfig field: one distribution, or branches
       freeze: {choice: [none, head]}
       lr:                               # the first branch whose `when` matches earlier values
@@ -181,7 +184,8 @@ class SearchSpace:
 
     def param_space(self) -> dict[str, Any]:
         """Ray Tune's ``param_space``: the values every trial starts from. The searcher adds each
-        trial's searched values (tuning.py), so that each trial's config is a whole TrainConfig dict."""
+        trial's searched values (tuning.py), so that each trial's config is a whole TrainConfig
+        dict."""
         return dict(self.base)
 
     def why_not_drawn(self, config: dict[str, Any]) -> str | None:
@@ -200,8 +204,8 @@ class SearchSpace:
         return self.params["model"].values() if "model" in self.params else [self.base["model"]]
 
     def with_overrides(self, **changes: Any) -> SearchSpace:
-        """Values over the file's: experiment, data_dir, num_samples, max_concurrent (from the command
-        line), checkpoint_file (made absolute by the driver)."""
+        """Values over the file's: experiment, data_dir, num_samples, max_concurrent (from the
+        command line), checkpoint_file (made absolute by the driver)."""
         space = self
         if changes.get("experiment"):
             space = dataclasses.replace(
@@ -266,7 +270,8 @@ def parse_space(document: Any, *, source: str) -> SearchSpace:
     search = _section(SearchSettings, search_section, source, "search")
     scheduler = _section(SchedulerSettings, document.get("scheduler"), source, "scheduler")
 
-    # Parameters in the order they are drawn: the model's searched keys first, then space: as written.
+    # Parameters in the order they are drawn: the model's searched keys first, then space: as
+    # written.
     searched_model = {
         key: value
         for key, value in model.items()
@@ -371,8 +376,8 @@ def parse_space(document: Any, *, source: str) -> SearchSpace:
 def _param(
     name: str, spec: Any, where: str, *, earlier: dict[str, Param], later: list[str]
 ) -> Param:
-    """One searched parameter: a distribution, or a list of branches ``{when: {...}, <distribution>}``
-    tried in order."""
+    """One searched parameter: a distribution, or a list of branches
+    ``{when: {...}, <distribution>}`` tried in order."""
     if isinstance(spec, list):
         if not spec:
             raise SketchError(f"{where}: expected a distribution or a non-empty list of branches")
@@ -383,7 +388,8 @@ def _param(
     for at, item in items:
         if isinstance(spec, list) and not isinstance(item, dict):
             raise SketchError(
-                f"{at}: expected a branch such as {{when: {{freeze: head}}, loguniform: [1.0e-4, 1.0e-2]}}, "
+                f"{at}: expected a branch such as "
+                "{when: {freeze: head}, loguniform: [1.0e-4, 1.0e-2]}, "
                 f"got {item!r}"
             )
         rest = (
@@ -401,7 +407,8 @@ def _param(
             if prior.covers(branch):
                 raise SketchError(
                     f"{at}: can never match: the branch before it "
-                    f"({'when ' + prior.label if prior.when else 'without when'}) takes every trial it would"
+                    f"({'when ' + prior.label if prior.when else 'without when'}) "
+                    "takes every trial it would"
                 )
         branches.append(branch)
     return Param(name, tuple(branches))
@@ -414,7 +421,8 @@ def _conditions(
         return ()
     if not isinstance(when, dict) or not when:
         raise SketchError(
-            f"{where}.when: expected a mapping of parameters searched before {name} to their values, "
+            f"{where}.when: expected a mapping of parameters searched before {name} "
+            "to their values, "
             f"got {when!r}"
         )
     conditions = []
@@ -428,7 +436,8 @@ def _conditions(
                 )
             if key in TrainConfig.field_names():
                 raise SketchError(
-                    f"{at}: {key} is not searched; a condition names a parameter searched before {name}"
+                    f"{at}: {key} is not searched; "
+                    f"a condition names a parameter searched before {name}"
                 )
             raise SketchError(
                 f"{at}: unknown parameter; expected one of the parameters searched before {name}: "
@@ -437,7 +446,8 @@ def _conditions(
         condition_on = earlier[key]
         if not all(branch.distribution.finite for branch in condition_on.branches):
             raise SketchError(
-                f"{at}: {key} is searched over a range; a condition needs a choice or grid parameter"
+                f"{at}: {key} is searched over a range; "
+                "a condition needs a choice or grid parameter"
             )
         allowed = tuple(wanted) if isinstance(wanted, list) else (wanted,)
         for value in allowed:
@@ -451,7 +461,8 @@ def _conditions(
 
 
 def _resources(values: Any, params: SearchedParams, source: str) -> Resources:
-    """resources, with ``by_model: {<model>: {workers: 8, ...}}`` for the models that need other ones."""
+    """resources, with ``by_model: {<model>: {workers: 8, ...}}`` for the models that need other
+    ones."""
     values = dict(_mapping(values or {}, source, "resources"))
     by_model = _mapping(values.pop("by_model", None) or {}, source, "resources.by_model")
     common = _section(Resources, values, source, "resources")
@@ -495,7 +506,8 @@ def _start_from(
         for key in point:
             if key not in params:
                 raise SketchError(
-                    f"{where}.{key}: not a searched parameter; expected one of {', '.join(params.names)}"
+                    f"{where}.{key}: not a searched parameter; "
+                    f"expected one of {', '.join(params.names)}"
                 )
         config = {**base, **point}
         TrainConfig.from_dict(config, source=where)
@@ -516,14 +528,16 @@ def _check_settings(search: SearchSettings, scheduler: SchedulerSettings, source
         )
     if search.mode != METRICS[search.metric]:
         raise SketchError(
-            f"{source}: search.mode: {search.metric} is best at {METRICS[search.metric]}, got {search.mode}"
+            f"{source}: search.mode: {search.metric} is best at {METRICS[search.metric]}, "
+            f"got {search.mode}"
         )
 
 
 def _distribution(spec: Any, where: str) -> Distribution:
     if not isinstance(spec, dict) or len(spec) != 1:
         raise SketchError(
-            f"{where}: expected one distribution such as {{loguniform: [1.0e-5, 1.0e-3]}}, got {spec!r}"
+            f"{where}: expected one distribution such as {{loguniform: [1.0e-5, 1.0e-3]}}, "
+            f"got {spec!r}"
         )
     ((kind, args),) = spec.items()
     if kind not in DISTRIBUTIONS:

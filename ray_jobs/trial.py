@@ -121,7 +121,8 @@ def train_loop(config: dict[str, Any], session) -> None:
 def resumed_run(config: TrainConfig, session) -> TrainingRun:
     """A TrainingRun on the session's device, continuing from the latest checkpoint if there is one
     (after a failure, or in a restored search)."""
-    # Imported here: the trial and controller processes of DDP trials, which never train, skip timm & co.
+    # Imported here: the trial and controller processes of DDP trials, which never train, skip timm
+    # & co.
     from sketch_core.engine import TrainingRun, load_checkpoint
 
     checkpoint = session.get_checkpoint()

@@ -1,8 +1,10 @@
 """Search hyperparameters: Ray Tune (ASHA + Optuna TPE) over Ray Train TorchTrainer trials.
 
-    python ray_jobs/tune.py --space search_spaces/demo.yaml          # local Ray, demo data, CPU
-    python ray_jobs/tune.py --space search_spaces/eva02.yaml --address auto --results s3://BUCKET/sketch-hpo
-    python ray_jobs/tune.py --space search_spaces/demo.yaml --resume # continue an interrupted search
+    python ray_jobs/tune.py --space search_spaces/demo.yaml           # local Ray, demo data, CPU
+    python ray_jobs/tune.py --space search_spaces/eva02.yaml --address auto \\
+        --results s3://BUCKET/sketch-hpo
+    python ray_jobs/tune.py --space search_spaces/demo.yaml --resume  # continue an interrupted
+                                                                      # search
 
 Writes results/<experiment>/: tune/ (Ray Tune's folder), trials.parquet, epochs.parquet,
 best.json, search.json, report/. Command-line values override the space file.
@@ -49,13 +51,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="EXPERIMENT",
-        help="give the searcher the trials of an earlier experiment (a name under --results, or its "
-        "folder) that fit this space; repeatable",
+        help="give the searcher the trials of an earlier experiment (a name under --results, "
+        "or its folder) that fit this space; repeatable",
     )
     parser.add_argument(
         "--verbose",
         action="store_true",
-        help="also print Ray's own output: Tune's tables and configuration boxes, the workers' lines",
+        help="also print Ray's own output: Tune's tables and configuration boxes, "
+        "the workers' lines",
     )
     return parser.parse_args(argv)
 
@@ -111,7 +114,8 @@ def search(args: argparse.Namespace) -> None:
             f"{store.uri()}: experiment already exists; pass --resume to continue it, "
             "or --name for a new one"
         )
-    if args.resume:  # what the restored search reads back: a damaged file is one line here, not a traceback in Tune
+    # What the restored search reads back: a damaged file is one line here, not a traceback in Tune.
+    if args.resume:
         for name in ("epochs.parquet", "trials.parquet"):
             if store.exists(name):
                 store.read_parquet(name)
@@ -204,7 +208,8 @@ def record_spent(store, space, *, hours: float) -> None:
 
 
 def experiment_store(name: str, results: str):
-    """``--warm-start`` and the like: an experiment name under ``results``, or an experiment folder."""
+    """``--warm-start`` and the like: an experiment name under ``results``, or an experiment
+    folder."""
     from ray_jobs.results import ResultsStore
 
     if "/" in name or "://" in name:
@@ -235,10 +240,12 @@ def print_summary(store, *, interrupted: bool) -> None:
         spent, budget = search["spent"], search["budget"]
         print(
             f"the search ended on its budget ({search['ended_by']}): spent {spent['hours']:.3f} of "
-            f"{budget['hours'] or '-'} hours, {spent['gpu_hours']:.3f} of {budget['gpu_hours'] or '-'} GPU-hours"
+            f"{budget['hours'] or '-'} hours, "
+            f"{spent['gpu_hours']:.3f} of {budget['gpu_hours'] or '-'} GPU-hours"
         )
     print(
-        f"best trial {best['trial_id']}: {best['metric']} {best[best['metric']]:.4f} at epoch {best['epoch']}"
+        f"best trial {best['trial_id']}: {best['metric']} {best[best['metric']]:.4f} "
+        f"at epoch {best['epoch']}"
     )
     best_row = trials[trials["trial_id"] == best["trial_id"]].iloc[0]
     print(

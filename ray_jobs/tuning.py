@@ -206,7 +206,8 @@ def check_saved_state(store: ResultsStore) -> None:
     if problem:
         raise SketchError(
             f"{store.uri(TUNE_FOLDER)}: cannot resume: {problem}, as when the driver is killed "
-            f"while Ray Tune saves the search; start a new search that learns from this one's trials: "
+            "while Ray Tune saves the search; start a new search that learns from this one's "
+            "trials: "
             f"--name NEW --warm-start {store.experiment}"
         )
 

@@ -122,15 +122,18 @@ class TrainConfig:
             raise SketchError(f"{source}: folds: expected 0 (no folds) or at least 2, got 1")
         if self.folds and self.fold >= self.folds:
             raise SketchError(
-                f"{source}: fold: expected 0..{self.folds - 1} with folds={self.folds}, got {self.fold}"
+                f"{source}: fold: expected 0..{self.folds - 1} with folds={self.folds}, "
+                f"got {self.fold}"
             )
         if (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.batch_size % 2:
             raise SketchError(
-                f"{source}: batch_size: Mixup/CutMix needs an even batch size, got {self.batch_size}"
+                f"{source}: batch_size: Mixup/CutMix needs an even batch size, "
+                f"got {self.batch_size}"
             )
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
             raise SketchError(
-                f"{source}: warmup_epochs: expected fewer than epochs ({self.epochs}), got {self.warmup_epochs}"
+                f"{source}: warmup_epochs: expected fewer than epochs ({self.epochs}), "
+                f"got {self.warmup_epochs}"
             )
 
     @property

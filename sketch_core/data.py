@@ -63,7 +63,8 @@ def read_test_table(data_dir: str | Path) -> TestTable:
 
 
 def verify_images(paths: list[str]) -> None:
-    """Check every image's header and structure without decoding pixels (fast enough for 25k files)."""
+    """Check every image's header and structure without decoding pixels (fast enough for 25k
+    files)."""
     for path in paths:
         try:
             with Image.open(path) as image:
@@ -100,13 +101,15 @@ def split_indices(
     seed: int = 0,
     groups: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded stratified (train, val) indices: one hold-out split, fold ``fold`` of ``folds``, or all-train.
+    """Seeded stratified (train, val) indices: one hold-out split, fold ``fold`` of ``folds``, or
+    all-train.
 
-    ``groups`` (an integer group id per image, e.g. ``duplicates.duplicate_groups``) keeps each group
-    on one side: sklearn's StratifiedGroupKFold makes the folds, and the hold-out split is one fold
-    of ``round(1 / val_fraction)``, so its share is about ``val_fraction`` (0.2: 1/5; 0.15: 1/7 =
-    0.14; 0.3: 1/3; above 0.5 the training side is the one fold of ``round(1 / (1 - val_fraction))``).
-    Every class needs at least 2 groups (``folds`` groups with folds) so that it stays in training."""
+    ``groups`` (an integer group id per image, e.g. ``duplicates.duplicate_groups``) keeps each
+    group on one side: sklearn's StratifiedGroupKFold makes the folds, and the hold-out split is one
+    fold of ``round(1 / val_fraction)``, so its share is about ``val_fraction`` (0.2: 1/5; 0.15:
+    1/7 = 0.14; 0.3: 1/3; above 0.5 the training side is the one fold of
+    ``round(1 / (1 - val_fraction))``). Every class needs at least 2 groups (``folds`` groups with
+    folds) so that it stays in training."""
     everything = np.arange(len(targets))
     if groups is not None and (folds or val_fraction):
         return _grouped_split(
@@ -121,7 +124,8 @@ def split_indices(
         min_count = np.bincount(targets).min()
         if min_count < folds:
             raise SketchError(
-                f"folds: {folds} folds need at least {folds} images per class, the smallest class has {min_count}"
+                f"folds: {folds} folds need at least {folds} images per class, "
+                f"the smallest class has {min_count}"
             )
         splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
         train_idx, val_idx = list(splitter.split(everything, targets))[fold]
@@ -161,7 +165,8 @@ def _grouped_split(
     if groups_per_class[fewest] < needed:
         raise SketchError(
             f"{field}: a split that keeps groups whole needs at least {needed} groups per class "
-            f"(near-duplicates are one group); class {classes[fewest]} has {groups_per_class[fewest]}"
+            "(near-duplicates are one group); "
+            f"class {classes[fewest]} has {groups_per_class[fewest]}"
         )
     n_splits = folds or max(2, round(1 / min(val_fraction, 1 - val_fraction)))
     try:
@@ -182,7 +187,8 @@ def _grouped_split(
 # (2-core machine), and a reused head-trial process splits the same images for every trial.
 @functools.lru_cache(maxsize=4)
 def _group_folds(targets: bytes, groups: bytes, n_splits: int, seed: int) -> np.ndarray:
-    """The StratifiedGroupKFold fold of each image (int64 ``targets`` and ``groups`` as bytes, so hashable)."""
+    """The StratifiedGroupKFold fold of each image (int64 ``targets`` and ``groups`` as bytes, so
+    hashable)."""
     targets_array, groups_array = (
         np.frombuffer(targets, dtype=np.int64),
         np.frombuffer(groups, dtype=np.int64),
@@ -244,7 +250,8 @@ def _class_names_by_target(frame: pd.DataFrame, targets: np.ndarray, path: Path)
     if out_of_range.any():
         row = int(np.flatnonzero(out_of_range)[0])
         raise SketchError(
-            f"{path}: row {row + 2}: target {targets[row]} out of range; expected 0..{num_classes - 1} "
+            f"{path}: row {row + 2}: target {targets[row]} out of range; "
+            f"expected 0..{num_classes - 1} "
             f"for {num_classes} classes"
         )
     names: dict[int, str] = {}

@@ -341,7 +341,8 @@ def _write_image(
 def _near_duplicate(
     image: np.ndarray, kind: str, min_size: int, max_size: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, int]:
-    """A copy of BGR ``image`` of kind ``kind`` (one of COPY_KINDS), and the JPEG quality to write it at.
+    """A copy of BGR ``image`` of kind ``kind`` (one of COPY_KINDS), and the JPEG quality to write
+    it at.
 
     A re-encode is rescaled slightly, each side kept within ``min_size``..``max_size``; a small
     rotation keeps the canvas and fills the corners it uncovers with white."""
@@ -418,7 +419,8 @@ def _grayscale_mask(count: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def planted_copies(originals: int, duplicates: float) -> int:
-    """How many near-duplicates ``duplicates`` (a fraction) plants among ``originals`` training images."""
+    """How many near-duplicates ``duplicates`` (a fraction) plants among ``originals`` training
+    images."""
     return round(duplicates * originals)
 
 
@@ -649,8 +651,9 @@ def main(argv: list[str] | None = None) -> int:
     originals = args.classes * args.images_per_class
     copies = planted_copies(originals, args.duplicates)
     print(
-        f"wrote {originals + copies} train ({copies} of them planted near-duplicates) and {args.test_images} "
-        f"test images ({args.classes} classes, seed {args.seed}) to {written}"
+        f"wrote {originals + copies} train ({copies} of them planted near-duplicates) "
+        f"and {args.test_images} test images ({args.classes} classes, seed {args.seed}) "
+        f"to {written}"
     )
     return 0
 

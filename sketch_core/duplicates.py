@@ -33,7 +33,8 @@ from sketch_core.transforms import base_transform
 
 THUMBNAIL_SIDE = 64
 # 8x8 (64 bits, the usual pHash) is too coarse for thin strokes on white: in a 2,000-image demo set
-# distinct sketches of one class came within 2 bits of each other; at 12x12, within 18 at the closest.
+# distinct sketches of one class came within 2 bits of each other; at 12x12, within 18 at the
+# closest.
 HASH_SIDE = 12
 HASH_BITS = HASH_SIDE * HASH_SIDE
 HASH_WORDS = -(-HASH_BITS // 64)  # a hash is stored as 64-bit words, the last padded with zero bits
@@ -97,7 +98,8 @@ def orientation_hashes(thumbnail: np.ndarray, aspect: float = 1.0) -> np.ndarray
 class ImageHashes(Dataset):
     """``orientation_hashes`` of image ``i`` of ``paths``, decoded by ``data.load_rgb`` and made a
     square by the ``stretch`` base transform (letterboxing pads odd margins unevenly, so a turned
-    copy's thumbnail would be shifted by a pixel; stretching commutes with flips and quarter turns)."""
+    copy's thumbnail would be shifted by a pixel; stretching commutes with flips and quarter
+    turns)."""
 
     def __init__(self, paths: Sequence[str]):
         self.paths = list(paths)
@@ -116,8 +118,9 @@ class ImageHashes(Dataset):
 def image_hashes(
     paths: Sequence[str], *, cache_dir: str | Path | None = None, workers: int = 2
 ) -> np.ndarray:
-    """``orientation_hashes`` of every image of ``paths``, (N, ORIENTATIONS, HASH_WORDS) uint64: read
-    from this node's hash file, or computed (``workers`` decoding processes) and written there first."""
+    """``orientation_hashes`` of every image of ``paths``, (N, ORIENTATIONS, HASH_WORDS) uint64:
+    read from this node's hash file, or computed (``workers`` decoding processes) and written there
+    first."""
     file = Path(cache_dir or default_cache_dir()) / (
         f"phash-v{HASH_VERSION}-{images_key(paths, THUMBNAIL_SIDE, resize='stretch')}.npy"
     )
@@ -138,8 +141,9 @@ def duplicate_groups(
     cache_dir: str | Path | None = None,
     workers: int = 2,
 ) -> np.ndarray:
-    """A group id per image of ``paths`` (0..groups-1): near-duplicates of one class share one, every
-    other image has its own. ``targets`` are the images' classes; only a class's images are compared."""
+    """A group id per image of ``paths`` (0..groups-1): near-duplicates of one class share one,
+    every other image has its own. ``targets`` are the images' classes; only a class's images are
+    compared."""
     targets = np.asarray(targets)
     if len(targets) != len(paths):
         raise SketchError(

@@ -279,7 +279,8 @@ class TrainingRun:
         for the GPU), ``images`` (the batch size) and ``updated`` (whether the optimiser stepped).
         """
         config = self.config
-        # Only evaluate() leaves the model in eval mode; train() every batch would cost ms on a large model.
+        # Only evaluate() leaves the model in eval mode; train() every batch would cost ms on a
+        # large model.
         if not self.trained.training:
             self.train_model.train()
         batch = self.batches_this_epoch

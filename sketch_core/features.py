@@ -57,7 +57,8 @@ PLAIN_VIEW = ("none", 0)  # what validation (and augment=none training) reads
 
 
 # What this process keeps for its next run: one frozen backbone (key, module, weights digest), and
-# the features loaded for it by (file, device). EVA02-L's weights are 1.2 GB: one backbone at a time.
+# the features loaded for it by (file, device). EVA02-L's weights are 1.2 GB: one backbone at a
+# time.
 _kept_backbone: tuple[tuple, nn.Module, str] | None = None
 _kept_features: dict[tuple[str, str], torch.Tensor] = {}
 
@@ -183,8 +184,8 @@ class FeatureStore:
 def encode_batches(
     forward: Callable[[torch.Tensor], torch.Tensor], batches, autocast
 ) -> torch.Tensor:
-    """Concatenated ``forward(images)`` over ``(images, _)`` batches, under ``autocast()``, on the CPU.
-    The caller puts the backbone in eval mode."""
+    """Concatenated ``forward(images)`` over ``(images, _)`` batches, under ``autocast()``, on the
+    CPU. The caller puts the backbone in eval mode."""
     outputs = []
     for images, _ in batches:
         with autocast():

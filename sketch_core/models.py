@@ -60,8 +60,8 @@ def create_classifier(
     """Build ``name`` from timm with a ``head`` of ``num_classes`` outputs and apply ``freeze``.
 
     ``seed``: the head's initial weights, drawn from it whether or not the backbone is built here.
-    ``backbone``: one built earlier by ``create_backbone`` with these arguments, used instead of a new
-    one (a process keeps a frozen backbone for its next head-only run).
+    ``backbone``: one built earlier by ``create_backbone`` with these arguments, used instead of a
+    new one (a process keeps a frozen backbone for its next head-only run).
     """
     check_model_name(name)
     if backbone is None:
@@ -89,7 +89,8 @@ def data_config(model: SketchClassifier) -> dict:
 
 def apply_freeze(model: SketchClassifier, policy: str, trainable_blocks: int = 2) -> None:
     """``none``: train everything; ``head``: only the head; ``last_n_blocks``: the head, the last
-    ``trainable_blocks`` blocks and the norm layers after them (as timm groups the model's layers)."""
+    ``trainable_blocks`` blocks and the norm layers after them (as timm groups the model's
+    layers)."""
     model.backbone.requires_grad_(policy == "none")
     model.head.requires_grad_(True)
     if policy != "last_n_blocks":

@@ -48,8 +48,8 @@ def check_keys(kind: type, keys, *, source: str, prefix: str = "") -> None:
 
 
 def coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
-    """``value`` as the field's type (bool, int, float or str). YAML reads ``1e-3`` as text and
-    JSON writes whole floats as ints; a bool is never taken for a number, nor a number for a bool."""
+    """``value`` as the field's type (bool, int, float or str). YAML reads ``1e-3`` as text and JSON
+    writes whole floats as ints; a bool is never taken for a number, nor a number for a bool."""
     kind = f.type if isinstance(f.type, str) else f.type.__name__
     bad = SketchError(f"{where}: expected {kind}, got {value!r}")
     if kind == "bool":

@@ -1,6 +1,7 @@
 """Train one configuration without Ray, for debugging a config on a laptop.
 
-    python -m sketch_core.train --data-dir data/demo --model test_vit --image-size 64 --epochs 3 --out runs/debug
+    python -m sketch_core.train --data-dir data/demo --model test_vit --image-size 64 --epochs 3 \\
+        --out runs/debug
 
 Every ``TrainConfig`` field is an option (``--lr 3e-4``, ``--freeze head``, ...). Each epoch's
 metrics are printed as JSON and appended to ``OUT/metrics.jsonl``; ``OUT/last.pt`` is the latest
@@ -20,7 +21,8 @@ from sketch_core.errors import SketchError
 
 
 def config_options(parser: argparse.ArgumentParser) -> None:
-    """One ``--field-name`` option per TrainConfig field, parsed as text and typed by ``from_dict``."""
+    """One ``--field-name`` option per TrainConfig field, parsed as text and typed by
+    ``from_dict``."""
     group = parser.add_argument_group("training configuration (TrainConfig)")
     for field in dataclasses.fields(TrainConfig):
         default = field.default
@@ -84,7 +86,8 @@ def run(args: argparse.Namespace) -> None:
     state = load_checkpoint(checkpoint) if args.resume else None
     if state is None and checkpoint.exists():
         raise SketchError(
-            f"{checkpoint}: a run is already there; pass --resume to continue it or choose another --out"
+            f"{checkpoint}: a run is already there; "
+            "pass --resume to continue it or choose another --out"
         )
     training = TrainingRun(config, state=state)
     out.mkdir(parents=True, exist_ok=True)

@@ -83,13 +83,14 @@ def augmentation(name: str, image_size: int) -> A.Compose:
 
 
 def seed_pipeline(pipeline: A.Compose, *key: int) -> None:
-    """Make ``pipeline``'s next draws a function of ``key`` alone (e.g. run seed, epoch, image index).
+    """Make ``pipeline``'s next draws a function of ``key`` alone (e.g. run seed, epoch, image
+    index).
 
-    albumentations 2 pipelines own their generators and ignore numpy and torch seeding, so a pipeline
-    built in the parent process repeats the same draws in every forked loader worker. Seeding per
-    sample makes each draw independent of which worker, rank or restarted process makes it. One
-    generator is shared by the whole pipeline (``set_random_seed`` would give every transform the
-    same draws)."""
+    albumentations 2 pipelines own their generators and ignore numpy and torch seeding, so a
+    pipeline built in the parent process repeats the same draws in every forked loader worker.
+    Seeding per sample makes each draw independent of which worker, rank or restarted process makes
+    it. One generator is shared by the whole pipeline (``set_random_seed`` would give every
+    transform the same draws)."""
     seed = int(np.random.SeedSequence(list(key)).generate_state(1)[0])
     pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
 

@@ -136,9 +136,9 @@ def newcomer_python(folder: Path) -> str:
 
 
 def fresh_clone(target: Path) -> Path:
-    """A clone of the committed repository, as a newcomer gets it. Uncommitted edits to tracked files
-    are applied on top so that a developer tests what they see; files git does not track are not
-    there, so a forgotten `git add` fails here as it would for a user."""
+    """A clone of the committed repository, as a newcomer gets it. Uncommitted edits to tracked
+    files are applied on top so that a developer tests what they see; files git does not track are
+    not there, so a forgotten `git add` fails here as it would for a user."""
     subprocess.run(["git", "clone", "--quiet", str(REPO_ROOT), str(target)], check=True)
     diff = subprocess.run(
         ["git", "-C", str(REPO_ROOT), "diff", "HEAD", "--binary"], check=True, capture_output=True
@@ -153,7 +153,10 @@ def ray_leftovers() -> str:
     from ray_jobs.ray_internals import local_ray_instances
 
     raylets = [" ".join(args)[:160] for args in session_processes("raylet").values()]
-    return f"running Ray instances: {local_ray_instances() or 'none'}; raylet processes: {raylets or 'none'}"
+    return (
+        f"running Ray instances: {local_ray_instances() or 'none'}; "
+        f"raylet processes: {raylets or 'none'}"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -203,7 +206,8 @@ def finished_search(tmp_path_factory):
                 final_study = study()
         except BaseException:
             print(
-                f"the quickstart search failed while probed; {ray_leftovers()}\n{log.read_text()[-6000:]}"
+                f"the quickstart search failed while probed; {ray_leftovers()}\n"
+                f"{log.read_text()[-6000:]}"
             )
             raise
     assert driver.returncode == 0, f"{ray_leftovers()}\n{log.read_text()[-6000:]}"
@@ -243,7 +247,8 @@ def wait_for(
     log: Path | None = None,
 ):
     """The first truthy value ``probe()`` returns while ``driver`` (if any) runs; the test fails if
-    none comes within ``timeout`` seconds or the driver ends first (with the tail of ``log``, if given)."""
+    none comes within ``timeout`` seconds or the driver ends first (with the tail of ``log``, if
+    given)."""
     deadline = time.monotonic() + timeout
     while (driver is None or driver.poll() is None) and time.monotonic() < deadline:
         if found := probe():
@@ -252,7 +257,8 @@ def wait_for(
     pytest.fail(f"{what} never came" + (f"\n{log.read_text()[-3000:]}" if log else ""))
 
 
-# Ray prefixes each line it forwards from a worker process with "(ActorName pid=N, ip=...)", coloured.
+# Ray prefixes each line it forwards from a worker process with "(ActorName pid=N, ip=...)",
+# coloured.
 RAY_WORKER_LINE = re.compile(r"^(\x1b\[\d+m)?\((\w+ )?pid=\d+(, ip=[\d.]+)?\)")
 
 
@@ -298,7 +304,8 @@ def watch_worker_release(
                 waited = time.monotonic() - ended_at.setdefault(trial.trial_id, time.monotonic())
                 pids = trial_pids(epochs, trial.trial_id)
                 if driver.poll() is not None:
-                    break  # the search ended: Ray's shutdown ends every worker, which proves nothing
+                    # the search ended: Ray's shutdown ends every worker, which proves nothing
+                    break
                 if not any(pid_alive(pid) for pid in pids):
                     released[trial.trial_id] = {"status": trial.status, "after_s": waited}
                 elif waited > grace_s:
@@ -458,7 +465,8 @@ def session_processes(marker: str) -> dict[int, list[str]]:
 
 
 def kill_session(ray_tmpdir: str) -> None:
-    """SIGKILL what is left of a local Ray started under ``ray_tmpdir`` (a killed driver's Ray outlives it)."""
+    """SIGKILL what is left of a local Ray started under ``ray_tmpdir`` (a killed driver's Ray
+    outlives it)."""
     for pid in session_processes(ray_tmpdir):
         try:
             os.kill(pid, signal.SIGKILL)

@@ -126,7 +126,8 @@ def test_a_budget_ends_the_search_and_a_warm_start_hands_its_trials_on(head_sear
     )
     assert 4 <= len(trials) < 400, len(trials)  # it ran, then stopped starting trials
     assert (
-        f"the search ended on its budget (budget_hours): spent {search['spent']['hours']:.3f} of {BUDGET_HOURS} "
+        "the search ended on its budget (budget_hours): "
+        f"spent {search['spent']['hours']:.3f} of {BUDGET_HOURS} "
         "hours" in head_search["output"]
     )
     # The trials running or pending when the budget ran out are told apart from ASHA's stops.
@@ -161,7 +162,8 @@ def test_a_budget_ends_the_search_and_a_warm_start_hands_its_trials_on(head_sear
     inside = scored[scored["config.lr"].between(3.0e-3, 3.0e-2)]
     unscored = len(trials) - len(scored)
     assert (
-        f"warm start: {len(inside)} trial(s) of {folder}; {len(scored) - len(inside)} outside this space "
+        f"warm start: {len(inside)} trial(s) of {folder}; "
+        f"{len(scored) - len(inside)} outside this space "
         "skipped"
         + (f"; {unscored} stopped before a result skipped" if unscored else "")
         in second.stdout
@@ -286,5 +288,6 @@ def test_greedy_selection_needs_folds(head_search):
         "greedy",
     )
     assert completed.returncode == 2 and completed.stderr.strip() == (
-        "error: --ensemble greedy: needs --folds K (it chooses the weights on out-of-fold predictions)"
+        "error: --ensemble greedy: needs --folds K "
+        "(it chooses the weights on out-of-fold predictions)"
     )

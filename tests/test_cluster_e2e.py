@@ -62,7 +62,8 @@ def test_multi_node_search_survives_a_lost_node(tmp_path, demo_dir, three_node_c
             if epochs_file.exists() and len(
                 nodes := pd.read_parquet(epochs_file)["nodes"].dropna()
             ):
-                # The two workers sit on two of the three nodes, so at least one non-head node trains.
+                # The two workers sit on two of the three nodes, so at least one non-head node
+                # trains.
                 doomed = next(node for node in workers if node.node_id[:8] in nodes.iloc[0])
                 cluster.remove_node(doomed, allow_graceful=False)  # the node is lost mid-trial
                 removed = time.time()
@@ -92,7 +93,8 @@ def test_local_dashboard_on_localhost_and_ray_ports_need_the_token(finished_sear
     assert dashboard["url"].startswith("http://127.0.0.1:"), dashboard["url"]
     assert dashboard["without_token"] in (401, 403)  # token authentication is on
     assert "ray_version" in dashboard["version"]
-    # Ray's own ports bind the node's address (ray.init turns 127.0.0.1 into it): the token guards them.
+    # Ray's own ports bind the node's address (ray.init turns 127.0.0.1 into it): the token guards
+    # them.
     intruder = dashboard["intruder"]
     assert intruder.returncode != 0 and "InvalidAuthToken" in intruder.stderr, intruder.stderr[
         -2000:

@@ -55,13 +55,14 @@ def assert_follows_the_branches(values: dict) -> None:
         (
             "lr",
             [{"when": {"bogus": 1}, "loguniform": [1e-4, 1e-3]}],
-            "space.lr[0].when.bogus: unknown parameter; expected one of the parameters searched before lr: freeze",
+            "space.lr[0].when.bogus: unknown parameter; "
+            "expected one of the parameters searched before lr: freeze",
         ),
         (
             "lr",
             [{"when": {"mixup_alpha": 0.2}, "loguniform": [1e-4, 1e-3]}],
-            "space.lr[0].when.mixup_alpha: mixup_alpha is searched after lr; a condition can only name a parameter searched "
-            "before it",
+            "space.lr[0].when.mixup_alpha: mixup_alpha is searched after lr; "
+            "a condition can only name a parameter searched before it",
         ),
         (
             "lr",
@@ -71,7 +72,8 @@ def assert_follows_the_branches(values: dict) -> None:
         (
             "lr",
             [{"when": {"freeze": "partial"}, "loguniform": [1e-4, 1e-3]}],
-            "space.lr[0].when.freeze: 'partial' is not one of freeze's values (head, last_n_blocks, none)",
+            "space.lr[0].when.freeze: 'partial' is not one of freeze's values "
+            "(head, last_n_blocks, none)",
         ),
         (
             "lr",
@@ -79,7 +81,8 @@ def assert_follows_the_branches(values: dict) -> None:
                 {"loguniform": [1e-4, 1e-3]},
                 {"when": {"freeze": "head"}, "loguniform": [1e-3, 1e-2]},
             ],
-            "space.lr[1]: can never match: the branch before it (without when) takes every trial it would",
+            "space.lr[1]: can never match: the branch before it (without when) "
+            "takes every trial it would",
         ),
         (
             "lr",
@@ -87,7 +90,8 @@ def assert_follows_the_branches(values: dict) -> None:
                 {"when": {"freeze": ["head", "none"]}, "loguniform": [1e-4, 1e-3]},
                 {"when": {"freeze": "head"}, "loguniform": [1e-3, 1e-2]},
             ],
-            "space.lr[1]: can never match: the branch before it (when freeze=head or none) takes every trial it would",
+            "space.lr[1]: can never match: the branch before it (when freeze=head or none) "
+            "takes every trial it would",
         ),
         ("lr", [0.1], "space.lr[0]: expected a branch such as {when: {freeze: head}, loguniform:"),
         ("lr", [], "space.lr: expected a distribution or a non-empty list of branches"),
@@ -365,7 +369,8 @@ def test_a_warm_started_search_starts_near_the_earlier_best(tmp_path, capsys):
     )  # 3.0: outside this space's lr range
     trials = warm_start_trials(space, [store])
     assert len(trials) == 30 and capsys.readouterr().out.strip().endswith(
-        f"30 trial(s) of {store.uri()}; 1 outside this space skipped; 2 stopped before a result skipped"
+        f"30 trial(s) of {store.uri()}; 1 outside this space skipped; "
+        "2 stopped before a result skipped"
     )
     assert sorted(trial.value for trial in trials) == pytest.approx(
         sorted(0.8 - 0.2 * abs(math.log10(lr / 1e-2)) for lr in lrs)

@@ -45,7 +45,8 @@ def test_validation_leaves_the_model_name_to_where_a_model_is_chosen_and_does_no
 
     probe = (
         "import sys; from sketch_core.config import TrainConfig; "
-        "TrainConfig.from_dict({'model': 'not_a_timm_model', 'lr': '1e-3'}); print('timm' in sys.modules)"
+        "TrainConfig.from_dict({'model': 'not_a_timm_model', 'lr': '1e-3'}); "
+        "print('timm' in sys.modules)"
     )
     assert (
         subprocess.run(

@@ -1,4 +1,5 @@
-"""tune.py's console: a line per epoch and per ended trial in a log, a table redrawn in place on a terminal."""
+"""tune.py's console: a line per epoch and per ended trial in a log, a table redrawn in place on a
+terminal."""
 
 import io
 from types import SimpleNamespace
@@ -68,12 +69,12 @@ def test_a_log_gets_a_line_per_epoch_and_per_ended_trial(reporter, monkeypatch):
     lines = play(reporter, monkeypatch, tty=False).splitlines()
     assert lines[0] == "trial a epoch 1/4: val_acc 0.3000  val_loss 1.5000  images/s 300"
     assert (
-        "trial a stopped_early after 2 epoch(s): best val_acc 0.3000 at epoch 1; head=mlp, head_hidden=64, lr=0.02"
-        in lines
+        "trial a stopped_early after 2 epoch(s): best val_acc 0.3000 at epoch 1; "
+        "head=mlp, head_hidden=64, lr=0.02" in lines
     )
     assert (
-        "trial b finished after 4 epoch(s): best val_acc 0.4000 at epoch 4; head=linear, head_hidden=-, lr=0.01"
-        in lines
+        "trial b finished after 4 epoch(s): best val_acc 0.4000 at epoch 4; "
+        "head=linear, head_hidden=-, lr=0.01" in lines
     )
     assert (
         "trial c error after 0 epoch(s): no val_acc reported; head=mlp, head_hidden=64, lr=0.01"
@@ -95,8 +96,10 @@ def test_a_terminal_gets_a_table_redrawn_in_place(reporter, monkeypatch):
         for line in part.splitlines()
         if line.startswith("trial ") and "after" in line
     ] == [
-        "trial a stopped_early after 2 epoch(s): best val_acc 0.3000 at epoch 1; head=mlp, head_hidden=64, lr=0.02",
-        "trial b finished after 4 epoch(s): best val_acc 0.4000 at epoch 4; head=linear, head_hidden=-, lr=0.01",
+        "trial a stopped_early after 2 epoch(s): best val_acc 0.3000 at epoch 1; "
+        "head=mlp, head_hidden=64, lr=0.02",
+        "trial b finished after 4 epoch(s): best val_acc 0.4000 at epoch 4; "
+        "head=linear, head_hidden=-, lr=0.01",
         "trial c error after 0 epoch(s): no val_acc reported; head=mlp, head_hidden=64, lr=0.01",
     ]
     last_table = redraws[-2].splitlines()[-4:]

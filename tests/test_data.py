@@ -134,7 +134,8 @@ def test_splits_without_groups_are_the_ones_made_before_groups_existed():
 
 
 def grouped_classes(classes=6, images=30, seed=0):
-    """Targets and group ids: each class's images in groups of 1 to 4, like copies made within a class."""
+    """Targets and group ids: each class's images in groups of 1 to 4, like copies made within a
+    class."""
     rng = np.random.default_rng(seed)
     targets, groups = np.repeat(np.arange(classes), images), []
     for _ in range(classes):

@@ -92,7 +92,8 @@ def test_step_schedule_gives_the_lr_it_names_at_each_epoch(demo_dir):
     assert [m["lr"] for m in history] == pytest.approx([1e-3, 1e-4, 1e-5])
     warm = TrainingRun(quick_config(demo_dir, epochs=3, warmup_epochs=1, lr=1e-2))
     assert warm._lr() == pytest.approx(1e-4)  # warmup starts at 1% of lr
-    # then the cosine over all 3 epochs (timm's warmup overlaps it): lr * (1 + cos(pi / 3)) / 2 after epoch 1
+    # then the cosine over all 3 epochs (timm's warmup overlaps it):
+    # lr * (1 + cos(pi / 3)) / 2 after epoch 1
     assert next(warm.epochs())["lr"] == pytest.approx(7.5e-3)
 
 
@@ -209,7 +210,8 @@ def test_epoch_loop_trains_every_batch_through_train_step_and_repeats_with_the_s
 
 def test_accumulating_k_batches_of_b_equals_one_batch_of_k_times_b(demo_dir):
     """Gradient accumulation (K=2 batches of 8) against one batch of 16, same data order and
-    updates: with SGD and a model without batch statistics (ConvNeXt's LayerNorm) the weights agree."""
+    updates: with SGD and a model without batch statistics (ConvNeXt's LayerNorm) the weights
+    agree."""
     common = dict(
         model="test_convnext", optimizer="sgd", augment="none", epochs=1, lr=5e-2, weight_decay=0.0
     )
@@ -248,7 +250,8 @@ def test_mixup_and_cutmix_train_on_mixed_images_and_soft_targets(demo_dir):
     targets = torch.cat(seen)
     assert targets.shape == (len(targets), run.table.num_classes)
     torch.testing.assert_close(targets.sum(1), torch.ones(len(targets)))
-    # Label smoothing 0.1 over 8 classes puts at most 0.9125 on one class: a mix puts less on its top class.
+    # Label smoothing 0.1 over 8 classes puts at most 0.9125 on one class: a mix puts less on its
+    # top class.
     assert (targets.max(1).values < 0.9).float().mean() > 0.5
 
 
@@ -279,7 +282,8 @@ def test_last_n_blocks_trains_only_the_last_blocks_and_the_head(demo_dir):
 
 
 def test_compiled_model_trains_like_the_eager_one(demo_dir):
-    """torch.compile (on in search_spaces/eva02.yaml) changes speed, not the training or its checkpoints."""
+    """torch.compile (on in search_spaces/eva02.yaml) changes speed, not the training or its
+    checkpoints."""
     config = quick_config(demo_dir, epochs=1, augment="none")
     eager, compiled = TrainingRun(config), TrainingRun(dataclasses.replace(config, compile=True))
     [eager_metrics], [compiled_metrics] = list(eager.epochs()), list(compiled.epochs())

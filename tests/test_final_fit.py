@@ -29,7 +29,8 @@ def accuracy(submission, data_dir):
 
 
 def best_trial_test_accuracy(best: dict, demo_dir) -> float:
-    """Test accuracy of the best trial's checkpoint at its best epoch, predicted as final_fit does."""
+    """Test accuracy of the best trial's checkpoint at its best epoch, predicted as final_fit
+    does."""
     from ray_jobs.trial import CHECKPOINT_FILE
     from sketch_core.config import TrainConfig
     from sketch_core.data import read_test_table
@@ -45,7 +46,8 @@ def best_trial_test_accuracy(best: dict, demo_dir) -> float:
 
 
 def test_the_quickstart_refit_writes_a_valid_submission(finished_search):
-    """`python ray_jobs/final_fit.py --best` as the README gives it, in a fresh clone, after its search."""
+    """`python ray_jobs/final_fit.py --best` as the README gives it, in a fresh clone, after its
+    search."""
     folder, data_dir = finished_search["results"] / "demo", finished_search["data_dir"]
     submission = pd.read_csv(folder / "final" / "submission.csv")
     test = pd.read_csv(data_dir / "test.csv")
@@ -151,7 +153,8 @@ def test_a_chosen_trial_on_folds_soft_votes_and_never_overwrites(finished_search
     # From the clone's root with every local path relative: the default --results, --data-dir and
     # SKETCH_CACHE_DIR. The fold models train in a Tune trial process, whose working directory is
     # its trial's folder, where a relative path would miss.
-    # --no-calibrate: the plain soft vote (calibration and greedy weights: test_budget_and_warm_start.py)
+    # --no-calibrate: the plain soft vote (calibration and greedy weights:
+    # test_budget_and_warm_start.py)
     clone = finished_search["clone"]
     result = run_script(
         "final_fit.py",
@@ -185,9 +188,10 @@ def test_a_chosen_trial_on_folds_soft_votes_and_never_overwrites(finished_search
     assert all(
         m["val_acc"] is not None for m in log["models"]
     )  # each fold model has its held-out fold
-    # Soft vote: the ensemble is the mean of its members' probabilities and the submission its argmax.
-    # Its accuracy may fall below a member's on 80 images, but by Jensen's inequality its log-loss
-    # never exceeds the members' mean log-loss; a hard vote (one-hot) or a wrong mean breaks this.
+    # Soft vote: the ensemble is the mean of its members' probabilities and the submission its
+    # argmax. Its accuracy may fall below a member's on 80 images, but by Jensen's inequality its
+    # log-loss never exceeds the members' mean log-loss; a hard vote (one-hot) or a wrong mean
+    # breaks this.
     fit_folder = read_fit_logs(folder)[-1].parent
     assert log["ensemble"] == {
         "method": "mean",

@@ -62,7 +62,8 @@ def test_local_checkpoint_file_replaces_the_hub(tmp_path):
 
 def test_weights_are_checked_without_loading_them(monkeypatch, tmp_path):
     """The check tune.py and final_fit.py run before starting Ray: unreachable weights fail it with
-    create_classifier's message; weights in a pre-filled Hugging Face cache pass it, offline, and load."""
+    create_classifier's message; weights in a pre-filled Hugging Face cache pass it, offline, and
+    load."""
     import huggingface_hub.constants
     from safetensors.torch import save_file
 

@@ -92,7 +92,8 @@ def write_search(
     gpus_per_trial: float = 0.0,
     with_best: bool = True,
 ) -> ResultsStore:
-    """search.json, trials.parquet, epochs.parquet and best.json as tune.py and ResultsRecorder write them."""
+    """search.json, trials.parquet, epochs.parquet and best.json as tune.py and ResultsRecorder
+    write them."""
     space = parse_space(
         {
             "experiment": store.experiment,
@@ -272,13 +273,14 @@ def test_errored_trials_are_listed_and_marked(tmp_path):
         (
             [Trial(t.trial_id, t.tune_status, t.val_accs) for t in SMOKE2],
             SMOKE_SEARCHED,
-            "skipped: 0 searched hyperparameter(s) varied (none); at least 2 needed. Constant over these trials, so left "
-            "out: augment, head, label_smoothing, lr.",
+            "skipped: 0 searched hyperparameter(s) varied (none); at least 2 needed. "
+            "Constant over these trials, so left out: augment, head, label_smoothing, lr.",
         ),
         (
             [Trial(t.trial_id, t.tune_status, [0.1] * len(t.val_accs), t.config) for t in SMOKE2],
             SMOKE_SEARCHED,
-            "skipped: every trial scored the same val_acc. Constant over these trials, so left out: augment, head.",
+            "skipped: every trial scored the same val_acc. "
+            "Constant over these trials, so left out: augment, head.",
         ),
     ],
     ids=["one-finished-trial", "one-param", "constant-params", "same-score"],
@@ -329,7 +331,8 @@ def test_report_is_written_through_the_store_on_any_filesystem():
 
 
 def test_axes_and_distributions_follow_what_the_search_drew_from():
-    """search.json's distributions, not the span of the values seen, decide log axes and categories."""
+    """search.json's distributions, not the span of the values seen, decide log axes and
+    categories."""
     import pandas as pd
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 

@@ -1,4 +1,5 @@
-"""Search-space files: the shipped ones load, and every invalid case is one line naming the field."""
+"""Search-space files: the shipped ones load, and every invalid case is one line naming the
+field."""
 
 import copy
 from pathlib import Path
@@ -185,8 +186,9 @@ def test_every_searcher_keeps_max_concurrent(searcher):
     document["space"] = {"head": {"choice": ["linear", "mlp"]}}  # a grid takes choices only
     space = parse_space(document, source="x.yaml")
     made, _ = _searcher(space)
-    # Every searcher is a Searcher, which Tune wraps in a ConcurrencyLimiter of max_concurrent_trials
-    # (the quickstart's search is checked to run one trial at a time in test_tune_e2e).
+    # Every searcher is a Searcher, which Tune wraps in a ConcurrencyLimiter of
+    # max_concurrent_trials (the quickstart's search is checked to run one trial at a time in
+    # test_tune_e2e).
     assert isinstance(made, Searcher)
     if searcher == "optuna":
         from ray.tune.search.optuna import OptunaSearch

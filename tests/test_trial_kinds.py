@@ -52,7 +52,8 @@ def trained_backbone(demo_dir, tmp_path) -> Path:
 def test_only_head_only_trials_can_share_a_trial_process():
     """Ray Tune reuses a process for a trial whose request equals the last one's: every head-only
     trial asks for the same share; no TorchTrainer trial's request equals another's, even for the
-    same configuration (ray-project/ray#29268), and a pickled one (in Tune's saved state) keeps it."""
+    same configuration (ray-project/ray#29268), and a pickled one (in Tune's saved state) keeps
+    it."""
     import pickle
 
     from ray_jobs.space import Resources
@@ -208,8 +209,8 @@ def test_mixed_search_runs_head_trials_in_reused_tune_processes_and_the_rest_in_
     assert set(after_kill["pids"].astype(int)) != {int(killed["pids"])}
     assert trials.loc[killed["trial_id"], "status"] in ("finished", "stopped_early")  # not error
 
-    # Head trials ran in Tune's trial processes (ImplicitFunc), one reused for both: no Train worker.
-    # Fine-tuning trials trained in RayTrainWorker processes.
+    # Head trials ran in Tune's trial processes (ImplicitFunc), one reused for both: no Train
+    # worker. Fine-tuning trials trained in RayTrainWorker processes.
     ran = actor_pids(one_node_cluster.address)
     head_pids = {int(pid) for pid in epochs.loc[epochs["trial_id"].isin(head.index), "pids"]}
     tuned_pids = {
@@ -234,7 +235,8 @@ def test_mixed_search_runs_head_trials_in_reused_tune_processes_and_the_rest_in_
     )
 
     # Every epoch of either kind has its checkpoint in the tables (Tune's or Ray Train's, in the
-    # trial's folder; each keeps the trial's best keep_checkpoints on disk), and best.json names one.
+    # trial's folder; each keeps the trial's best keep_checkpoints on disk), and best.json names
+    # one.
     assert epochs["checkpoint_path"].str.startswith(str(results / "mixed" / "tune")).all(), epochs
     best = json.loads((results / "mixed" / "best.json").read_text())
     assert best["checkpoint"] in set(epochs["checkpoint_path"]), best
@@ -273,10 +275,10 @@ def test_a_head_only_search_killed_mid_trial_resumes_from_its_checkpoints(tmp_pa
     space.write_text(yaml.safe_dump(document))
     results = tmp_path / "results"
     command = ("tune.py", "--space", str(space), "--results", str(results))
-    # Tune uploads its saved state in the background, file by file: once per trial's second checkpoint
-    # (keep_checkpoints 2) and every 10 s. A kill -9 amid an upload can cut a file short, which
-    # --resume refuses (below). The 10 s uploads are put off here, and the kill waits for the last
-    # upload to end: the trial is frozen, so none starts meanwhile.
+    # Tune uploads its saved state in the background, file by file: once per trial's second
+    # checkpoint (keep_checkpoints 2) and every 10 s. A kill -9 amid an upload can cut a file short,
+    # which --resume refuses (below). The 10 s uploads are put off here, and the kill waits for the
+    # last upload to end: the trial is frozen, so none starts meanwhile.
     with started_script(
         *command,
         stdout=subprocess.DEVNULL,

@@ -114,7 +114,8 @@ def test_progress_and_summary_are_printed(finished_search):
     )
     assert f"  best.json       {folder / 'best.json'}" in lines
     assert f"report: {folder / 'report'}" in lines
-    # Readable: a line per epoch and per ended trial, not Ray's own output (tune.py --verbose has that).
+    # Readable: a line per epoch and per ended trial, not Ray's own output (tune.py --verbose has
+    # that).
     assert len(lines) <= 200, "\n".join(lines)
     assert not any(
         "Reporting training result" in line or "started with configuration" in line
@@ -148,8 +149,8 @@ def test_optuna_dashboard_shows_the_stored_study_live(finished_search):
         1 <= sum(t["state"] == "Complete" for t in live) < len(trials)
     )  # seen while the search went on
     assert len(final) == len(trials) and all(t["state"] == "Complete" for t in final)
-    # An Optuna trial's value is its Tune trial's last reported val_acc; its intermediate values are the
-    # epochs' before it (Tune hands the last result to the searcher as the trial's completion).
+    # An Optuna trial's value is its Tune trial's last reported val_acc; its intermediate values are
+    # the epochs' before it (Tune hands the last result to the searcher as the trial's completion).
     last_epoch = epochs.sort_values("epoch").groupby("trial_id").last()
     by_lr = {round(float(row["config.lr"]), 12): row["trial_id"] for _, row in trials.iterrows()}
     for study_trial in final:
@@ -403,7 +404,8 @@ def test_resume_after_the_driver_is_killed_and_after_ctrl_c_with_relative_paths(
     assert set(trials["config.data_dir"]) == {str(demo_dir.resolve())}
     assert list((tmp_path / "cache").glob("decoded-*.u8")), "the workers did not use ./cache"
 
-    # One Optuna study went on through both interruptions: every trial told to it once, with its result.
+    # One Optuna study went on through both interruptions: every trial told to it once, with its
+    # result.
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
