@@ -508,6 +508,18 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     atomic_write(path, lambda partial: torch.save(state, partial))
 
 
+def save_backbone(run: TrainingRun, path: str | Path) -> Path:
+    """The backbone of ``run.eval_model`` as a safetensors file, under timm's names and without a
+    head: weights that ``model.checkpoint_file`` loads (``models.checkpoint_weights``)."""
+    from safetensors.torch import save_file
+
+    state = {
+        key: value.detach().cpu().contiguous()
+        for key, value in run.eval_model.backbone.state_dict().items()
+    }
+    return atomic_write(path, lambda partial: save_file(state, str(partial)))
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -116,22 +116,72 @@ def apply_freeze(model: SketchClassifier, policy: str, trainable_blocks: int = 2
 def create_backbone(
     name: str, *, pretrained: bool, checkpoint_file: str = "", drop_path_rate: float = 0.0
 ) -> nn.Module:
-    """timm's ``name`` without its classifier (pooled features), with these weights."""
+    """timm's ``name`` without its classifier (pooled features), with timm's pretrained weights or
+    those of ``checkpoint_file`` (``checkpoint_weights``)."""
     kwargs = {"num_classes": 0}
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
-    if checkpoint_file:
-        _require_checkpoint_file(checkpoint_file)
-        # timm drops the checkpoint's classifier weights for num_classes=0 when given through
-        # pretrained_cfg_overlay; a plain checkpoint_path would refuse the shape mismatch.
-        kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint_file)}
-        pretrained = True
+    weights = checkpoint_weights(checkpoint_file) if checkpoint_file else None
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        backbone = timm.create_model(name, pretrained=pretrained and weights is None, **kwargs)
     except (OSError, RuntimeError, ValueError) as exc:
         if not pretrained:
             raise
         raise _weights_error(name, "could not be loaded", exc) from None
+    if weights is not None:
+        load_backbone_weights(backbone, weights, name=name, source=checkpoint_file)
+    return backbone
+
+
+def checkpoint_weights(checkpoint_file: str) -> dict[str, torch.Tensor]:
+    """The backbone weights in a local file: a timm model's state dict (a .safetensors or torch
+    file, as on the hub; nested under ``state_dict`` or ``model`` as training scripts save it), or a
+    checkpoint of this project's (``python -m sketch_core.train``'s last.pt, a refit's weights),
+    whose head is left out. Loaded weights-only."""
+    _require_checkpoint_file(checkpoint_file)
+    try:
+        state = timm.models.load_state_dict(checkpoint_file, use_ema=False, weights_only=True)
+    except Exception as exc:  # torch and safetensors raise several types for a foreign file
+        raise SketchError(
+            f"checkpoint_file: {checkpoint_file}: not a readable weights file "
+            f"({type(exc).__name__})"
+        ) from None
+    if any(key.startswith("backbone.") for key in state):  # a SketchClassifier: backbone and head
+        return {
+            key.removeprefix("backbone."): value
+            for key, value in state.items()
+            if key.startswith("backbone.")
+        }
+    return state
+
+
+def load_backbone_weights(
+    backbone: nn.Module, weights: dict[str, torch.Tensor], *, name: str, source: str
+) -> None:
+    """Load ``weights`` into ``backbone`` (timm's ``name`` with no classifier): every tensor of the
+    backbone must be there with its shape; the classifier's weights, if any, are left out."""
+    classifier = backbone.pretrained_cfg.get("classifier") or ()
+    for prefix in (classifier,) if isinstance(classifier, str) else classifier:
+        for suffix in (".weight", ".bias"):
+            weights.pop(prefix + suffix, None)
+    expected = backbone.state_dict()
+    missing = [key for key in expected if key not in weights]
+    unexpected = [key for key in weights if key not in expected]
+    wrong_shape = [
+        key for key in expected if key in weights and weights[key].shape != expected[key].shape
+    ]
+    for problem, keys in (
+        ("lacks", missing),
+        ("has unknown", unexpected),
+        ("has other shapes of", wrong_shape),
+    ):
+        if keys:
+            raise SketchError(
+                f"checkpoint_file: {source}: not weights of {name}: it {problem} {len(keys)} of "
+                f"the model's tensors (first: {keys[0]}); expected a {name} state dict with "
+                "timm's names, or a checkpoint of python -m sketch_core.train of this model"
+            )
+    backbone.load_state_dict(weights)
 
 
 def check_pretrained_weights(name: str, *, pretrained: bool, checkpoint_file: str = "") -> None:

@@ -6,6 +6,8 @@
 Every ``TrainConfig`` field is an option (``--lr 3e-4``, ``--freeze head``, ...). Each epoch's
 metrics are printed as JSON and appended to ``OUT/metrics.jsonl``; ``OUT/last.pt`` is the latest
 checkpoint, which ``--resume`` continues from. ``--predict`` writes a submission for test.csv.
+At the end ``OUT/backbone.safetensors`` holds the trained backbone alone (timm's names, no head):
+what a search's ``model.checkpoint_file`` loads as pretrained weights.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> None:
 
     check_model_name(config.model, "command line")
     # torch and timm take seconds to import: after --help and the option checks, not before.
-    from sketch_core.engine import TrainingRun, load_checkpoint, save_checkpoint
+    from sketch_core.engine import TrainingRun, load_checkpoint, save_backbone, save_checkpoint
 
     out = Path(args.out)
     checkpoint = out / "last.pt"
@@ -96,6 +98,7 @@ def run(args: argparse.Namespace) -> None:
             save_checkpoint(training.state_dict(), checkpoint)
             print(json.dumps(metrics), flush=True)
             log.write(json.dumps(metrics) + "\n")
+    print(f"wrote {save_backbone(training, out / 'backbone.safetensors')}")
     if args.predict:
         predict_test(training, out, tta=args.tta)
 

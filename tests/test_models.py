@@ -60,6 +60,40 @@ def test_local_checkpoint_file_replaces_the_hub(tmp_path):
         )
 
 
+def test_a_checkpoint_of_this_project_loads_as_a_backbone_without_its_head(tmp_path):
+    """last.pt of python -m sketch_core.train holds backbone and head (and the optimiser): its
+    backbone is what checkpoint_file loads; the head of the new run is its own."""
+    from sketch_core.engine import save_checkpoint
+
+    trained = create_classifier("test_resnet", num_classes=7, head="mlp", head_hidden=8)
+    save_checkpoint(
+        {"model": trained.state_dict(), "epoch": 3, "optimizer": {}}, tmp_path / "last.pt"
+    )
+    loaded = create_classifier(
+        "test_resnet", num_classes=3, checkpoint_file=str(tmp_path / "last.pt")
+    )
+    for name, tensor in trained.backbone.state_dict().items():
+        assert torch.equal(tensor, loaded.backbone.state_dict()[name]), name
+    assert loaded.head[-1].out_features == 3
+
+
+def test_weights_of_another_model_or_no_weights_are_one_line(tmp_path):
+    torch.save(
+        create_classifier("test_resnet", num_classes=3).backbone.state_dict(), tmp_path / "r.pth"
+    )
+    with pytest.raises(
+        SketchError,
+        match=r"^checkpoint_file: .*r.pth: not weights of test_vit: it lacks 78 of the model's "
+        r"tensors \(first: cls_token\)",
+    ):
+        create_classifier("test_vit", num_classes=3, checkpoint_file=str(tmp_path / "r.pth"))
+    (tmp_path / "notes.txt").write_text("not weights")
+    with pytest.raises(
+        SketchError, match=r"^checkpoint_file: .*notes.txt: not a readable weights file"
+    ):
+        create_classifier("test_resnet", num_classes=3, checkpoint_file=str(tmp_path / "notes.txt"))
+
+
 def test_weights_are_checked_without_loading_them(monkeypatch, tmp_path):
     """The check tune.py and final_fit.py run before starting Ray: unreachable weights fail it with
     create_classifier's message; weights in a pre-filled Hugging Face cache pass it, offline, and

@@ -40,6 +40,18 @@ def test_trains_resumes_and_predicts(demo_dir, tmp_path):
     ]
     assert epochs == [1, 2, 3]
     assert len(pd.read_csv(out / "submission.csv")) == 80
+    # The trained backbone alone, as a search's model.checkpoint_file loads it.
+    import torch
+
+    from sketch_core.engine import load_checkpoint
+    from sketch_core.models import create_backbone
+
+    backbone = create_backbone(
+        "test_resnet", pretrained=False, checkpoint_file=str(out / "backbone.safetensors")
+    )
+    trained = load_checkpoint(out / "last.pt")["model"]
+    for name, tensor in backbone.state_dict().items():
+        assert torch.equal(tensor, trained[f"backbone.{name}"]), name
 
 
 def test_bad_option_is_one_line_without_traceback(demo_dir, tmp_path):
