@@ -652,6 +652,7 @@ def summary_markdown(
         ),
         importance_section(importance, images),
         cost_section(results, cost, images) if cost else "",
+        ema_section(results),
         refit_section(results, images),
     ]
     return "\n\n".join(section for section in sections if section) + "\n"
@@ -785,6 +786,26 @@ def cost_section(results: SearchResults, cost: SearchCost, images: list[str]) ->
     if "cost.png" in images:
         lines += ["", "![cost](cost.png)"]
     return "\n".join(lines)
+
+
+def ema_section(results: SearchResults) -> str:
+    """What the EMA average did in the trials that kept one: its best val_acc against the raw
+    weights' best, each over the trial's epochs."""
+    if "val_acc_ema" not in results.epochs or not results.epochs["val_acc_ema"].notna().any():
+        return ""
+    averaged = results.epochs.dropna(subset=["val_acc_ema", "val_acc_raw"]).groupby("trial_id")
+    best = averaged[["val_acc_ema", "val_acc_raw"]].max()
+    gain = best["val_acc_ema"] - best["val_acc_raw"]
+    rows = [
+        [f"`{trial}`", row["val_acc_ema"], row["val_acc_raw"], gain[trial]]
+        for trial, row in best.iterrows()
+    ]
+    return (
+        f"## EMA\n\n{len(best)} trial(s) kept an EMA of their weights; best val_acc of the average "
+        f"minus the raw weights': {number_text(gain.median())} median, {number_text(gain.min())} "
+        f"to {number_text(gain.max())}.\n\n"
+        + markdown_table(["trial", "best val_acc, EMA", "best val_acc, raw", "EMA - raw"], rows)
+    )
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:

@@ -29,7 +29,16 @@ from sketch_core.errors import SketchError
 SCHEMA_VERSION = (
     2  # 2: searched parameters a trial left inactive are empty; search.json has base, params
 )
-METRIC_COLUMNS = ("val_acc", "val_loss", "train_loss", "lr", "images_per_s")
+# val_acc_ema and val_acc_raw: what the EMA average and the raw weights each scored (EMA trials).
+METRIC_COLUMNS = (
+    "val_acc",
+    "val_loss",
+    "train_loss",
+    "lr",
+    "images_per_s",
+    "val_acc_ema",
+    "val_acc_raw",
+)
 TRIAL_COLUMNS = (
     "trial_id",
     "status",

@@ -83,6 +83,16 @@ class TrainConfig:
     grad_clip: float = field(default=0.0, metadata=_spec(low=0.0, help="0: no clipping"))
     ema: bool = False
     ema_decay: float = field(default=0.999, metadata=_spec(low=0.0, high=1.0, low_open=True))
+    # timm's EMA warm-up: the decay grows with the optimiser steps (1 - (1 + step)^-2/3, capped at
+    # ema_decay), so the average follows a short run instead of keeping its initial weights.
+    ema_warmup: bool = True
+    ema_eval: bool = field(
+        default=True,
+        metadata=_spec(
+            help="with ema: validate, keep and predict with the average (false: the raw "
+            "weights); both val_acc are reported"
+        ),
+    )
     seed: int = 0
     # Device
     amp: bool = field(default=True, metadata=_spec(help="bf16 autocast on CUDA; ignored on CPU"))

@@ -108,7 +108,11 @@ class TrainingRun:
         # What training changes, and so what EMA averages and a checkpoint holds: the head alone
         # when it trains on features (the frozen backbone is rebuilt from its weights).
         self.trained: nn.Module = self.model.head if self.uses_feature_cache else self.model
-        self.ema = ModelEmaV3(self.trained, decay=config.ema_decay) if config.ema else None
+        self.ema = (
+            ModelEmaV3(self.trained, decay=config.ema_decay, use_warmup=config.ema_warmup)
+            if config.ema
+            else None
+        )
         self.optimizer = create_optimizer_v2(
             self.model,
             opt=config.optimizer,
@@ -118,6 +122,7 @@ class TrainingRun:
             **({"fused": True} if self._fused_adamw() else {}),
         )
         self.updates_per_epoch = math.ceil(len(self.train_loader) / config.grad_accum_steps)
+        self._check_ema_length()
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer,
             sched=config.lr_schedule,
@@ -169,9 +174,14 @@ class TrainingRun:
 
     @property
     def eval_model(self) -> SketchClassifier:
-        """The weights to evaluate and predict with: the EMA copy when EMA is on."""
-        if self.ema is None:
-            return self.model
+        """The weights to evaluate, keep and predict with: the EMA copy when EMA is on and
+        ``ema_eval`` names it, else the raw weights."""
+        return self.ema_model if self.ema is not None and self.config.ema_eval else self.model
+
+    @property
+    def ema_model(self) -> SketchClassifier:
+        """The whole classifier with the EMA's weights for what trains (the head alone on
+        features)."""
         if self.uses_feature_cache:
             return SketchClassifier(self.model.backbone, self.ema.module, self.config.freeze)
         return self.ema.module
@@ -225,7 +235,18 @@ class TrainingRun:
             yield metrics
 
     def evaluate(self) -> dict[str, float]:
-        model = self.eval_model.eval()
+        """``val_loss`` and ``val_acc`` of ``eval_model``; with EMA on, also ``val_acc_ema`` and
+        ``val_acc_raw``, what the average and the raw weights each score (the report compares
+        them)."""
+        metrics = self._validate(self.eval_model)
+        if self.ema is not None:
+            other = self._validate(self.model if self.config.ema_eval else self.ema_model)
+            ema, raw = (metrics, other) if self.config.ema_eval else (other, metrics)
+            metrics = {**metrics, "val_acc_ema": ema["val_acc"], "val_acc_raw": raw["val_acc"]}
+        return metrics
+
+    def _validate(self, model: SketchClassifier) -> dict[str, float]:
+        model = model.eval()
         if self.uses_feature_cache:
             model = model.head
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
@@ -334,6 +355,20 @@ class TrainingRun:
             else elapsed.item()
         )
         return loss_sum / max(images, 1), images / max(slowest, 1e-9)
+
+    def _check_ema_length(self) -> None:
+        """Refuse a constant EMA decay that averages over more optimiser steps than the run has:
+        its average would still hold much of the initial weights at the end."""
+        config = self.config
+        steps = config.epochs * self.updates_per_epoch
+        horizon = 1 / (1 - config.ema_decay)  # the average's time constant, in optimiser steps
+        if config.ema and not config.ema_warmup and horizon > steps:
+            raise SketchError(
+                f"ema_decay: {config.ema_decay} averages over about {horizon:.0f} optimiser steps, "
+                f"more than the {steps} of this run ({config.epochs} epochs of "
+                f"{self.updates_per_epoch}); turn ema_warmup on, or choose a decay of at most "
+                f"{1 - 1 / steps:.4g}"
+            )
 
     def _loaders(self) -> tuple[PrefetchLoader, PrefetchLoader | None]:
         config, table = self.config, self.table

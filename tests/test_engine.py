@@ -367,3 +367,32 @@ def test_ddp_in_two_processes_reports_the_same_metrics_on_every_rank(demo_dir):
     for epoch0, epoch1 in zip(by_rank[0][0], by_rank[1][0]):
         assert set(epoch0) == METRICS
         assert epoch0 == epoch1
+
+
+def test_ema_reports_the_average_and_the_raw_weights_and_evaluates_the_one_named(demo_dir):
+    averaged = TrainingRun(quick_config(demo_dir, epochs=2, ema=True, ema_decay=0.9))
+    first = next(averaged.epochs())
+    assert set(first) == METRICS | {"val_acc_ema", "val_acc_raw"}
+    assert first["val_acc"] == first["val_acc_ema"] and averaged.eval_model is averaged.ema_model
+    raw = TrainingRun(quick_config(demo_dir, epochs=2, ema=True, ema_decay=0.9, ema_eval=False))
+    metrics = next(raw.epochs())
+    assert metrics["val_acc"] == metrics["val_acc_raw"] and raw.eval_model is raw.model
+    # The same run either way: the choice changes what is evaluated and kept, not what trains.
+    assert (metrics["val_acc_ema"], metrics["val_acc_raw"]) == (
+        first["val_acc_ema"],
+        first["val_acc_raw"],
+    )
+
+
+def test_a_constant_ema_decay_longer_than_the_run_is_refused_and_warm_up_ramps_it(demo_dir):
+    # 256 training images in batches of 16, 2 epochs: 32 optimiser steps
+    with pytest.raises(
+        SketchError,
+        match=r"^ema_decay: 0.999 averages over about 1000 optimiser steps, more "
+        r"than the 32 of this run \(2 epochs of 16\); turn ema_warmup on",
+    ):
+        TrainingRun(quick_config(demo_dir, epochs=2, ema=True, ema_decay=0.999, ema_warmup=False))
+    run = TrainingRun(quick_config(demo_dir, epochs=2, ema=True, ema_decay=0.999))
+    # timm's warm-up at the 32nd step: 1 - (1 + 31)^(-2/3) = 0.90, not 0.999
+    assert run.ema.get_decay(32) == pytest.approx(1 - 32 ** (-2 / 3))
+    assert run.ema.get_decay(10**7) == pytest.approx(0.999)

@@ -26,6 +26,9 @@ class Trial:
     val_accs: list[float]
     config: dict = field(default_factory=dict)
     error: str | None = None
+    raw_val_accs: list[float] | None = (
+        None  # with EMA: the raw weights' (val_accs are the average's)
+    )
 
 
 # The real demo search /tmp/res/smoke2 (3 trials, ASHA stopped two): its configurations and curves.
@@ -133,6 +136,11 @@ def write_search(
                     "checkpoint_path": f"/ckpt/{trial.trial_id}/{epoch}",
                     "nodes": "192.0.2.2",
                     "timestamp": 1.7956e9 + 60.0 * start + 2.0 * epoch,
+                    **(
+                        {"val_acc_ema": val_acc, "val_acc_raw": trial.raw_val_accs[epoch - 1]}
+                        if trial.raw_val_accs
+                        else {}
+                    ),
                 },
             )
     base = {**space.base, "augment": "light", "head": "linear"}
@@ -440,4 +448,37 @@ def test_the_reliability_diagram_measures_calibration():
     )  # 99% sure, right ~60%
     assert expected_calibration_error(overconfident, targets) == pytest.approx(
         0.99 - (targets == 0).mean(), abs=1e-9
+    )
+
+
+def test_the_report_shows_what_ema_did_in_the_trials_that_kept_one(tmp_path):
+    trials = [
+        Trial(
+            "ema00001",
+            "TERMINATED",
+            [0.30, 0.50, 0.60],
+            {"ema": True},
+            raw_val_accs=[0.40, 0.55, 0.52],
+        ),
+        Trial(
+            "ema00002",
+            "TERMINATED",
+            [0.20, 0.40, 0.45],
+            {"ema": True},
+            raw_val_accs=[0.30, 0.50, 0.50],
+        ),
+        Trial("plain003", "TERMINATED", [0.35, 0.50, 0.58], {"ema": False}),
+    ]
+    store = local_search(tmp_path, trials, searched=["ema"], max_epochs=3)
+    write_report(store)
+    section = read_report(store)[0].split("## EMA")[1].split("\n## ")[0]
+    assert "2 trial(s) kept an EMA" in section and "plain003" not in section
+    rows = {
+        line.split(" | ")[0].strip("| `"): line
+        for line in section.splitlines()
+        if line.startswith("| `")
+    }
+    assert set(rows) == {"ema00001", "ema00002"}
+    assert (
+        "| 0.6 | 0.55 | 0.05 |" in rows["ema00001"] and "| 0.45 | 0.5 | -0.05 |" in rows["ema00002"]
     )
