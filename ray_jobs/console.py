@@ -20,7 +20,7 @@ from typing import Any
 from ray.tune import Callback
 
 from ray_jobs.params import SearchedParams
-from ray_jobs.results import best_first, trial_status
+from ray_jobs.results import best_first, trial_status, within_noise
 
 TABLE_ROWS = 8  # trials shown in the live table: those running, then the best ended ones
 
@@ -30,6 +30,8 @@ class ConsoleReporter(Callback):
         self.searched, self.metric, self.mode, self.max_epochs = searched, metric, mode, max_epochs
         self.last: dict[str, dict[str, Any]] = {}  # trial id: its last reported result
         self.best: dict[str, tuple[float, int]] = {}  # trial id: (best metric, its epoch)
+        self.history: dict[str, dict[int, dict]] = {}  # trial id: epoch: its result
+        self._images = 0  # validation images behind each val_acc
         self._drawn = 0  # lines of the live table on screen
 
     # Not pickled with Tune's experiment state: the screen is this process's.
@@ -43,6 +45,8 @@ class ConsoleReporter(Callback):
         if "epoch" not in result:
             return
         self.last[trial.trial_id] = result
+        self.history.setdefault(trial.trial_id, {})[int(result["epoch"])] = result
+        self._images = int(result.get("val_images") or self._images)
         value = result.get(self.metric)
         if value is not None and (
             trial.trial_id not in self.best or self._better(value, self.best[trial.trial_id][0])
@@ -78,8 +82,22 @@ class ConsoleReporter(Callback):
             f"trial {trial.trial_id} {status} after {self._epochs(trial)} epoch(s): {outcome}; "
             f"{self._values(trial)}"
         )
+        noise = self._stopped_within_noise(trial) if status == "stopped_early" else None
+        if noise:
+            self._print(
+                f"  the stop is within noise: val_acc {noise['val_acc']:.4f} at epoch "
+                f"{noise['epoch']} is within one standard error ({noise['standard_error']:.3f} on "
+                f"{self._images} validation images) of the best then, {noise['best']:.4f}"
+            )
         if self._tty():
             self._redraw(trials)
+
+    def _stopped_within_noise(self, trial) -> dict | None:
+        accuracy_at = {
+            trial_id: {epoch: r["val_acc"] for epoch, r in history.items() if "val_acc" in r}
+            for trial_id, history in self.history.items()
+        }
+        return within_noise(accuracy_at, trial.trial_id, self._images)
 
     def _epochs(self, trial) -> int:
         return int(self.last.get(trial.trial_id, {}).get("epoch", 0))

@@ -1,15 +1,17 @@
-"""Refit the best configuration(s) of a search on all training data, predict test.csv, submit.
+"""Build the submission from a search: its own models ensembled, or its best configuration(s)
+refitted on all training data (or K folds); predict test.csv, submit.
 
-    python ray_jobs/final_fit.py --best                # best trial of the latest experiment
+    python ray_jobs/final_fit.py --from-trials         # the search's models, greedy-ensembled
+    python ray_jobs/final_fit.py --best                # refit the best trial of the latest search
+    python ray_jobs/final_fit.py --best --warm         # ... starting from that trial's weights
     python ray_jobs/final_fit.py --best --name eva02_large_448 --top-k 3 --folds 5 --address auto
     python ray_jobs/final_fit.py --best --top-k 3 --folds 3 --ensemble greedy  # weights chosen
                                                                                # out of fold
     python ray_jobs/final_fit.py --trial bb8babe0      # a trial of your choice (its trial_id)
 
-Writes results/<experiment>/final/: fit-<time>/ (each model's weights and test probabilities, the
-ensemble's probabilities, fit.json; with --folds each configuration's out-of-fold probabilities
-oof-<model>.npy, rows in train.csv order) and a new submission file, never overwriting an earlier
-one.
+Writes results/<experiment>/final/: fit-<time>/ (each model's test probabilities and, when it
+trained, its weights; the ensemble's probabilities; fit.json; the held-out predictions the
+ensemble was chosen on) and a new submission file, never overwriting an earlier one.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from ray_jobs.cli import run_cli
 from sketch_core.config import TTA
 from sketch_core.errors import SketchError
 
+# --from-trials: the best trials whose models are candidates for the ensemble.
+FROM_TRIALS_TOP_K = 10
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -30,9 +35,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     chosen = parser.add_mutually_exclusive_group()
+    chosen.add_argument(
+        "--from-trials",
+        action="store_true",
+        help="no retraining: ensemble the search's own models (its best trials at their best "
+        "epochs), members and weights chosen on their validation predictions",
+    )
     chosen.add_argument("--best", action="store_true", help="refit the best trial(s) of the search")
     chosen.add_argument(
         "--trial", metavar="TRIAL_ID", help="refit this trial (a trial_id of trials.parquet)"
+    )
+    parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="with --best or --trial: start from the trial's weights at its best epoch and train "
+        "--epochs more on all the training data, instead of training from scratch",
     )
     parser.add_argument("--name", help="experiment (default: the latest under --results)")
     parser.add_argument(
@@ -40,7 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--data-dir", help="data folder (default: the one the search used)")
     parser.add_argument(
-        "--top-k", type=int, default=1, help="soft-vote the K best distinct configurations"
+        "--top-k",
+        type=int,
+        help="refit: soft-vote the K best distinct configurations (default 1); --from-trials: the "
+        f"K best trials are the candidates (default {FROM_TRIALS_TOP_K})",
     )
     parser.add_argument(
         "--folds", type=int, default=0, help="train K stratified folds of each and soft-vote them"
@@ -56,14 +76,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--select-by",
         choices=("log_loss", "accuracy"),
         default="log_loss",
-        help="what greedy selection optimises on the out-of-fold predictions",
+        help="what greedy selection optimises on the held-out predictions",
     )
     parser.add_argument(
         "--calibrate",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="with --folds: scale each configuration's probabilities by the temperature that "
-        "fits its out-of-fold predictions best, before combining them",
+        help="with --folds or --from-trials: scale each member's probabilities by the "
+        "temperature that fits its held-out predictions best, before combining them",
     )
     parser.add_argument(
         "--tta",
@@ -72,7 +92,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="average the prediction of each image and its horizontal flip",
     )
     parser.add_argument(
-        "--epochs", type=int, help="train this many epochs (default: where the trial peaked)"
+        "--epochs",
+        type=int,
+        help="train this many epochs (default: where the trial peaked; --warm: "
+        "the share of them its validation split held out, at least 1)",
     )
     parser.add_argument(
         "--max-concurrent", type=int, help="refits at once (default: as many as fit)"
@@ -95,74 +118,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def final_fit(args: argparse.Namespace) -> None:
-    import numpy as np
     import ray
 
-    from ray_jobs.cli import local_path
+    from ray_jobs import submission
     from ray_jobs.cluster import check_trial_fits, start_ray
-    from ray_jobs.refit import choose_models, fit_models, load_npy, npy_bytes, out_of_fold
-    from ray_jobs.results import BEST_KEYS, ResultsStore, latest_experiment, read_search
+    from ray_jobs.refit import fit_models, npy_bytes
     from ray_jobs.space import Resources
-    from sketch_core.data import read_test_table, read_train_table
-    from sketch_core.ensemble import equal_vote, fit_ensemble
+    from sketch_core.ensemble import equal_vote
     from sketch_core.io import unused_path
     from sketch_core.models import check_pretrained_weights
     from sketch_core.predict import submission_frame
 
-    if not args.best and not args.trial:
-        raise SketchError(
-            "say which configuration to refit: --best (the best trial of the search) "
-            "or --trial TRIAL_ID"
-        )
-    for option, value in (
-        ("--top-k", args.top_k),
-        ("--epochs", args.epochs),
-        ("--max-concurrent", args.max_concurrent),
-    ):
-        if value is not None and value < 1:
-            raise SketchError(f"{option}: expected at least 1, got {value}")
-    if args.trial and args.top_k > 1:
-        raise SketchError(
-            f"--top-k {args.top_k}: goes with --best; --trial refits one configuration"
-        )
-    if args.folds == 1 or args.folds < 0:
-        raise SketchError(f"--folds: expected 0 (no folds) or at least 2, got {args.folds}")
-    if args.ensemble == "greedy" and not args.folds:
-        raise SketchError(
-            "--ensemble greedy: needs --folds K (it chooses the weights on out-of-fold predictions)"
-        )
-
+    check_options(args)
     # Read and check everything before Ray starts.
-    store = ResultsStore(args.results, args.name or latest_experiment(args.results))
-    search = read_search(store)
-    if not store.exists("best.json"):
-        raise SketchError(
-            f"{store.uri()}: no finished trial yet (no best.json); "
-            "let the search report a result first"
-        )
-    store.read_json(
-        "best.json", required=BEST_KEYS
-    )  # the search's own record of its best: damaged means one line now
-    data_dir = local_path(args.data_dir) if args.data_dir else search["data_dir"]
-    train = read_train_table(data_dir)
-    if train.class_names != search["class_names"]:
-        raise SketchError(
-            f"{data_dir}: its {train.num_classes} classes differ from the "
-            f"{len(search['class_names'])} the experiment {store.experiment} was searched on"
-        )
-    test = read_test_table(data_dir)
-    specs = choose_models(
-        store.read_parquet("trials.parquet"),
-        metric=search["metric"],
-        mode=search["mode"],
-        searched=search["searched"],
-        base=search["base"],
-        top_k=args.top_k,
-        folds=args.folds,
-        epochs=args.epochs,
-        data_dir=data_dir,
-        trial_id=args.trial,
-    )
+    store, search, data_dir, train, test = read_experiment(args)
+    specs = chosen_models(args, store, search, data_dir)
     weights = {
         (
             spec.config["model"],
@@ -170,7 +140,7 @@ def final_fit(args: argparse.Namespace) -> None:
             spec.config.get("checkpoint_file", ""),
         )
         for spec in specs
-    }  # folds and top-k configurations mostly share them: check each once
+    }  # the models mostly share them: check each once
     for model, pretrained, checkpoint_file in sorted(weights):
         check_pretrained_weights(model, pretrained=pretrained, checkpoint_file=checkpoint_file)
     resources = Resources.from_dict(search["resources"])
@@ -183,7 +153,8 @@ def final_fit(args: argparse.Namespace) -> None:
             print(f"Ray dashboard: {dashboard}", flush=True)
         check_trial_fits(resources, store.uri("search.json"))
         print(
-            f"refitting {len(specs)} model(s) of {store.experiment}: "
+            f"{'predicting with' if args.from_trials else 'refitting'} {len(specs)} model(s) of "
+            f"{store.experiment}: "
             + ", ".join(
                 f"{s.model_id} (trial {s.source_trial}, {s.until_epoch} epochs)" for s in specs
             ),
@@ -203,154 +174,215 @@ def final_fit(args: argparse.Namespace) -> None:
         ray.shutdown()
     check_refits(fitted, interrupted=interrupted, tune_folder=store.uri(folder, "tune"))
 
-    model_probs = {
-        s.model_id: load_npy(store.read_bytes(f"{folder}/probs-{s.model_id}.npy")) for s in specs
-    }
-    members = list(dict.fromkeys(s.member for s in specs))
-    test_probs = {
-        member: np.mean([model_probs[s.model_id] for s in specs if s.member == member], axis=0)
-        for member in members
-    }  # a configuration's folds vote alike
-    if args.folds:
-        oof = out_of_fold(store, folder, specs, len(train.paths))
-        combined = fit_ensemble(
-            {m: probs for m, (probs, _) in oof.items()},
+    test_probs = submission.test_predictions(store, folder, specs)
+    held_out, summary = {}, {}
+    if args.from_trials:
+        rows, held_out = submission.validation_predictions(store, folder, specs)
+        combined, summary["from_trials"] = submission.from_trials(
+            held_out,
+            train.targets[rows],
+            calibrate=args.calibrate,
+            select_by=args.select_by,
+            seed=int(specs[0].config["seed"]),
+        )
+    elif args.folds:
+        combined, summary["out_of_fold"], held_out = submission.from_folds(
+            store,
+            folder,
+            specs,
             train.targets,
             method=args.ensemble,
             calibrate=args.calibrate,
-            metric=args.select_by,
-        )
-        estimate = out_of_fold_summary(
-            oof,
-            combined,
-            train.targets,
-            method=args.ensemble,
             select_by=args.select_by,
             search_best=store.read_json("best.json")["val_acc"],
         )
-        for member, (probs, _) in oof.items():
-            store.write_bytes(f"{folder}/oof-{member}.npy", npy_bytes(probs))
-        store.write_bytes(
-            f"{folder}/oof-ensemble.npy", npy_bytes(combined({m: p for m, (p, _) in oof.items()}))
-        )
     else:
-        combined, estimate = equal_vote(members), None
-    ensemble = combined(test_probs)
+        combined = equal_vote(list(test_probs["members"]))
+    if held_out:
+        held_out["ensemble"] = combined(held_out)
+    for member, probs in held_out.items():
+        store.write_bytes(
+            f"{folder}/{'oof' if args.folds else 'val'}-{member}.npy", npy_bytes(probs)
+        )
+    ensemble = combined(test_probs["members"])
     store.write_bytes(f"{folder}/probs-ensemble.npy", npy_bytes(ensemble))
     submission_name = unused_path("final/submission.csv", exists=store.exists)
     store.write_bytes(
         submission_name, submission_frame(test.frame, ensemble).to_csv(index=False).encode()
     )
-    scores = _score_against_answers(data_dir, test.frame, {**model_probs, "ensemble": ensemble})
-    log = {
-        "experiment": store.experiment,
-        "submission": store.uri(submission_name),
-        "data_dir": data_dir,
-        "tta": args.tta,
-        "top_k": args.top_k,
-        "folds": args.folds,
-        "wall_s": round(time.time() - started, 1),
-        "models": [
-            {
-                "model_id": s.model_id,
-                "source_trial": s.source_trial,
-                "epochs": s.until_epoch,
-                "seed": s.config["seed"],
-                "config": s.config,
-                "val_acc": _number(fitted.loc[fitted["model_id"] == s.model_id, "val_acc"].iloc[0]),
-            }
-            for s in specs
-        ],
-        "ensemble": {
-            "method": args.ensemble,
-            "weights": combined.weights,
-            "temperatures": combined.temperatures,
+    scores = submission.scores_against_answers(
+        data_dir, test.frame, {**test_probs["models"], "ensemble": ensemble}
+    )
+    store.write_json(
+        f"{folder}/fit.json",
+        {
+            "experiment": store.experiment,
+            "submission": store.uri(submission_name),
+            "data_dir": data_dir,
+            "how": "from_trials" if args.from_trials else "warm" if args.warm else "refit",
+            "tta": args.tta,
+            "top_k": args.top_k,
+            "folds": args.folds,
+            "wall_s": round(time.time() - started, 1),
+            "models": [
+                {
+                    "model_id": s.model_id,
+                    "source_trial": s.source_trial,
+                    "epochs": s.until_epoch,
+                    "seed": s.config["seed"],
+                    "config": s.config,
+                    "val_acc": _number(
+                        fitted.loc[fitted["model_id"] == s.model_id, "val_acc"].iloc[0]
+                    ),
+                }
+                for s in specs
+            ],
+            "ensemble": {
+                "method": "greedy" if args.from_trials else args.ensemble,
+                "weights": combined.weights,
+                "temperatures": combined.temperatures,
+            },
+            "out_of_fold": summary.get("out_of_fold"),
+            "from_trials": summary.get("from_trials"),
+            "test_accuracy": scores,
         },
-        "out_of_fold": estimate,
-        "test_accuracy": scores,
-    }
-    store.write_json(f"{folder}/fit.json", log)
-    if estimate:
-        print_out_of_fold(estimate)
+    )
+    if summary.get("from_trials"):
+        submission.print_from_trials(summary["from_trials"])
+    if summary.get("out_of_fold"):
+        submission.print_out_of_fold(summary["out_of_fold"])
     if scores:
         print(
             "accuracy against test_answers.csv: "
             + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
         )
     print(f"models and probabilities: {store.uri(folder)}")
-    if estimate:
+    if summary.get("out_of_fold"):
         from ray_jobs.report import write_report
 
         print(f"report (with the out-of-fold table and reliability diagram): {write_report(store)}")
     print(f"submission: {store.uri(submission_name)}")
 
 
-def out_of_fold_summary(
-    oof: dict, combined, targets, *, method: str, select_by: str, search_best: float
-) -> dict:
-    """fit.json's ``out_of_fold``: each configuration's out-of-fold scores (per fold, pooled,
-    before and after its temperature), the ensemble's, and the cross-validated estimate of the
-    submitted ensemble's accuracy with its standard error over folds."""
-    import numpy as np
-
-    from sketch_core.ensemble import calibrated, fold_estimate, scores
-
-    members = {}
-    for member, (probs, fold_of_row) in oof.items():
-        fixed = calibrated(probs, combined.temperatures[member])
-        members[member] = {
-            **scores(probs, targets),
-            "log_loss_calibrated": scores(fixed, targets)["log_loss"],
-            "temperature": combined.temperatures[member],
-            "weight": combined.weights[member],
-            "fold_accuracy": [
-                scores(probs[fold_of_row == k], targets[fold_of_row == k])["accuracy"]
-                for k in np.unique(fold_of_row)
-            ],
-        }
-    fold_of_row = next(iter(oof.values()))[1]
-    ensemble = combined({member: probs for member, (probs, _) in oof.items()})
-    accuracy, error = fold_estimate(ensemble, targets, fold_of_row)
-    return {
-        "images": len(targets),
-        "folds": int(fold_of_row.max()) + 1,
-        "members": members,
-        "ensemble": {
-            "method": method,
-            **({"select_by": select_by} if method == "greedy" else {}),
-            **scores(ensemble, targets),
-        },
-        "estimate": {
-            "accuracy": accuracy,
-            "standard_error": error,
-            "search_best_val_acc": search_best,
-        },
-    }
-
-
-def print_out_of_fold(summary: dict) -> None:
-    print(
-        f"out-of-fold predictions of {summary['images']} training images, {summary['folds']} folds:"
-    )
-    for member, row in summary["members"].items():
-        print(
-            f"  {member:9s} accuracy {row['accuracy']:.4f}  log-loss {row['log_loss']:.4f} -> "
-            f"{row['log_loss_calibrated']:.4f} at temperature {row['temperature']:.3g}  "
-            f"weight {row['weight']:.3g}"
+def check_options(args: argparse.Namespace) -> None:
+    if not (args.best or args.trial or args.from_trials):
+        raise SketchError(
+            "say how to build the submission: --from-trials (the search's own models), --best "
+            "(refit the best trial of the search) or --trial TRIAL_ID"
         )
-    ensemble = summary["ensemble"]
-    how = ensemble["method"] + (f" by {ensemble['select_by']}" if "select_by" in ensemble else "")
-    print(
-        f"  {'ensemble':9s} accuracy {ensemble['accuracy']:.4f}  "
-        f"log-loss {ensemble['log_loss']:.4f} ({how})"
+    for option, value in (
+        ("--top-k", args.top_k),
+        ("--epochs", args.epochs),
+        ("--max-concurrent", args.max_concurrent),
+    ):
+        if value is not None and value < 1:
+            raise SketchError(f"{option}: expected at least 1, got {value}")
+    if args.trial and (args.top_k or 1) > 1:
+        raise SketchError(
+            f"--top-k {args.top_k}: goes with --best; --trial refits one configuration"
+        )
+    if args.folds == 1 or args.folds < 0:
+        raise SketchError(f"--folds: expected 0 (no folds) or at least 2, got {args.folds}")
+    if args.ensemble == "greedy" and not args.folds:
+        raise SketchError(
+            "--ensemble greedy: needs --folds K (it chooses the weights on out-of-fold "
+            "predictions); --from-trials chooses its own on the validation predictions"
+        )
+    if args.from_trials and (args.folds or args.warm or args.epochs):
+        raise SketchError(
+            "--from-trials: uses the search's models as they are; --folds, --warm and --epochs "
+            "go with --best or --trial"
+        )
+    if args.warm and args.folds:
+        raise SketchError("--warm: continues a trial's model on all the data; it has no folds")
+
+
+def read_experiment(args: argparse.Namespace):
+    """The experiment's store, its search.json, the data folder and its train and test tables, all
+    checked."""
+    from ray_jobs.cli import local_path
+    from ray_jobs.results import BEST_KEYS, ResultsStore, latest_experiment, read_search
+    from sketch_core.data import read_test_table, read_train_table
+
+    store = ResultsStore(args.results, args.name or latest_experiment(args.results))
+    search = read_search(store)
+    if not store.exists("best.json"):
+        raise SketchError(
+            f"{store.uri()}: no finished trial yet (no best.json); "
+            "let the search report a result first"
+        )
+    # The search's own record of its best: damaged means one line now.
+    store.read_json("best.json", required=BEST_KEYS)
+    data_dir = local_path(args.data_dir) if args.data_dir else search["data_dir"]
+    train = read_train_table(data_dir)
+    if train.class_names != search["class_names"]:
+        raise SketchError(
+            f"{data_dir}: its {train.num_classes} classes differ from the "
+            f"{len(search['class_names'])} the experiment {store.experiment} was searched on"
+        )
+    return store, search, data_dir, train, read_test_table(data_dir)
+
+
+def chosen_models(args: argparse.Namespace, store, search: dict, data_dir: str) -> list:
+    """The models to fit (or, --from-trials, to predict with), from the search's tables."""
+    from ray_jobs.refit import choose_models, trial_models
+    from ray_jobs.results import best_checkpoints
+
+    trials = store.read_parquet("trials.parquet")
+    checkpoints = (
+        best_checkpoints(trials, store.read_parquet("epochs.parquet"))
+        if args.from_trials or args.warm
+        else None
     )
-    estimate = summary["estimate"]
-    print(
-        f"cross-validated accuracy of the submitted ensemble: {estimate['accuracy']:.4f} "
-        f"± {estimate['standard_error']:.4f} (standard error over {summary['folds']} folds). "
-        "Expect this on new data, not the search's best val_acc "
-        f"({estimate['search_best_val_acc']:.4f}: the best of many trials on one split)"
+    if args.from_trials:
+        specs = trial_models(
+            trials,
+            metric=search["metric"],
+            mode=search["mode"],
+            base=search["base"],
+            top_k=args.top_k or FROM_TRIALS_TOP_K,
+            data_dir=data_dir,
+            checkpoints=checkpoints,
+        )
+        check_one_split(specs, store)
+        return specs
+    return choose_models(
+        trials,
+        metric=search["metric"],
+        mode=search["mode"],
+        searched=search["searched"],
+        base=search["base"],
+        top_k=args.top_k or 1,
+        folds=args.folds,
+        epochs=args.epochs,
+        data_dir=data_dir,
+        trial_id=args.trial,
+        checkpoints=checkpoints,
     )
+
+
+def check_one_split(specs: list, store) -> None:
+    """--from-trials compares the trials' validation predictions image by image: refuse trials
+    that validated on other images than the best one."""
+    from ray_jobs.refit import SPLIT_FIELDS
+
+    if not specs:
+        raise SketchError(
+            f"{store.uri()}: --from-trials: no trial kept a checkpoint at its best epoch"
+        )
+    first = specs[0]
+    for spec in specs[1:]:
+        differ = [
+            f"{f} {first.config[f]} and {spec.config[f]}"
+            for f in SPLIT_FIELDS
+            if spec.config[f] != first.config[f]
+        ]
+        if differ:
+            raise SketchError(
+                f"--from-trials: trials {first.source_trial} and {spec.source_trial} validated on "
+                f"other images ({', '.join(differ)}); their predictions cannot be compared image "
+                "by image. Search with one seed and split, or refit with --best"
+            )
 
 
 def check_refits(fitted, *, interrupted: bool, tune_folder: str) -> None:
@@ -364,18 +396,6 @@ def check_refits(fitted, *, interrupted: bool, tune_folder: str) -> None:
     errors = [error for error in failed["error"] if error]
     reason = f"failed: {errors[0]}" if errors else "ended without predicting the test set"
     raise SketchError(f"refit of {', '.join(failed['model_id'])} {reason}; see {tune_folder}")
-
-
-def _score_against_answers(data_dir: str, test_frame, probs_by_model: dict) -> dict[str, float]:
-    """Accuracy of each model and the ensemble where the answers are known (the demo data set)."""
-    from sketch_core.demo_data import known_answers
-
-    truth = known_answers(data_dir, test_frame["image_path"])
-    if truth is None:
-        return {}
-    return {
-        name: float((probs.argmax(1) == truth).mean()) for name, probs in probs_by_model.items()
-    }
 
 
 def _number(value):

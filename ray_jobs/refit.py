@@ -27,6 +27,9 @@ from sketch_core.config import TrainConfig
 from sketch_core.data import read_test_table
 from sketch_core.errors import SketchError
 
+# The TrainConfig fields that decide which training images a run holds out for validation.
+SPLIT_FIELDS = ("data_dir", "val_fraction", "folds", "fold", "seed", "group_duplicates")
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -37,6 +40,9 @@ class ModelSpec:
     source_trial: str
     config: dict[str, Any]
     until_epoch: int
+    # A checkpoint of the source trial to begin with (trial.resumed_run): {"checkpoint": its
+    # folder, "whole": continue the trial as it was, or take only its weights and train afresh}.
+    start: dict[str, Any] | None = None
 
 
 def choose_models(
@@ -51,9 +57,11 @@ def choose_models(
     epochs: int | None,
     data_dir: str,
     trial_id: str | None = None,
+    checkpoints: dict[str, str] | None = None,
 ) -> list[ModelSpec]:
     """The ``top_k`` best distinct configurations (or the one of ``trial_id``), each on all data or
-    on each of ``folds`` folds."""
+    on each of ``folds`` folds. With ``checkpoints`` (trial id: its best checkpoint), a warm refit:
+    each model starts from its trial's weights and trains ``epochs`` epochs on all the data."""
     scored = ranked(trials, metric=metric, mode=mode)
     scored = scored[scored["best_epoch"] > 0]
     searched_columns = [f"config.{name}" for name in searched if f"config.{name}" in scored]
@@ -76,6 +84,11 @@ def choose_models(
         config = config_of(trial, base)
         config["data_dir"] = data_dir
         until = int(trial["best_epoch"])
+        if (
+            checkpoints is not None
+        ):  # warm: the extra data's share of the trial's epochs, at least 1
+            share = config["val_fraction"] / (1 - config["val_fraction"])
+            epochs = epochs or max(1, round(until * share))
         if epochs:  # a whole schedule of the given length
             config["epochs"], until = epochs, epochs
         splits = (
@@ -93,41 +106,68 @@ def choose_models(
                     source_trial=str(trial["trial_id"]),
                     config=TrainConfig.from_dict({**config, **split}).to_dict(),
                     until_epoch=until,
+                    start=None
+                    if checkpoints is None
+                    else {"checkpoint": checkpoints[trial["trial_id"]], "whole": False},
                 )
             )
     return specs
 
 
+def trial_models(
+    trials: pd.DataFrame,
+    *,
+    metric: str,
+    mode: str,
+    base: dict[str, Any],
+    top_k: int,
+    data_dir: str,
+    checkpoints: dict[str, str],
+) -> list[ModelSpec]:
+    """The ``top_k`` best trials' own models, as each was at its best epoch (its checkpoint then),
+    to predict their validation images and the test set without training: one member each."""
+    scored = ranked(trials, metric=metric, mode=mode)
+    scored = scored[scored["trial_id"].isin(checkpoints)].head(top_k)
+    return [
+        ModelSpec(
+            model_id=f"trial-{trial['trial_id']}",
+            member=f"trial-{trial['trial_id']}",
+            source_trial=str(trial["trial_id"]),
+            config=TrainConfig.from_dict(
+                {**config_of(trial, base), "data_dir": data_dir}
+            ).to_dict(),
+            until_epoch=int(trial["best_epoch"]),
+            start={"checkpoint": checkpoints[trial["trial_id"]], "whole": True},
+        )
+        for _, trial in scored.iterrows()
+    ]
+
+
 def refit_loop(config: dict[str, Any], session) -> None:
-    """Train one model to its epoch, predict the test set (and a fold model its held-out fold)
-    with every rank, save it (rank 0)."""
+    """Train one model to its epoch (none for a trial's model as it was), predict the test set and
+    the training images it held out (a fold, or a trial's validation split) with every rank, save
+    it (rank 0)."""
     job = config["job"]
-    run = resumed_run(TrainConfig.from_dict(job["config"], source="refit config"), session)
+    store = ResultsStore(job["results"], job["experiment"])
+    run = resumed_run(
+        TrainConfig.from_dict(job["config"], source="refit config"),
+        session,
+        start=job["start"],
+        filesystem=store.fs if store.scheme else None,
+    )
     metrics: dict[str, Any] = {}
     for metrics in run.epochs(until=job["until_epoch"]):
         report_epoch(metrics, run, session)
     test = read_test_table(run.config.data_dir)
     probs = run.predict(test.paths, tta=job["tta"])
-    heldout = (
-        run.split[1] if run.config.folds else None
-    )  # the training images this fold model never saw
-    if heldout is not None:
+    heldout = run.split[1]  # the training images this model never trained on
+    if len(heldout):
         heldout_probs = run.predict([run.table.paths[i] for i in heldout], tta=job["tta"])
     if session.world_rank() == 0:
-        store = ResultsStore(job["results"], job["experiment"])
-        weights = io.BytesIO()
-        torch.save(
-            {
-                "model": run.eval_model.state_dict(),
-                "config": run.config.to_dict(),
-                "class_names": run.table.class_names,
-                "epoch": run.epoch,
-            },
-            weights,
-        )
-        store.write_bytes(f"{job['folder']}/{job['model_id']}.pt", weights.getvalue())
+        if not (job["start"] or {}).get("whole"):  # a trial's model as it was is its checkpoint
+            save_weights(run, store, f"{job['folder']}/{job['model_id']}.pt")
         store.write_bytes(f"{job['folder']}/probs-{job['model_id']}.npy", npy_bytes(probs))
-        if heldout is not None:
+        if len(heldout):
             store.write_bytes(
                 f"{job['folder']}/heldout-{job['model_id']}.npz",
                 npz_bytes(rows=np.asarray(heldout), probs=heldout_probs),
@@ -139,6 +179,21 @@ def refit_loop(config: dict[str, Any], session) -> None:
             **({"val_acc": metrics["val_acc"]} if "val_acc" in metrics else {}),
         }
     )
+
+
+def save_weights(run, store: ResultsStore, name: str) -> None:
+    """The weights the run predicts with, its config and classes: a refit's model."""
+    weights = io.BytesIO()
+    torch.save(
+        {
+            "model": run.eval_model.state_dict(),
+            "config": run.config.to_dict(),
+            "class_names": run.table.class_names,
+            "epoch": run.epoch,
+        },
+        weights,
+    )
+    store.write_bytes(name, weights.getvalue())
 
 
 def out_of_fold(
@@ -197,6 +252,7 @@ def fit_models(
             "config": s.config,
             "until_epoch": s.until_epoch,
             "tta": tta,
+            "start": s.start,
             "results": store.root,
             "experiment": store.experiment,
             "folder": folder,

@@ -43,6 +43,7 @@ from ray_jobs.results import (
     plain,
     ranked,
     read_search,
+    within_noise,
 )
 
 REPORT_FOLDER = "report"
@@ -480,6 +481,22 @@ def search_cost(results: SearchResults) -> SearchCost:
     )
 
 
+def noisy_stops(results: SearchResults) -> dict[str, dict]:
+    """The trials ASHA stopped within noise (``results.within_noise``), by trial id."""
+    epochs = results.epochs
+    if "val_images" not in epochs or "val_acc" not in epochs:
+        return {}
+    scored = epochs.dropna(subset=["val_acc"])
+    accuracy_at = {
+        trial: dict(zip(rows["epoch"].astype(int), rows["val_acc"].astype(float)))
+        for trial, rows in scored.groupby("trial_id")
+    }
+    images = int(epochs["val_images"].max()) if epochs["val_images"].notna().any() else 0
+    stopped = results.trials.loc[results.trials["status"] == "stopped_early", "trial_id"]
+    found = {trial: within_noise(accuracy_at, trial, images) for trial in stopped}
+    return {trial: noise for trial, noise in found.items() if noise}
+
+
 def epochs_saved_per_trial(trials: pd.DataFrame, max_epochs: int) -> pd.Series:
     return (
         (max_epochs - trials["epochs_run"])
@@ -778,6 +795,18 @@ def cost_section(results: SearchResults, cost: SearchCost, images: list[str]) ->
         f"{results.search['max_epochs']} epochs); ASHA's early stopping saved {cost.epochs_saved} "
         f"({cost.saved_fraction:.0%})"
     )
+    noisy = noisy_stops(results)
+    if noisy:
+        stops = int((trials["status"] == "stopped_early").sum())
+        lines.append(
+            f"- {len(noisy)} of {stops} early stops fell within one standard error of the best "
+            "val_acc at their epoch, where the validation set cannot tell them from noise: "
+            + ", ".join(
+                f"`{trial}` ({n['val_acc']:.3f} against {n['best']:.3f} ± "
+                f"{n['standard_error']:.3f} at epoch {n['epoch']})"
+                for trial, n in noisy.items()
+            )
+        )
     if cost.epochs_not_run:
         lines.append(
             f"- {cost.epochs_not_run} trial-epochs not run for other reasons (errored, running or "

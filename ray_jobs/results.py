@@ -38,6 +38,7 @@ METRIC_COLUMNS = (
     "images_per_s",
     "val_acc_ema",
     "val_acc_raw",
+    "val_images",
 )
 TRIAL_COLUMNS = (
     "trial_id",
@@ -202,6 +203,25 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def within_noise(
+    accuracy_at: dict[str, dict[int, float]], trial_id: str, images: int
+) -> dict | None:
+    """Whether a trial stopped at its last epoch lost to noise: when its val_acc there lies within
+    one standard error (of an accuracy on ``images`` validation images) of the best val_acc any
+    trial had at that epoch, the validation set cannot tell the stop from chance. ``accuracy_at``:
+    trial id: {epoch: val_acc}. Returns the epoch, the trial's and the best val_acc and the
+    standard error then, or None."""
+    curve = accuracy_at.get(trial_id) or {}
+    if not curve or images <= 0:
+        return None
+    epoch = max(curve)
+    best = max(other[epoch] for other in accuracy_at.values() if epoch in other)
+    error = math.sqrt(max(best * (1 - best), 1e-12) / images)
+    if best - curve[epoch] > error:
+        return None
+    return {"epoch": epoch, "val_acc": curve[epoch], "best": best, "standard_error": error}
+
+
 def best_first(scores: list[float], mode: str) -> list[int]:
     """The positions of ``scores`` from the best to the worst by ``mode`` (max or min). Equal scores
     keep their order, the earlier trial first: the one ordering of trials that best.json, the
@@ -214,6 +234,21 @@ def ranked(trials: pd.DataFrame, *, metric: str, mode: str) -> pd.DataFrame:
     column = f"best_{metric}"
     scored = trials.dropna(subset=[column]) if column in trials else trials.iloc[:0]
     return scored.iloc[best_first(scored[column].tolist(), mode)]
+
+
+def best_checkpoints(trials: pd.DataFrame, epochs: pd.DataFrame) -> dict[str, str]:
+    """Each trial's checkpoint at its best epoch, where one was kept (the best ``keep_checkpoints``
+    of a trial are)."""
+    at_best = epochs.merge(
+        trials[["trial_id", "best_epoch"]],
+        left_on=["trial_id", "epoch"],
+        right_on=["trial_id", "best_epoch"],
+    )
+    return {
+        row.trial_id: row.checkpoint_path
+        for row in at_best.itertuples()
+        if isinstance(row.checkpoint_path, str) and row.checkpoint_path
+    }
 
 
 class ExperimentTables:

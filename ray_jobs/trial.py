@@ -118,19 +118,36 @@ def train_loop(config: dict[str, Any], session) -> None:
         report_epoch(metrics, run, session)
 
 
-def resumed_run(config: TrainConfig, session) -> TrainingRun:
-    """A TrainingRun on the session's device, continuing from the latest checkpoint if there is one
-    (after a failure, or in a restored search)."""
+def resumed_run(
+    config: TrainConfig, session, *, start: dict[str, Any] | None = None, filesystem=None
+) -> TrainingRun:
+    """A TrainingRun on the session's device, continuing from the session's latest checkpoint if
+    there is one (after a failure, or in a restored search). Otherwise ``start``, if given, names a
+    checkpoint folder of another run to begin with (a search trial's, for a refit; on
+    ``filesystem``, a pyarrow filesystem, or local): ``{"checkpoint": folder, "whole": True}``
+    continues that run as it was; ``"whole": False`` takes only its weights and trains afresh
+    (``TrainingRun(start_from=...)``)."""
     # Imported here: the trial and controller processes of DDP trials, which never train, skip timm
     # & co.
-    from sketch_core.engine import TrainingRun, load_checkpoint
+    from sketch_core.engine import TrainingRun
 
-    checkpoint = session.get_checkpoint()
-    state = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
-    return TrainingRun(config, device=session.device(), state=state)
+    own = session.get_checkpoint()
+    if own is not None:
+        return TrainingRun(config, device=session.device(), state=checkpoint_state(own))
+    if start is None:
+        return TrainingRun(config, device=session.device())
+    source = checkpoint_state(ray.train.Checkpoint(start["checkpoint"], filesystem=filesystem))
+    if start["whole"]:
+        return TrainingRun(config, device=session.device(), state=source)
+    return TrainingRun(config, device=session.device(), start_from=source)
+
+
+def checkpoint_state(checkpoint) -> dict[str, Any]:
+    """The TrainingRun state in a Ray checkpoint (Train's or Tune's) of a trial or refit."""
+    from sketch_core.engine import load_checkpoint
+
+    with checkpoint.as_directory() as folder:
+        return load_checkpoint(Path(folder) / CHECKPOINT_FILE)
 
 
 def report_epoch(metrics: dict[str, Any], run: TrainingRun, session) -> None:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from sketch_core.data import load_rgb
 from sketch_core.dataset import default_cache_dir, images_key
 from sketch_core.errors import SketchError
-from sketch_core.io import build_once, progress
+from sketch_core.io import build_once, progress, save_npy
 from sketch_core.transforms import base_transform
 
 THUMBNAIL_SIDE = 64
@@ -124,12 +124,7 @@ def image_hashes(
     file = Path(cache_dir or default_cache_dir()) / (
         f"phash-v{HASH_VERSION}-{images_key(paths, THUMBNAIL_SIDE, resize='stretch')}.npy"
     )
-
-    def write(partial: Path) -> None:
-        with partial.open("wb") as handle:  # a handle: np.save would add .npy to a path
-            np.save(handle, _compute_hashes(paths, workers))
-
-    build_once(file, write)
+    build_once(file, lambda partial: save_npy(partial, _compute_hashes(paths, workers)))
     return np.load(file)
 
 

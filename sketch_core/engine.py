@@ -64,7 +64,10 @@ class TrainingRun:
     """Everything one configuration trains with: data, model, optimiser, schedule, EMA.
 
     ``state`` (from ``state_dict()`` of an earlier run, e.g. a loaded checkpoint) resumes after
-    the epoch it was saved at.
+    the epoch it was saved at. ``start_from`` (such a state too) gives only the weights this run
+    starts from, the ones that run evaluated (its EMA's with ``ema_eval``); the optimiser, the
+    schedule and the epochs start afresh: a warm start, e.g. a search trial's model continued on
+    all the training data.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class TrainingRun:
         *,
         device: torch.device | None = None,
         state: dict[str, Any] | None = None,
+        start_from: dict[str, Any] | None = None,
         table: TrainTable | None = None,
     ):
         self.config = config
@@ -108,6 +112,9 @@ class TrainingRun:
         # What training changes, and so what EMA averages and a checkpoint holds: the head alone
         # when it trains on features (the frozen backbone is rebuilt from its weights).
         self.trained: nn.Module = self.model.head if self.uses_feature_cache else self.model
+        if start_from is not None:
+            self._check_classes(start_from)
+            self.trained.load_state_dict(evaluated_weights(start_from))
         self.ema = (
             ModelEmaV3(self.trained, decay=config.ema_decay, use_warmup=config.ema_warmup)
             if config.ema
@@ -235,9 +242,9 @@ class TrainingRun:
             yield metrics
 
     def evaluate(self) -> dict[str, float]:
-        """``val_loss`` and ``val_acc`` of ``eval_model``; with EMA on, also ``val_acc_ema`` and
-        ``val_acc_raw``, what the average and the raw weights each score (the report compares
-        them)."""
+        """``val_loss`` and ``val_acc`` of ``eval_model`` on ``val_images`` images; with EMA on,
+        also ``val_acc_ema`` and ``val_acc_raw``, what the average and the raw weights each score
+        (the report compares them)."""
         metrics = self._validate(self.eval_model)
         if self.ema is not None:
             other = self._validate(self.model if self.config.ema_eval else self.ema_model)
@@ -262,7 +269,11 @@ class TrainingRun:
                     ]
                 )
         loss_sum, correct, count = self._all_reduce(totals).tolist()
-        return {"val_loss": loss_sum / max(count, 1), "val_acc": correct / max(count, 1)}
+        return {
+            "val_loss": loss_sum / max(count, 1),
+            "val_acc": correct / max(count, 1),
+            "val_images": count,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -277,10 +288,7 @@ class TrainingRun:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("class_names", self.table.class_names) != self.table.class_names:
-            raise SketchError(
-                f"{self.config.data_dir}: classes differ from those the checkpoint was trained on"
-            )
+        self._check_classes(state)
         self.trained.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -355,6 +363,12 @@ class TrainingRun:
             else elapsed.item()
         )
         return loss_sum / max(images, 1), images / max(slowest, 1e-9)
+
+    def _check_classes(self, state: dict[str, Any]) -> None:
+        if state.get("class_names", self.table.class_names) != self.table.class_names:
+            raise SketchError(
+                f"{self.config.data_dir}: classes differ from those the checkpoint was trained on"
+            )
 
     def _check_ema_length(self) -> None:
         """Refuse a constant EMA decay that averages over more optimiser steps than the run has:
@@ -541,6 +555,15 @@ class TrainingRun:
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Atomically: a crash mid-write leaves the previous checkpoint in place."""
     atomic_write(path, lambda partial: torch.save(state, partial))
+
+
+def evaluated_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights of what trained that a checkpoint's run evaluated and predicted with: its EMA
+    average when it kept one and evaluated it (``ema_eval``), else its raw weights."""
+    config = state.get("config") or {}
+    if state.get("ema") is not None and config.get("ema_eval", True):
+        return {key.removeprefix("module."): value for key, value in state["ema"].items()}
+    return state["model"]
 
 
 def save_backbone(run: TrainingRun, path: str | Path) -> Path:

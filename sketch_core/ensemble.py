@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 METRICS = ("log_loss", "accuracy")
-METHODS = ("mean", "greedy")
+GREEDY_ROUNDS = 25  # members added, with replacement, in Caruana's forward selection
+METHODS = ("mean", "greedy", "best")
 _EPS = 1e-12  # log(0) guard
 
 
@@ -71,7 +73,7 @@ def greedy_weights(
     targets: np.ndarray,
     *,
     metric: str = "log_loss",
-    rounds: int = 25,
+    rounds: int = GREEDY_ROUNDS,
 ) -> dict[str, float]:
     """Each member's weight in the best ensemble forward selection with replacement finds on
     these (out-of-fold) predictions, by ``metric``; ties go to the member listed first."""
@@ -141,9 +143,9 @@ def fit_ensemble(
     calibrate: bool,
     metric: str = "log_loss",
 ) -> Ensemble:
-    """An ensemble chosen on out-of-fold predictions: ``method`` mean (equal weights) or greedy
-    (``greedy_weights`` by ``metric``), each member first calibrated by its own temperature when
-    ``calibrate``."""
+    """An ensemble chosen on out-of-fold (or other held-out) predictions: ``method`` mean (equal
+    weights), greedy (``greedy_weights`` by ``metric``) or best (the one best member by
+    ``metric``), each member first calibrated by its own temperature when ``calibrate``."""
     temperatures = {
         name: temperature(probs, targets) if calibrate else 1.0
         for name, probs in oof_by_member.items()
@@ -153,4 +155,53 @@ def fit_ensemble(
     calibrated_oof = {
         name: calibrated(probs, temperatures[name]) for name, probs in oof_by_member.items()
     }
-    return Ensemble(greedy_weights(calibrated_oof, targets, metric=metric), temperatures)
+    rounds = {"greedy": GREEDY_ROUNDS, "best": 1}[method]
+    return Ensemble(
+        greedy_weights(calibrated_oof, targets, metric=metric, rounds=rounds), temperatures
+    )
+
+
+def halves(targets: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Each image's half, 0 or 1: a seeded split of every class's images into two halves of
+    (nearly) equal size."""
+    rng = np.random.default_rng(seed)
+    half = np.zeros(len(targets), dtype=np.int64)
+    for target in np.unique(targets):
+        shuffled = rng.permutation(np.flatnonzero(targets == target))
+        half[shuffled] = np.arange(len(shuffled)) % 2
+    return half
+
+
+def selected_on_halves(
+    probs_by_member: dict[str, np.ndarray],
+    targets: np.ndarray,
+    *,
+    half: np.ndarray,
+    method: str,
+    calibrate: bool,
+    metric: str = "log_loss",
+) -> dict[str, Any]:
+    """What the ensemble ``fit_ensemble`` chooses scores on images it was not chosen on: it is
+    chosen on one half of the images (``half``) and scored on the other, and the other way round;
+    the two scores are averaged. The same for the single best member, chosen on one half by
+    ``metric`` and scored on the other: what the ensemble adds to picking one model."""
+    rounds = []
+    for chosen_on in (0, 1):
+        pick, score = half == chosen_on, half != chosen_on
+        chosen = {name: probs[pick] for name, probs in probs_by_member.items()}
+        scored = {name: probs[score] for name, probs in probs_by_member.items()}
+        round_ = {}
+        for kind, how in (("ensemble", method), ("single", "best")):
+            ensemble = fit_ensemble(
+                chosen, targets[pick], method=how, calibrate=calibrate, metric=metric
+            )
+            round_[kind] = {**scores(ensemble(scored), targets[score]), "weights": ensemble.weights}
+        rounds.append(round_)
+    return {
+        "images": len(targets),
+        **{
+            kind: {name: float(np.mean([r[kind][name] for r in rounds])) for name in METRICS}
+            for kind in ("ensemble", "single")
+        },
+        "halves": rounds,
+    }

@@ -29,6 +29,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def save_npy(path: str | Path, array) -> None:
+    """``array`` as a .npy file at exactly ``path`` (np.save would add .npy to a name without it);
+    pass it to ``atomic_write`` or ``build_once``."""
+    import numpy as np
+
+    with open(path, "wb") as handle:
+        np.save(handle, array)
+
+
 def build_once(path: str | Path, build: Callable[[Path], None]) -> Path:
     """``path``, built by ``build(temp_path)`` if it is not there yet. Several processes of a node
     may ask at once: one builds it under a file lock, the others wait for the lock and then find

@@ -5,7 +5,8 @@
 
 Every ``TrainConfig`` field is an option (``--lr 3e-4``, ``--freeze head``, ...). Each epoch's
 metrics are printed as JSON and appended to ``OUT/metrics.jsonl``; ``OUT/last.pt`` is the latest
-checkpoint, which ``--resume`` continues from. ``--predict`` writes a submission for test.csv.
+checkpoint, which ``--resume`` continues from. ``--predict`` writes a submission for test.csv and
+its class probabilities (probs.npy, rows in test.csv order).
 At the end ``OUT/backbone.safetensors`` holds the trained backbone alone (timm's names, no head):
 what a search's ``model.checkpoint_file`` loads as pretrained weights.
 """
@@ -105,14 +106,16 @@ def run(args: argparse.Namespace) -> None:
 
 def predict_test(training, out: Path, *, tta: bool) -> None:
     from sketch_core.data import read_test_table
-    from sketch_core.io import unused_path
+    from sketch_core.io import atomic_write, save_npy, unused_path
     from sketch_core.predict import write_submission
 
     test = read_test_table(training.config.data_dir)
-    path = write_submission(
-        unused_path(str(out / "submission.csv")), test.frame, training.predict(test.paths, tta=tta)
+    probs = training.predict(test.paths, tta=tta)
+    path = write_submission(unused_path(str(out / "submission.csv")), test.frame, probs)
+    probs_path = atomic_write(
+        unused_path(str(out / "probs.npy")), lambda part: save_npy(part, probs)
     )
-    print(f"wrote {path}")
+    print(f"wrote {path} and its class probabilities {probs_path}")
 
 
 if __name__ == "__main__":

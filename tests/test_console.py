@@ -110,3 +110,28 @@ def test_a_terminal_gets_a_table_redrawn_in_place(reporter, monkeypatch):
         ["a", "stopped_early", "2", "0.2500", "0.3000", "mlp", "64", "0.02"],
     ]
     assert "epoch 1/4" not in output  # no per-epoch lines: the table shows them
+
+
+def test_an_early_stop_within_one_standard_error_of_the_best_is_called_noise(reporter, monkeypatch):
+    """val_acc on 400 images has a standard error of about 0.025 near 0.5: a stop 0.01 below the
+    best at its epoch is noise, one 0.1 below is not."""
+    screen = Screen(False)
+    monkeypatch.setattr("sys.stdout", screen)
+    best, close, far = trial("best"), trial("close"), trial("far")
+    for epoch in (1, 2):
+        for each, acc in ((best, 0.50), (close, 0.49), (far, 0.40)):
+            reporter.on_trial_result(
+                0, [best, close, far], each, {"epoch": epoch, "val_acc": acc, "val_images": 400}
+            )
+    for stopped in (close, far):
+        stopped.status = "TERMINATED"
+        reporter.on_trial_complete(0, [best, close, far], stopped)
+    lines = screen.getvalue().splitlines()
+    noise = [line for line in lines if "within noise" in line]
+    assert noise == [
+        "  the stop is within noise: val_acc 0.4900 at epoch 2 is within one standard error "
+        "(0.025 on 400 validation images) of the best then, 0.5000"
+    ]
+    assert lines.index(noise[0]) == 1 + lines.index(
+        next(line for line in lines if line.startswith("trial close stopped"))
+    )

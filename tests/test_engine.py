@@ -20,7 +20,16 @@ from sketch_core.engine import TrainingRun, load_checkpoint, save_checkpoint
 from sketch_core.errors import SketchError
 from sketch_core.predict import write_submission
 
-METRICS = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_s", "feature_cache"}
+METRICS = {
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_acc",
+    "val_images",
+    "lr",
+    "images_per_s",
+    "feature_cache",
+}
 
 
 def quick_config(demo_dir, **changes):
@@ -34,6 +43,7 @@ def test_learns_well_above_chance_and_predictions_agree_with_answers(demo_dir, t
     history = list(run.epochs())
     assert [m["epoch"] for m in history] == list(range(1, 11))
     assert all(set(m) == METRICS for m in history)
+    assert {m["val_images"] for m in history} == {64}  # 8 classes x 40 images, a fifth held out
     chance = 1 / run.table.num_classes
     best_val = max(m["val_acc"] for m in history)
     assert best_val >= 3 * chance, history
@@ -396,3 +406,17 @@ def test_a_constant_ema_decay_longer_than_the_run_is_refused_and_warm_up_ramps_i
     # timm's warm-up at the 32nd step: 1 - (1 + 31)^(-2/3) = 0.90, not 0.999
     assert run.ema.get_decay(32) == pytest.approx(1 - 32 ** (-2 / 3))
     assert run.ema.get_decay(10**7) == pytest.approx(0.999)
+
+
+def test_a_warm_start_continues_from_the_weights_it_is_given_with_a_new_schedule(demo_dir):
+    trial = TrainingRun(quick_config(demo_dir, epochs=6))
+    trained = list(trial.epochs())
+    everything = {"val_fraction": 0.0, "epochs": 2}
+    cold = next(TrainingRun(quick_config(demo_dir, **everything)).epochs())
+    warm_run = TrainingRun(quick_config(demo_dir, **everything), start_from=trial.state_dict())
+    assert warm_run.epoch == 0 and warm_run._lr() == pytest.approx(5e-3)  # afresh: epoch 0, full lr
+    warm = next(warm_run.epochs())
+    assert warm["train_loss"] < 0.75 * cold["train_loss"], (warm, cold, trained[-1])
+    assert (
+        warm["train_loss"] < 1.2 * trained[-1]["train_loss"]
+    )  # where the trial left off, not afresh

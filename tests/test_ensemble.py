@@ -99,3 +99,42 @@ def test_the_fold_estimate_is_the_mean_over_folds_with_its_standard_error():
     assert mean == pytest.approx(0.75)
     assert error == pytest.approx(np.std([1.0, 0.5], ddof=1) / math.sqrt(2))
     assert scores(probs, targets)["accuracy"] == pytest.approx(0.75)
+
+
+def test_the_trial_ensemble_is_chosen_on_one_half_of_the_images_and_scored_on_the_other():
+    """A member that is right on one half of the validation images only (as a model that saw
+    them would be) wins any selection made on that half; the estimate scores each selection on
+    the half it did not see, so the member's luck does not reach the estimate."""
+    from sketch_core.ensemble import fit_ensemble, halves, selected_on_halves
+
+    honest, targets = predictions(1, skill=1.0, sharpness=1.0)
+    half = halves(targets, seed=0)
+    assert abs((half == 0).mean() - 0.5) < 0.01
+    for target in range(CLASSES):  # every class split in two
+        assert abs((half[targets == target] == 0).mean() - 0.5) < 0.02
+    lucky = np.full_like(honest, 1 / CLASSES)
+    lucky[half == 0] = np.eye(CLASSES)[targets[half == 0]] * 0.98 + 0.004
+    members = {"honest": honest, "lucky": lucky}
+    estimate = selected_on_halves(
+        members, targets, half=half, method="greedy", calibrate=False, metric="accuracy"
+    )
+    first, second = estimate["halves"]
+    assert first["ensemble"]["weights"]["lucky"] > 0.5  # chosen on half 0, where it is right
+    chosen = fit_ensemble(
+        {n: p[half == 0] for n, p in members.items()},
+        targets[half == 0],
+        method="greedy",
+        calibrate=False,
+        metric="accuracy",
+    )
+    on_other_half = {n: p[half == 1] for n, p in members.items()}
+    assert first["ensemble"]["accuracy"] == accuracy(chosen(on_other_half), targets[half == 1])
+    assert second["ensemble"]["weights"]["honest"] == 1.0  # lucky is no better than chance there
+    assert estimate["ensemble"]["accuracy"] == pytest.approx(
+        (first["ensemble"]["accuracy"] + second["ensemble"]["accuracy"]) / 2
+    )
+    # Scored where it was chosen, the ensemble would look near perfect: the estimate does not.
+    assert (
+        accuracy(chosen({n: p[half == 0] for n, p in members.items()}), targets[half == 0]) > 0.95
+    )
+    assert estimate["ensemble"]["accuracy"] < 0.75 and estimate["single"]["accuracy"] < 0.75
