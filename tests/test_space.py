@@ -5,13 +5,46 @@ import copy
 from pathlib import Path
 
 import pytest
-import yaml
 
 from ray_jobs.space import Resources, load_space, parse_space, runs_in_trial_process
 from sketch_core.errors import SketchError
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
-DEMO = yaml.safe_load((SPACES / "demo.yaml").read_text())
+# A space with every section, as the demo's was: the tests below change one field of it each.
+DEMO = {
+    "experiment": "demo",
+    "data": {"dir": "data/demo", "demo": True},
+    "model": {"name": "test_resnet", "pretrained": False, "image_size": 48},
+    "resources": {"workers": 2, "cpus_per_worker": 0.9, "gpus_per_worker": 0, "head_cpus": 1},
+    "search": {
+        "searcher": "optuna",
+        "num_samples": 4,
+        "max_concurrent": 1,
+        "metric": "val_acc",
+        "mode": "max",
+        "seed": 2,
+        "max_failures": 2,
+        "keep_checkpoints": 2,
+    },
+    "scheduler": {"type": "asha", "max_epochs": 6, "grace_period": 2, "reduction_factor": 2},
+    "fixed": {
+        "batch_size": 16,
+        "val_fraction": 0.2,
+        "weight_decay": 0.01,
+        "num_workers": 0,
+        "lr_schedule": "cosine",
+    },
+    "space": {
+        "freeze": {"choice": ["head", "none"]},
+        "lr": [
+            {"when": {"freeze": "head"}, "loguniform": [0.003, 0.03]},
+            {"loguniform": [0.001, 0.02]},
+        ],
+        "augment": {"choice": ["none", "light", "sketch"]},
+        "label_smoothing": {"uniform": [0.0, 0.2]},
+        "head": {"choice": ["linear", "mlp"]},
+    },
+}
 
 
 @pytest.mark.parametrize(
