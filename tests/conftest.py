@@ -17,6 +17,23 @@ from sketch_core.demo_data import generate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# The real sketches and the pretrained backbone the repository ships (demo/README.md).
+SHIPPED_SKETCHES = REPO_ROOT / "demo" / "sketches"
+SHIPPED_BACKBONE = REPO_ROOT / "demo" / "test_resnet_quickdraw.safetensors"
+# A short fine-tune of the shipped backbone on the shipped sketches: 6 epochs of 24 steps.
+SHIPPED_FINE_TUNE = dict(
+    data_dir=str(SHIPPED_SKETCHES),
+    model="test_resnet",
+    image_size=64,
+    checkpoint_file=str(SHIPPED_BACKBONE),
+    freeze="none",
+    lr=1e-3,
+    epochs=6,
+    batch_size=32,
+    augment="light",
+    num_workers=0,
+)
+
 # Small enough for 2 CPU cores, varied enough that a tiny model learns well above chance.
 LEARNABLE = dict(classes=8, images_per_class=40, test_images=80, min_size=96, max_size=128, seed=3)
 # A configuration test_resnet learns on it in seconds (about 0.7 val_acc against 0.125 chance).

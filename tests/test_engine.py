@@ -420,3 +420,17 @@ def test_a_warm_start_continues_from_the_weights_it_is_given_with_a_new_schedule
     assert (
         warm["train_loss"] < 1.2 * trained[-1]["train_loss"]
     )  # where the trial left off, not afresh
+
+
+def test_ema_on_a_short_fine_tune_of_a_pretrained_backbone_keeps_what_the_run_learned():
+    """144 optimiser steps with ema_decay 0.998: a constant decay would still hold most of the
+    initial weights (a random head) at the end; timm's warm-up keeps the average with the run."""
+    from conftest import SHIPPED_FINE_TUNE
+
+    raw = list(TrainingRun(TrainConfig.from_dict(SHIPPED_FINE_TUNE)).epochs())[-1]["val_acc"]
+    averaged = TrainingRun(
+        TrainConfig.from_dict({**SHIPPED_FINE_TUNE, "ema": True, "ema_decay": 0.998})
+    )
+    ema = list(averaged.epochs())[-1]["val_acc"]
+    assert raw > 0.7, raw  # the fine-tune itself learned
+    assert ema >= raw - 0.03, (ema, raw)
