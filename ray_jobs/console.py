@@ -179,9 +179,13 @@ class RefitReporter(Callback):
             "job"
         ]  # refit.fit_models' job: the model's id and the epoch it trains to
         if "predicted" in result:
+            done = (
+                f"as it was at epoch {int(result['epoch'])}"
+                if (job["start"] or {}).get("whole")
+                else f"trained {int(result['epoch'])} epoch(s) and"
+            )
             print(
-                f"{job['model_id']} trained {int(result['epoch'])} epoch(s) and predicted "
-                f"{int(result['predicted'])} test images",
+                f"{job['model_id']} {done} predicted {int(result['predicted'])} test images",
                 flush=True,
             )
         elif "epoch" in result:

@@ -266,6 +266,7 @@ def fit_models(
         metric="epoch",
         mode="max",
         train_config=refit_train_config,
+        predicts_only=lambda config: bool((config["job"]["start"] or {}).get("whole")),
     )
     tuner = tune.Tuner(
         trainable,

@@ -196,16 +196,23 @@ def make_trainable(
     metric: str,
     mode: str,
     train_config: Callable[[dict], dict] = lambda config: config,
+    predicts_only: Callable[[dict], bool] = lambda config: False,
 ) -> Callable:
     """A Tune function trainable running ``loop(config, session)``: in the trial's own process for a
     head on cached features, else on every worker of one TorchTrainer (``resources`` of the trial's
     model). ``train_config`` reads the TrainConfig dict in a trial's config. Tune (and so
     ASHA) sees each epoch either reports. Failed trials of both kinds are retried by Tune (its
-    FailureConfig: tuning.py), so the TorchTrainer itself never retries: retries do not multiply."""
+    FailureConfig: tuning.py), so the TorchTrainer itself never retries: retries do not multiply.
+    ``predicts_only(config)``: a job that trains nothing (final_fit's predictions with a trial's
+    model) runs in the trial's own process too, with one worker's resources: DDP would only add
+    its start-up."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    def in_trial_process(config: dict[str, Any]) -> bool:
+        return predicts_only(config) or runs_in_trial_process(train_config(config))
+
     def run_trial(config: dict[str, Any]) -> None:
-        if runs_in_trial_process(train_config(config)):
+        if in_trial_process(config):
             _free_what_the_last_trial_left()
             loop(config, IN_TRIAL_PROCESS)
             return
@@ -237,16 +244,25 @@ def make_trainable(
         ).fit()
 
     return tune.with_resources(
-        run_trial, lambda config: trial_request(train_config(config), resources)
+        run_trial,
+        lambda config: trial_request(
+            train_config(config), resources, predicts_only=predicts_only(config)
+        ),
     )
 
 
-def trial_request(config: dict[str, Any], resources: Resources) -> PlacementGroupFactory:
+def trial_request(
+    config: dict[str, Any], resources: Resources, *, predicts_only: bool = False
+) -> PlacementGroupFactory:
     """What the Tune trial process of this TrainConfig dict asks for: a head-only trial its share,
-    equal for all of them (so their processes are reused); a TorchTrainer trial its own 0.05 CPU
-    (its workers ask for theirs), in a request equal to no other."""
+    a job that only predicts one worker's, each equal for all of its kind (so their processes are
+    reused); a TorchTrainer trial its own 0.05 CPU (its workers ask for theirs), in a request equal
+    to no other."""
+    own = resources.of_model(config["model"])
     if runs_in_trial_process(config):
-        return PlacementGroupFactory([resources.of_model(config["model"]).head_trial()])
+        return PlacementGroupFactory([own.head_trial()])
+    if predicts_only:
+        return PlacementGroupFactory([own.per_worker()])
     return OwnRequest([{"CPU": Resources.TRIAL_CPUS}])
 
 
