@@ -236,7 +236,7 @@ def finished_search(tmp_path_factory):
         "clone": clone,
         "results": clone / "results",
         "experiment": "demo",
-        "data_dir": clone / "data" / "demo",
+        "data_dir": clone / "demo" / "sketches",
         "space": clone / search[3],
         "output": log.read_text(),
         "refit_output": refitted.stdout,
@@ -403,7 +403,11 @@ def probe_dashboard(driver, log: Path, home: Path) -> dict:
         "without_token": without_token,
         "version": dashboard_api("/api/version"),
         "intruder": intruder,
-        "train_runs": wait_for(train_runs, "a Train run on the dashboard", driver, log=log),
+        # The search's first trial is head-only (no Train run): wait for a fine-tuning trial's,
+        # however long the search takes to reach one (its own limit is the caller's).
+        "train_runs": wait_for(
+            train_runs, "a Train run on the dashboard", driver, timeout=900, log=log
+        ),
     }
 
 

@@ -391,7 +391,7 @@ def test_search_writes_a_report_naming_the_best_trial(finished_search):
     store = ResultsStore(str(finished_search["results"]), finished_search["experiment"])
     summary, images = read_report(store)
     assert_names_best_trial(summary, store.read_json("best.json"))
-    assert {"learning_curves.png", "cost.png", "param-lr.png", "param-head.png"} <= set(images)
+    assert {"learning_curves.png", "cost.png", "param-lr.png", "param-freeze.png"} <= set(images)
 
 
 def test_a_conditional_parameter_is_shown_only_where_a_trial_drew_it(tmp_path):
