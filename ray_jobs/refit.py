@@ -217,8 +217,8 @@ def fit_models(
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
             name="tune",
-            storage_path=store.uri(folder),
-            storage_filesystem=store.fs if store.scheme else None,
+            storage_path=store.fs_path(folder),
+            storage_filesystem=store.fs,
             callbacks=[] if verbose else [RefitReporter()],
             verbose=2 if verbose else 0,
             **retries_and_checkpoints(

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,17 @@ class ResultsStore:
         self.path = f"{root_path.rstrip('/')}/{experiment}"
 
     def uri(self, *parts: str) -> str:
-        """What Ray's ``storage_path`` and users are given: a local path or a full URI."""
-        return self.scheme + "/".join([self.path, *parts])
+        """What users are given: a local path or a full URI."""
+        return self.scheme + self.fs_path(*parts)
+
+    def fs_path(self, *parts: str) -> str:
+        """The path on ``fs`` (a URI less its scheme): what Ray's ``storage_path`` is given along
+        with ``storage_filesystem=fs``. (Given a filesystem, Ray takes the path as it is.)"""
+        return "/".join([self.path, *parts])
+
+    def uri_of(self, fs_path: str) -> str:
+        """The URI of a path on ``fs`` that Ray reports (a checkpoint's: Ray drops the scheme)."""
+        return fs_path if "://" in fs_path else self.scheme + fs_path
 
     def exists(self, name: str) -> bool:
         return self.fs.get_file_info(f"{self.path}/{name}").type != pafs.FileType.NotFound
@@ -174,17 +184,50 @@ def latest_experiment(root: str) -> str:
     return max(candidates)[1]
 
 
+# Query parameters of a URI that pyarrow reads as credentials.
+CREDENTIAL_PARAMETERS = ("access_key", "secret_key", "session_token")
+
+
 def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in root:
-        try:
-            return pafs.FileSystem.from_uri(root)
-        except (
-            ValueError,
-            OSError,
-            NotImplementedError,
-        ) as exc:  # pyarrow's errors derive from these
-            raise SketchError(f"--results {root}: cannot open this storage ({exc})") from None
-    return pafs.LocalFileSystem(), str(Path(root).resolve())
+    """The filesystem of a results root and the root's path on it. A bucket (s3://, gs://) is
+    reached once here, with the endpoint and credentials of this process's environment
+    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ..., or ``?endpoint_override=`` in the URI), so
+    that an unreachable endpoint, a missing bucket or refused credentials are one error line."""
+    if "://" not in root:
+        return pafs.LocalFileSystem(), str(Path(root).resolve())
+    parts = urllib.parse.urlsplit(root)
+    if "@" in parts.netloc or set(urllib.parse.parse_qs(parts.query)) & set(CREDENTIAL_PARAMETERS):
+        raise SketchError(
+            f"--results: {parts.scheme}://... carries credentials, which would be written into "
+            "search.json and Ray Tune's state; give them in the environment instead "
+            "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, a node's role)"
+        )
+    try:
+        fs, path = pafs.FileSystem.from_uri(root)
+        bucket = path.split("/", 1)[0]
+        found = fs.get_file_info(bucket) if fs.type_name in ("s3", "gcs") else None
+    except (ValueError, OSError, NotImplementedError) as exc:  # pyarrow's errors derive from these
+        raise SketchError(f"--results {root}: {_storage_problem(exc)}") from None
+    if found is not None and found.type == pafs.FileType.NotFound:
+        raise SketchError(f"--results {root}: bucket {bucket!r} not found; create it first")
+    return fs, path
+
+
+def _storage_problem(exc: Exception) -> str:
+    """What pyarrow's error says, in one line, and what to check."""
+    message = " ".join(str(exc).split())
+    if "ACCESS_DENIED" in message or "403" in message:
+        return (
+            f"access denied ({message[:200]}); check the credentials in the environment "
+            "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+            "GOOGLE_APPLICATION_CREDENTIALS) and the bucket's permissions"
+        )
+    if "NETWORK_CONNECTION" in message or "connect" in message.lower():
+        return (
+            f"cannot reach the storage ({message[:200]}); check the endpoint "
+            "(AWS_ENDPOINT_URL, or ?endpoint_override= in the URI)"
+        )
+    return f"cannot open this storage ({message[:300]})"
 
 
 def _json_default(value: Any) -> Any:
@@ -470,6 +513,8 @@ class ResultsRecorder(Callback):
         return best
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("checkpoint_path"):
+            result = {**result, "checkpoint_path": self.store.uri_of(result["checkpoint_path"])}
         self.tables.add_result(trial.trial_id, result)
         if time.monotonic() - self._last_write >= self.MIN_INTERVAL_S:
             self.write(trials)
@@ -477,7 +522,7 @@ class ResultsRecorder(Callback):
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         if "epoch" in (trial.last_result or {}):
             self.tables.add_checkpoint(
-                trial.trial_id, int(trial.last_result["epoch"]), checkpoint.path
+                trial.trial_id, int(trial.last_result["epoch"]), self.store.uri_of(checkpoint.path)
             )
 
     def on_trial_complete(self, iteration, trials, trial, **info):

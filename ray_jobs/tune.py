@@ -74,12 +74,12 @@ def search(args: argparse.Namespace) -> None:
     from ray_jobs.report import write_report
     from ray_jobs.results import ResultsStore
     from ray_jobs.space import load_space
+    from ray_jobs.study import Study
     from ray_jobs.tuning import (
         TUNE_FOLDER,
         build_tuner,
         check_saved_state,
         fit_noting_ctrl_c,
-        study_file,
         warm_start_trials,
     )
     from sketch_core.data import read_train_table, verify_images
@@ -133,6 +133,7 @@ def search(args: argparse.Namespace) -> None:
     warm_start = warm_start_trials(
         space, [experiment_store(name, args.results) for name in args.warm_start]
     )
+    study = Study(store)
 
     import ray
 
@@ -146,10 +147,13 @@ def search(args: argparse.Namespace) -> None:
     try:
         if dashboard:
             print(f"Ray dashboard: {dashboard}", flush=True)
-        if space.search.searcher == "optuna" and study_file(store):
-            print(f"Study view: optuna-dashboard {study_file(store)}", flush=True)
+        if space.search.searcher == "optuna":
+            print(f"Study view: {study.view_command()}", flush=True)
         check_trial_fits(space.resources, space.source)
-        if not args.resume:
+        if args.resume:
+            study.prepare_resume()
+        else:
+            study.start_new()
             store.write_json("search.json", search_summary(space, table.class_names))
         tuner = build_tuner(
             space, store, resume=args.resume, verbose=args.verbose, warm_start=warm_start
@@ -159,6 +163,7 @@ def search(args: argparse.Namespace) -> None:
             _, interrupted = fit_noting_ctrl_c(tuner)
         finally:
             record_spent(store, space, hours=(time.monotonic() - started) / 3600)
+            study.upload()
     finally:
         ray.shutdown()
     print(f"report: {write_report(store)}", flush=True)
