@@ -82,6 +82,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--num-cpus", type=int, help="CPUs local Ray may use (default: all)")
     parser.add_argument(
+        "--mlflow",
+        nargs="?",
+        const="",
+        metavar="URI",
+        help="log the refit to MLflow (default: where the search was logged, or "
+        "MLFLOW_TRACKING_URI; --mlflow alone: a SQLite store beside the results)",
+    )
+    parser.add_argument(
         "--verbose",
         action="store_true",
         help="also print Ray's own output: Tune's tables, the workers' lines",
@@ -103,6 +111,7 @@ def final_fit(args: argparse.Namespace) -> None:
     from ray_jobs.refit import choose_models, fit_models, load_npy, npy_bytes, out_of_fold
     from ray_jobs.results import BEST_KEYS, ResultsStore, latest_experiment, read_search
     from ray_jobs.space import Resources
+    from ray_jobs.tracking import log_refit, refit_tracking
     from sketch_core.data import read_test_table, read_train_table
     from sketch_core.ensemble import equal_vote, fit_ensemble
     from sketch_core.io import unused_path
@@ -174,6 +183,7 @@ def final_fit(args: argparse.Namespace) -> None:
     for model, pretrained, checkpoint_file in sorted(weights):
         check_pretrained_weights(model, pretrained=pretrained, checkpoint_file=checkpoint_file)
     resources = Resources.from_dict(search["resources"])
+    mlflow_uri = refit_tracking(args.mlflow, store, search)
     folder = "final/fit-" + time.strftime("%Y%m%d-%H%M%S")
     started = time.time()
 
@@ -282,6 +292,11 @@ def final_fit(args: argparse.Namespace) -> None:
         from ray_jobs.report import write_report
 
         print(f"report (with the out-of-fold table and reliability diagram): {write_report(store)}")
+    if mlflow_uri:
+        run_id = log_refit(
+            mlflow_uri, store, search, fit=log, folder=folder, submission=submission_name
+        )
+        print(f"MLflow: run {run_id} in {mlflow_uri}")
     print(f"submission: {store.uri(submission_name)}")
 
 

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 import urllib.parse
 from pathlib import Path
@@ -195,11 +196,10 @@ def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
     that an unreachable endpoint, a missing bucket or refused credentials are one error line."""
     if "://" not in root:
         return pafs.LocalFileSystem(), str(Path(root).resolve())
-    parts = urllib.parse.urlsplit(root)
-    if "@" in parts.netloc or set(urllib.parse.parse_qs(parts.query)) & set(CREDENTIAL_PARAMETERS):
+    if carries_credentials(root):
         raise SketchError(
-            f"--results: {parts.scheme}://... carries credentials, which would be written into "
-            "search.json and Ray Tune's state; give them in the environment instead "
+            f"--results: {root.split('://', 1)[0]}://... carries credentials, which would be "
+            "written into search.json and Ray Tune's state; give them in the environment instead "
             "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, a node's role)"
         )
     try:
@@ -211,6 +211,17 @@ def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
     if found is not None and found.type == pafs.FileType.NotFound:
         raise SketchError(f"--results {root}: bucket {bucket!r} not found; create it first")
     return fs, path
+
+
+def carries_credentials(uri: str) -> bool:
+    """Whether ``uri`` has a user (``scheme://user:secret@...``, the secret URL-encoded or not) or
+    credential parameters (``?secret_key=``)."""
+    parts = urllib.parse.urlsplit(uri)
+    return bool(
+        "@" in parts.netloc
+        or re.match(r"[^:]+://[^@?#]*:[^@?#]*@", uri)
+        or set(urllib.parse.parse_qs(parts.query)) & set(CREDENTIAL_PARAMETERS)
+    )
 
 
 def _storage_problem(exc: Exception) -> str:
@@ -467,13 +478,14 @@ def _empty(value: Any) -> bool:
 
 class ResultsRecorder(Callback):
     """A Ray Tune callback on the driver that keeps trials.parquet, epochs.parquet and best.json
-    current while the search runs. On ``--resume`` it starts from the epochs.parquet already
-    written, so no row written before an interruption is lost."""
+    current while the search runs, and the search's MLflow runs in step with them
+    (``tracking``: ray_jobs/tracking.py). On ``--resume`` it starts from the epochs.parquet
+    already written, so no row written before an interruption is lost."""
 
     MIN_INTERVAL_S = 2.0
 
-    def __init__(self, store: ResultsStore, tables: ExperimentTables):
-        self.store, self.tables = store, tables
+    def __init__(self, store: ResultsStore, tables: ExperimentTables, tracking=None):
+        self.store, self.tables, self.tracking = store, tables, tracking
         self._last_write = 0.0
 
     def setup(self, **info):
@@ -488,6 +500,8 @@ class ResultsRecorder(Callback):
             self._completed = set(
                 earlier.loc[earlier["status"].isin(["finished", "stopped_early"]), "trial_id"]
             )
+        if self.tracking:
+            self.tracking.mark_running()
 
     def write(
         self, trials: list, final_status: dict[str, str] | None = None
@@ -503,12 +517,14 @@ class ResultsRecorder(Callback):
         }
         final_status = {**by_budget, **(final_status or {})}
         states = [TrialState.from_tune(t, final_status.get(t.trial_id)) for t in trials]
-        trials_frame = self.tables.trials_frame(states)
-        self.store.write_parquet("epochs.parquet", self.tables.epochs_frame())
+        trials_frame, epochs_frame = self.tables.trials_frame(states), self.tables.epochs_frame()
+        self.store.write_parquet("epochs.parquet", epochs_frame)
         self.store.write_parquet("trials.parquet", trials_frame)
         best = self.tables.best(trials_frame)
         if best is not None:
             self.store.write_json("best.json", best)
+        if self.tracking:
+            self.tracking.log_tables(trials_frame, epochs_frame)
         self._last_write = time.monotonic()
         return best
 

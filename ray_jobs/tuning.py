@@ -28,6 +28,7 @@ from ray_jobs.results import (
 )
 from ray_jobs.space import Resources, SearchSettings, SearchSpace
 from ray_jobs.study import Study
+from ray_jobs.tracking import SearchRuns
 from ray_jobs.trial import make_trainable, train_loop
 from sketch_core.errors import SketchError
 
@@ -41,11 +42,12 @@ def build_tuner(
     resume: bool,
     verbose: bool = False,
     warm_start: list | None = None,
+    tracking: SearchRuns | None = None,
 ) -> tune.Tuner:
     """A new Tuner for ``space``, or (``resume``) the one saved in ``store``, with its searcher,
     scheduler and callbacks as they were. ``verbose``: Tune's own progress output (configuration
     boxes, status tables) instead of only ``ConsoleReporter``'s lines. ``warm_start``: Optuna trials
-    of earlier searches for the new study."""
+    of earlier searches for the new study. ``tracking``: the new search's MLflow runs."""
     trainable = make_trainable(
         train_loop,
         resources=space.resources,
@@ -109,7 +111,7 @@ def build_tuner(
                 mode=space.search.mode,
             ),
             callbacks=[
-                ResultsRecorder(store, tables),
+                ResultsRecorder(store, tables, tracking),
                 ConsoleReporter(
                     searched=space.params,
                     metric=space.search.metric,
