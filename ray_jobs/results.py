@@ -15,7 +15,7 @@ import re
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
@@ -27,6 +27,9 @@ from ray_jobs.params import SearchedParams, plain
 from ray_jobs.space import Resources
 from sketch_core.config import TrainConfig
 from sketch_core.errors import SketchError
+
+if TYPE_CHECKING:
+    from ray_jobs.tracking import SearchRuns
 
 SCHEMA_VERSION = (
     2  # 2: searched parameters a trial left inactive are empty; search.json has base, params
@@ -229,13 +232,13 @@ def _storage_problem(exc: Exception) -> str:
     message = " ".join(str(exc).split())
     if "ACCESS_DENIED" in message or "403" in message:
         return (
-            f"access denied ({message[:200]}); check the credentials in the environment "
+            f"access denied ({message[:300]}); check the credentials in the environment "
             "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
             "GOOGLE_APPLICATION_CREDENTIALS) and the bucket's permissions"
         )
     if "NETWORK_CONNECTION" in message or "connect" in message.lower():
         return (
-            f"cannot reach the storage ({message[:200]}); check the endpoint "
+            f"cannot reach the storage ({message[:300]}); check the endpoint "
             "(AWS_ENDPOINT_URL, or ?endpoint_override= in the URI)"
         )
     return f"cannot open this storage ({message[:300]})"
@@ -484,7 +487,9 @@ class ResultsRecorder(Callback):
 
     MIN_INTERVAL_S = 2.0
 
-    def __init__(self, store: ResultsStore, tables: ExperimentTables, tracking=None):
+    def __init__(
+        self, store: ResultsStore, tables: ExperimentTables, tracking: SearchRuns | None = None
+    ):
         self.store, self.tables, self.tracking = store, tables, tracking
         self._last_write = 0.0
 

@@ -162,9 +162,9 @@ class Tracking:
         return None
 
     def check(self) -> None:
-        """One error line unless the store answers (before Ray starts)."""
+        """One error line unless the store answers (before Ray starts; it reads, writes nothing)."""
         try:
-            self.experiment_id  # noqa: B018 - reads (or creates) the experiment
+            self.client.search_experiments(max_results=1)
         except Exception as exc:  # MLflow's, requests' and SQLAlchemy's errors alike
             message = " ".join(str(exc).split())[:300]
             raise SketchError(
@@ -231,7 +231,9 @@ class SearchRuns(Tracking):
     def _children(self) -> dict[str, str]:
         """trial_id -> child run, from the store (a resumed search has some already)."""
         runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.run_id}'"
+            [self.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{self.run_id}'",
+            max_results=50000,  # the most a store answers at once
         )
         return {
             run.data.tags[TRIAL_TAG]: run.info.run_id for run in runs if TRIAL_TAG in run.data.tags

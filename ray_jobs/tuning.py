@@ -216,13 +216,12 @@ def _searcher(space: SearchSpace, *, study: Study, warm_start: list | None = Non
         if (
             warm_start
         ):  # completed trials of earlier searches, in the study before the searcher opens it
-            study = optuna.create_study(
+            optuna.create_study(
                 storage=storage,
                 study_name=space.experiment,
                 load_if_exists=True,
                 direction="maximize" if space.search.mode == "max" else "minimize",
-            )
-            study.add_trials(warm_start)
+            ).add_trials(warm_start)
         # The searcher is pickled into Tune's experiment state with its storage, so --resume goes on
         # with the same study in the same file.
         searcher = BranchedOptunaSearch(

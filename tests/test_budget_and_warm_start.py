@@ -219,7 +219,7 @@ def test_fold_refits_predict_out_of_fold_and_greedy_selection_is_scored_honestly
         "greedy",
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    fits = {key.split("/")[3] for key in s3.keys("budget-searches/budget/final/fit-")}
+    fits = {key.split("/")[3] for key in s3.keys("budget-searches/budget/final/") if "/fit-" in key}
     assert len(fits) == 1, fits
     fitted = f"budget-searches/budget/final/{fits.pop()}"  # fit-<time>, in the bucket
     fit = s3.json(f"{fitted}/fit.json")
