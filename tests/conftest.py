@@ -643,5 +643,8 @@ def mlflow_runs(uri: str, experiment: str):
     ``mlflow.search_runs`` (one row per run: params.*, metrics.* (the last), tags.*, status)."""
     import mlflow
 
-    mlflow.set_tracking_uri(uri)  # mlflow's own global: the product passes its URI to a client
-    return mlflow.search_runs(experiment_names=[experiment])
+    mlflow.set_tracking_uri(uri)  # also exported as MLFLOW_TRACKING_URI, for subprocesses
+    try:
+        return mlflow.search_runs(experiment_names=[experiment])
+    finally:
+        mlflow.set_tracking_uri(None)  # the commands of later tests are not tracked
