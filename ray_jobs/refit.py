@@ -149,10 +149,14 @@ def refit_loop(config: dict[str, Any], session) -> None:
     it (rank 0)."""
     job = config["job"]
     store = ResultsStore(job["results"], job["experiment"])
+    start = job["start"] and {
+        **job["start"],
+        "checkpoint": store.fs_path_of(job["start"]["checkpoint"]),
+    }
     run = resumed_run(
         TrainConfig.from_dict(job["config"], source="refit config"),
         session,
-        start=job["start"],
+        start=start,
         filesystem=store.fs if store.scheme else None,
     )
     metrics: dict[str, Any] = {}
@@ -274,8 +278,8 @@ def fit_models(
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
             name="tune",
-            storage_path=store.uri(folder),
-            storage_filesystem=store.fs if store.scheme else None,
+            storage_path=store.fs_path(folder),
+            storage_filesystem=store.fs,
             callbacks=[] if verbose else [RefitReporter()],
             verbose=2 if verbose else 0,
             **retries_and_checkpoints(

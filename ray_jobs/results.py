@@ -11,9 +11,11 @@ import io
 import json
 import math
 import os
+import re
 import time
+import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
@@ -25,6 +27,9 @@ from ray_jobs.params import SearchedParams, plain
 from ray_jobs.space import Resources
 from sketch_core.config import TrainConfig
 from sketch_core.errors import SketchError
+
+if TYPE_CHECKING:
+    from ray_jobs.tracking import SearchRuns
 
 SCHEMA_VERSION = (
     2  # 2: searched parameters a trial left inactive are empty; search.json has base, params
@@ -67,8 +72,21 @@ class ResultsStore:
         self.path = f"{root_path.rstrip('/')}/{experiment}"
 
     def uri(self, *parts: str) -> str:
-        """What Ray's ``storage_path`` and users are given: a local path or a full URI."""
-        return self.scheme + "/".join([self.path, *parts])
+        """What users are given: a local path or a full URI."""
+        return self.scheme + self.fs_path(*parts)
+
+    def fs_path(self, *parts: str) -> str:
+        """The path on ``fs`` (a URI less its scheme): what Ray's ``storage_path`` is given along
+        with ``storage_filesystem=fs``. (Given a filesystem, Ray takes the path as it is.)"""
+        return "/".join([self.path, *parts])
+
+    def uri_of(self, fs_path: str) -> str:
+        """The URI of a path on ``fs`` that Ray reports (a checkpoint's: Ray drops the scheme)."""
+        return fs_path if "://" in fs_path else self.scheme + fs_path
+
+    def fs_path_of(self, uri: str) -> str:
+        """The path on ``fs`` of a URI in this store (``uri_of`` undone)."""
+        return uri.removeprefix(self.scheme) if self.scheme else uri
 
     def exists(self, name: str) -> bool:
         return self.fs.get_file_info(f"{self.path}/{name}").type != pafs.FileType.NotFound
@@ -184,17 +202,60 @@ def latest_experiment(root: str) -> str:
     return max(candidates)[1]
 
 
+# Query parameters of a URI that pyarrow reads as credentials.
+CREDENTIAL_PARAMETERS = ("access_key", "secret_key", "session_token")
+
+
 def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in root:
-        try:
-            return pafs.FileSystem.from_uri(root)
-        except (
-            ValueError,
-            OSError,
-            NotImplementedError,
-        ) as exc:  # pyarrow's errors derive from these
-            raise SketchError(f"--results {root}: cannot open this storage ({exc})") from None
-    return pafs.LocalFileSystem(), str(Path(root).resolve())
+    """The filesystem of a results root and the root's path on it. A bucket (s3://, gs://) is
+    reached once here, with the endpoint and credentials of this process's environment
+    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ..., or ``?endpoint_override=`` in the URI), so
+    that an unreachable endpoint, a missing bucket or refused credentials are one error line."""
+    if "://" not in root:
+        return pafs.LocalFileSystem(), str(Path(root).resolve())
+    if carries_credentials(root):
+        raise SketchError(
+            f"--results: {root.split('://', 1)[0]}://... carries credentials, which would be "
+            "written into search.json and Ray Tune's state; give them in the environment instead "
+            "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, a node's role)"
+        )
+    try:
+        fs, path = pafs.FileSystem.from_uri(root)
+        bucket = path.split("/", 1)[0]
+        found = fs.get_file_info(bucket) if fs.type_name in ("s3", "gcs") else None
+    except (ValueError, OSError, NotImplementedError) as exc:  # pyarrow's errors derive from these
+        raise SketchError(f"--results {root}: {_storage_problem(exc)}") from None
+    if found is not None and found.type == pafs.FileType.NotFound:
+        raise SketchError(f"--results {root}: bucket {bucket!r} not found; create it first")
+    return fs, path
+
+
+def carries_credentials(uri: str) -> bool:
+    """Whether ``uri`` has a user (``scheme://user:secret@...``, the secret URL-encoded or not) or
+    credential parameters (``?secret_key=``)."""
+    parts = urllib.parse.urlsplit(uri)
+    return bool(
+        "@" in parts.netloc
+        or re.match(r"[^:]+://[^@?#]*:[^@?#]*@", uri)
+        or set(urllib.parse.parse_qs(parts.query)) & set(CREDENTIAL_PARAMETERS)
+    )
+
+
+def _storage_problem(exc: Exception) -> str:
+    """What pyarrow's error says, in one line, and what to check."""
+    message = " ".join(str(exc).split())
+    if "ACCESS_DENIED" in message or "403" in message:
+        return (
+            f"access denied ({message[:300]}); check the credentials in the environment "
+            "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+            "GOOGLE_APPLICATION_CREDENTIALS) and the bucket's permissions"
+        )
+    if "NETWORK_CONNECTION" in message or "connect" in message.lower():
+        return (
+            f"cannot reach the storage ({message[:300]}); check the endpoint "
+            "(AWS_ENDPOINT_URL, or ?endpoint_override= in the URI)"
+        )
+    return f"cannot open this storage ({message[:300]})"
 
 
 def _json_default(value: Any) -> Any:
@@ -468,13 +529,16 @@ def _empty(value: Any) -> bool:
 
 class ResultsRecorder(Callback):
     """A Ray Tune callback on the driver that keeps trials.parquet, epochs.parquet and best.json
-    current while the search runs. On ``--resume`` it starts from the epochs.parquet already
-    written, so no row written before an interruption is lost."""
+    current while the search runs, and the search's MLflow runs in step with them
+    (``tracking``: ray_jobs/tracking.py). On ``--resume`` it starts from the epochs.parquet
+    already written, so no row written before an interruption is lost."""
 
     MIN_INTERVAL_S = 2.0
 
-    def __init__(self, store: ResultsStore, tables: ExperimentTables):
-        self.store, self.tables = store, tables
+    def __init__(
+        self, store: ResultsStore, tables: ExperimentTables, tracking: SearchRuns | None = None
+    ):
+        self.store, self.tables, self.tracking = store, tables, tracking
         self._last_write = 0.0
 
     def setup(self, **info):
@@ -489,6 +553,8 @@ class ResultsRecorder(Callback):
             self._completed = set(
                 earlier.loc[earlier["status"].isin(["finished", "stopped_early"]), "trial_id"]
             )
+        if self.tracking:
+            self.tracking.mark_running()
 
     def write(
         self, trials: list, final_status: dict[str, str] | None = None
@@ -504,16 +570,20 @@ class ResultsRecorder(Callback):
         }
         final_status = {**by_budget, **(final_status or {})}
         states = [TrialState.from_tune(t, final_status.get(t.trial_id)) for t in trials]
-        trials_frame = self.tables.trials_frame(states)
-        self.store.write_parquet("epochs.parquet", self.tables.epochs_frame())
+        trials_frame, epochs_frame = self.tables.trials_frame(states), self.tables.epochs_frame()
+        self.store.write_parquet("epochs.parquet", epochs_frame)
         self.store.write_parquet("trials.parquet", trials_frame)
         best = self.tables.best(trials_frame)
         if best is not None:
             self.store.write_json("best.json", best)
+        if self.tracking:
+            self.tracking.log_tables(trials_frame, epochs_frame)
         self._last_write = time.monotonic()
         return best
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("checkpoint_path"):
+            result = {**result, "checkpoint_path": self.store.uri_of(result["checkpoint_path"])}
         self.tables.add_result(trial.trial_id, result)
         if time.monotonic() - self._last_write >= self.MIN_INTERVAL_S:
             self.write(trials)
@@ -521,7 +591,7 @@ class ResultsRecorder(Callback):
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         if "epoch" in (trial.last_result or {}):
             self.tables.add_checkpoint(
-                trial.trial_id, int(trial.last_result["epoch"]), checkpoint.path
+                trial.trial_id, int(trial.last_result["epoch"]), self.store.uri_of(checkpoint.path)
             )
 
     def on_trial_complete(self, iteration, trials, trial, **info):

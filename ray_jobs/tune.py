@@ -55,6 +55,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "or its folder) that fit this space; repeatable",
     )
     parser.add_argument(
+        "--mlflow",
+        nargs="?",
+        const="",
+        metavar="URI",
+        help="log the search to MLflow: a parent run, a child run per trial (default: "
+        "MLFLOW_TRACKING_URI if set; --mlflow alone: a SQLite store beside the results)",
+    )
+    parser.add_argument(
         "--verbose",
         action="store_true",
         help="also print Ray's own output: Tune's tables and configuration boxes, "
@@ -72,14 +80,15 @@ def search(args: argparse.Namespace) -> None:
     from ray_jobs.cli import ensure_data_dir, local_path
     from ray_jobs.cluster import check_trial_fits, start_ray
     from ray_jobs.report import write_report
-    from ray_jobs.results import ResultsStore
+    from ray_jobs.results import ResultsStore, read_search
     from ray_jobs.space import load_space
+    from ray_jobs.study import Study
+    from ray_jobs.tracking import search_runs
     from ray_jobs.tuning import (
         TUNE_FOLDER,
         build_tuner,
         check_saved_state,
         fit_noting_ctrl_c,
-        study_file,
         warm_start_trials,
     )
     from sketch_core.data import read_train_table, verify_images
@@ -133,6 +142,9 @@ def search(args: argparse.Namespace) -> None:
     warm_start = warm_start_trials(
         space, [experiment_store(name, args.results) for name in args.warm_start]
     )
+    study = Study(store)
+    summary = read_search(store) if args.resume else search_summary(space, table.class_names)
+    tracking = search_runs(args.mlflow, store, summary, resume=args.resume)
 
     import ray
 
@@ -146,22 +158,37 @@ def search(args: argparse.Namespace) -> None:
     try:
         if dashboard:
             print(f"Ray dashboard: {dashboard}", flush=True)
-        if space.search.searcher == "optuna" and study_file(store):
-            print(f"Study view: optuna-dashboard {study_file(store)}", flush=True)
+        if space.search.searcher == "optuna":
+            print(f"Study view: {study.view_command()}", flush=True)
         check_trial_fits(space.resources, space.source)
-        if not args.resume:
-            store.write_json("search.json", search_summary(space, table.class_names))
+        if args.resume:
+            study.prepare_resume()
+        else:
+            study.start_new()
+            if tracking:
+                summary["mlflow"] = tracking.start_search(summary, store.uri())
+            store.write_json("search.json", summary)
+        if tracking:
+            print(f"MLflow: run {tracking.run_id} in {tracking.uri}", flush=True)
         tuner = build_tuner(
-            space, store, resume=args.resume, verbose=args.verbose, warm_start=warm_start
+            space,
+            store,
+            resume=args.resume,
+            verbose=args.verbose,
+            warm_start=warm_start,
+            tracking=tracking,
         )
         started = time.monotonic()
         try:
             _, interrupted = fit_noting_ctrl_c(tuner)
         finally:
             record_spent(store, space, hours=(time.monotonic() - started) / 3600)
+            study.upload()
     finally:
         ray.shutdown()
     print(f"report: {write_report(store)}", flush=True)
+    if tracking:
+        tracking.finish(store, interrupted=interrupted)
     print_summary(store, interrupted=interrupted)
 
 

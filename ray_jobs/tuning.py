@@ -7,7 +7,6 @@ import os
 import pickle
 import signal
 import time
-from pathlib import Path
 
 import numpy as np
 from ray import tune
@@ -28,12 +27,12 @@ from ray_jobs.results import (
     read_search,
 )
 from ray_jobs.space import Resources, SearchSettings, SearchSpace
+from ray_jobs.study import Study
+from ray_jobs.tracking import SearchRuns
 from ray_jobs.trial import make_trainable, train_loop
 from sketch_core.errors import SketchError
 
 TUNE_FOLDER = "tune"
-# The Optuna study, stored as the search runs so that optuna-dashboard can show it live.
-STUDY_FILE = "study.journal"
 
 
 def build_tuner(
@@ -43,11 +42,12 @@ def build_tuner(
     resume: bool,
     verbose: bool = False,
     warm_start: list | None = None,
+    tracking: SearchRuns | None = None,
 ) -> tune.Tuner:
     """A new Tuner for ``space``, or (``resume``) the one saved in ``store``, with its searcher,
     scheduler and callbacks as they were. ``verbose``: Tune's own progress output (configuration
     boxes, status tables) instead of only ``ConsoleReporter``'s lines. ``warm_start``: Optuna trials
-    of earlier searches for the new study."""
+    of earlier searches for the new study. ``tracking``: the new search's MLflow runs."""
     trainable = make_trainable(
         train_loop,
         resources=space.resources,
@@ -64,13 +64,13 @@ def build_tuner(
         base = read_search(store)["base"]
         try:
             return tune.Tuner.restore(
-                store.uri(TUNE_FOLDER),
+                store.fs_path(TUNE_FOLDER),
                 trainable=trainable,
                 param_space=base,
                 resume_unfinished=True,
                 resume_errored=False,
                 restart_errored=False,
-                storage_filesystem=store.fs if store.scheme else None,
+                storage_filesystem=store.fs,
             )
         except (
             Exception
@@ -79,7 +79,7 @@ def build_tuner(
                 f"{store.uri(TUNE_FOLDER)}: cannot restore the search from its saved state "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
             ) from None
-    searcher, num_samples = _searcher(space, study_file=study_file(store), warm_start=warm_start)
+    searcher, num_samples = _searcher(space, study=Study(store), warm_start=warm_start)
     tables = ExperimentTables(
         metric=space.search.metric,
         mode=space.search.mode,
@@ -102,8 +102,8 @@ def build_tuner(
         ),
         run_config=tune.RunConfig(
             name=TUNE_FOLDER,
-            storage_path=store.uri(),
-            storage_filesystem=store.fs if store.scheme else None,
+            storage_path=store.fs_path(),
+            storage_filesystem=store.fs,
             **retries_and_checkpoints(
                 max_failures=space.search.max_failures,
                 keep_checkpoints=space.search.keep_checkpoints,
@@ -111,7 +111,7 @@ def build_tuner(
                 mode=space.search.mode,
             ),
             callbacks=[
-                ResultsRecorder(store, tables),
+                ResultsRecorder(store, tables, tracking),
                 ConsoleReporter(
                     searched=space.params,
                     metric=space.search.metric,
@@ -187,12 +187,6 @@ def retries_and_checkpoints(
     }
 
 
-def study_file(store: ResultsStore) -> str | None:
-    """Where the Optuna study lives: a journal file in the experiment folder, which Optuna appends
-    to safely on local and shared (NFS) file systems; None (in memory) for object storage."""
-    return None if store.scheme else store.uri(STUDY_FILE)
-
-
 def check_saved_state(store: ResultsStore) -> None:
     """One error line unless Tune can restore the search in ``store`` as it was left.
 
@@ -212,32 +206,26 @@ def check_saved_state(store: ResultsStore) -> None:
         )
 
 
-def _searcher(space: SearchSpace, *, study_file: str | None = None, warm_start: list | None = None):
+def _searcher(space: SearchSpace, *, study: Study, warm_start: list | None = None):
     """The searcher and the number of trials it makes. Every searcher draws with the same walk over
     the parameters and their branches (ray_jobs/params.py) and starts with ``search.start_from``."""
     if space.search.searcher == "optuna":
         import optuna
-        from optuna.storages import InMemoryStorage, JournalStorage
-        from optuna.storages.journal import JournalFileBackend
 
-        if study_file:
-            Path(study_file).parent.mkdir(parents=True, exist_ok=True)
-            storage = JournalStorage(JournalFileBackend(study_file))
-        else:
-            storage = InMemoryStorage()
+        storage = study.storage()
         if (
             warm_start
         ):  # completed trials of earlier searches, in the study before the searcher opens it
-            study = optuna.create_study(
+            optuna.create_study(
                 storage=storage,
                 study_name=space.experiment,
                 load_if_exists=True,
                 direction="maximize" if space.search.mode == "max" else "minimize",
-            )
-            study.add_trials(warm_start)
+            ).add_trials(warm_start)
         # The searcher is pickled into Tune's experiment state with its storage, so --resume goes on
         # with the same study in the same file.
         searcher = BranchedOptunaSearch(
+            study,
             space=space.params.suggest,
             metric=space.search.metric,
             mode=space.search.mode,
@@ -294,7 +282,17 @@ class DrawnTrials(Searcher):
 class BranchedOptunaSearch(OptunaSearch):
     """Ray Tune's OptunaSearch for a define-by-run space whose parameters may have several
     branches, each a parameter of its own in the study (``lr|freeze=head``): the trial's config gets
-    the TrainConfig names alone (OptunaSearch also adds every name the study suggested)."""
+    the TrainConfig names alone (OptunaSearch also adds every name the study suggested). Whenever
+    Tune saves it, the study is uploaded first (results on object storage: ray_jobs/study.py), so
+    the experiment folder's journal holds every trial the saved searcher knows."""
+
+    def __init__(self, study: Study, **options):
+        self.study = study
+        super().__init__(**options)
+
+    def save(self, checkpoint_path: str) -> None:
+        self.study.upload()
+        super().save(checkpoint_path)
 
     def suggest(self, trial_id: str):
         suggested = super().suggest(trial_id)

@@ -118,6 +118,16 @@ def write_space(
     return path
 
 
+def scratch_study(folder: Path):
+    """A new, empty Optuna study for a searcher made in a test, stored in ``folder``."""
+    import uuid
+
+    from ray_jobs.results import ResultsStore
+    from ray_jobs.study import Study
+
+    return Study(ResultsStore(str(folder), f"study-{uuid.uuid4().hex[:8]}"))
+
+
 def run_script(script: str, *args: str, timeout: float = 900, cwd: Path = REPO_ROOT, **kwargs):
     """Run ray_jobs/<script> as a user would, with this test session's environment."""
     return subprocess.run(
@@ -415,7 +425,7 @@ def probe_dashboard(driver, log: Path, home: Path) -> dict:
 def local_server(program: str, *args: str, ready: str):
     """``program`` (a console script installed beside this Python) serving HTTP on a free port of
     127.0.0.1 with ``args``; yields ``api(path)``, which returns the JSON that ``path`` answers,
-    once ``ready`` answers."""
+    once ``ready`` answers (``api.url``: the server's address)."""
     import json
     import urllib.request
 
@@ -436,6 +446,8 @@ def local_server(program: str, *args: str, ready: str):
     def api(path: str):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
             return json.loads(response.read())
+
+    api.url = f"http://127.0.0.1:{port}"
 
     try:
         deadline = time.monotonic() + 120
@@ -522,3 +534,138 @@ def started_command(command: list[str], *, cwd: Path = REPO_ROOT, **kwargs):
 def started_script(script: str, *args: str, **kwargs):
     """ray_jobs/<script> running in the background, as ``started_command``."""
     return started_command([sys.executable, str(REPO_ROOT / "ray_jobs" / script), *args], **kwargs)
+
+
+class Bucket:
+    """A bucket of the test's S3 server, read as any S3 client would (pyarrow's, with the server's
+    settings), not through the product's ResultsStore."""
+
+    def __init__(self, name: str, env: dict[str, str]):
+        import pyarrow.fs as pafs
+
+        self.name, self.env = name, env
+        self.fs = pafs.S3FileSystem(
+            endpoint_override=env["AWS_ENDPOINT_URL"],
+            access_key=env["AWS_ACCESS_KEY_ID"],
+            secret_key=env["AWS_SECRET_ACCESS_KEY"],
+            region=env["AWS_DEFAULT_REGION"],
+        )
+
+    def uri(self, key: str = "") -> str:
+        return f"s3://{self.name}/{key}".rstrip("/")
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every object under ``prefix``, as keys in the bucket."""
+        import pyarrow.fs as pafs
+
+        selector = pafs.FileSelector(f"{self.name}/{prefix}", recursive=True, allow_not_found=True)
+        return sorted(
+            info.path.removeprefix(f"{self.name}/")
+            for info in self.fs.get_file_info(selector)
+            if info.type == pafs.FileType.File
+        )
+
+    def exists(self, key: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info(f"{self.name}/{key}").type == pafs.FileType.File
+
+    def read(self, key: str) -> bytes:
+        with self.fs.open_input_stream(f"{self.name}/{key}") as stream:
+            return stream.read()
+
+    def json(self, key: str):
+        import json
+
+        return json.loads(self.read(key))
+
+    def parquet(self, key: str):
+        import io
+
+        import pandas as pd
+
+        return pd.read_parquet(io.BytesIO(self.read(key)))
+
+    def download(self, key: str, target: Path) -> Path:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(self.read(key))
+        return target
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's, in its own process) on a free port of 127.0.0.1, with
+    the bucket ``hpo``, that checks credentials as AWS does: a request signed with an access key it
+    did not issue is refused. Yields the bucket; ``bucket.env`` is what a user exports to reach
+    it (the endpoint, the access key of a user allowed s3:*, the region)."""
+    import json
+    import urllib.request
+
+    import boto3
+
+    with local_server("moto_server", ready="/moto-api/config") as api:
+        # Until reset-auth below, moto takes any credentials: the administrator sets up the user.
+        admin = dict(
+            endpoint_url=api.url,
+            region_name="us-east-1",
+            aws_access_key_id="admin",
+            aws_secret_access_key="admin",
+        )
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="sketch-hpo")
+        iam.put_user_policy(
+            UserName="sketch-hpo",
+            PolicyName="results",
+            PolicyDocument=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+                }
+            ),
+        )
+        key = iam.create_access_key(UserName="sketch-hpo")["AccessKey"]
+        env = {
+            "AWS_ENDPOINT_URL": api.url,
+            "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        boto3.client(
+            "s3",
+            **{
+                **admin,
+                "aws_access_key_id": key["AccessKeyId"],
+                "aws_secret_access_key": key["SecretAccessKey"],
+            },
+        ).create_bucket(Bucket="hpo")
+        urllib.request.urlopen(
+            urllib.request.Request(
+                f"{api.url}/moto-api/reset-auth",
+                data=b"0",  # requests without moto's own credentials from now on: none
+                headers={"Content-Type": "text/plain"},
+                method="POST",
+            ),
+            timeout=30,
+        )
+        yield Bucket("hpo", env)
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch) -> Bucket:
+    """The S3 server's settings exported for this test, as a user exports them in the shell: the
+    commands it runs, and every Ray process they start, read them from the environment."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_server
+
+
+def mlflow_runs(uri: str, experiment: str):
+    """The runs of an MLflow experiment in the store at ``uri``, read back as a user reads them:
+    ``mlflow.search_runs`` (one row per run: params.*, metrics.* (the last), tags.*, status)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)  # also exported as MLFLOW_TRACKING_URI, for subprocesses
+    try:
+        return mlflow.search_runs(experiment_names=[experiment])
+    finally:
+        mlflow.set_tracking_uri(None)  # the commands of later tests are not tracked

@@ -1,8 +1,10 @@
-"""tune.py and final_fit.py on the demo data, as a user runs them: a wall-clock budget ends a
-head-only search with a conditional parameter, a second search warm-starts from its trials, and
-its top configurations are refitted on folds and combined by greedy selection out of fold."""
+"""tune.py, final_fit.py and report.py on the demo data, as a user runs them, with the results in a
+bucket of a real S3 server: a wall-clock budget ends a head-only search with a conditional
+parameter, a second search warm-starts from its trials, and its top configurations are refitted on
+folds and combined by greedy selection out of fold."""
 
-import json
+import io
+import os
 
 import numpy as np
 import optuna
@@ -87,8 +89,9 @@ def test_trials_a_budget_stopped_are_told_apart_from_asha_s_stops_and_stay_so_on
 
 
 @pytest.fixture(scope="module")
-def head_search(tmp_path_factory, demo_dir):
-    """A head-only search with a conditional parameter that its wall-clock budget ends."""
+def head_search(tmp_path_factory, demo_dir, s3_server):
+    """A head-only search with a conditional parameter that its wall-clock budget ends, its results
+    in the bucket."""
     folder = tmp_path_factory.mktemp("head-search")
     space = write_space(
         folder / "heads.yaml",
@@ -105,17 +108,25 @@ def head_search(tmp_path_factory, demo_dir):
             "lr": {"loguniform": [1.0e-3, 3.0e-2]},
         },
     )
-    results = folder / "results"
-    completed = run_script("tune.py", "--space", str(space), "--results", str(results))
+    results = s3_server.uri("budget-searches")
+    completed = run_script(
+        "tune.py",
+        "--space",
+        str(space),
+        "--results",
+        results,
+        cwd=folder,
+        env={**os.environ, **s3_server.env},
+    )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert list(folder.iterdir()) == [space]  # nothing of the search on the local disk
     return {"space": space, "results": results, "output": completed.stdout}
 
 
-def test_a_budget_ends_the_search_and_a_warm_start_hands_its_trials_on(head_search, tmp_path):
+def test_a_budget_ends_the_search_and_a_warm_start_hands_its_trials_on(head_search, tmp_path, s3):
     space, results = head_search["space"], head_search["results"]
-    folder = results / "budget"
-    search = json.loads((folder / "search.json").read_text())
-    trials = pd.read_parquet(folder / "trials.parquet")
+    search = s3.json("budget-searches/budget/search.json")
+    trials = s3.parquet("budget-searches/budget/trials.parquet")
     assert search["ended_by"] == "budget_hours" and search["budget"] == {
         "hours": BUDGET_HOURS,
         "gpu_hours": 0.0,
@@ -152,8 +163,8 @@ def test_a_budget_ends_the_search_and_a_warm_start_hands_its_trials_on(head_sear
     document["space"]["lr"] = {"loguniform": [3.0e-3, 3.0e-2]}
     narrow = tmp_path / "narrow.yaml"
     narrow.write_text(yaml.safe_dump(document))
-    second = run_script(
-        "tune.py", "--space", str(narrow), "--results", str(results), "--warm-start", "budget"
+    second = run_script(  # the earlier search named by its folder in the bucket
+        "tune.py", "--space", str(narrow), "--results", results, "--warm-start", f"{results}/budget"
     )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     scored = trials[
@@ -162,16 +173,17 @@ def test_a_budget_ends_the_search_and_a_warm_start_hands_its_trials_on(head_sear
     inside = scored[scored["config.lr"].between(3.0e-3, 3.0e-2)]
     unscored = len(trials) - len(scored)
     assert (
-        f"warm start: {len(inside)} trial(s) of {folder}; "
+        f"warm start: {len(inside)} trial(s) of {results}/budget; "
         f"{len(scored) - len(inside)} outside this space "
         "skipped"
         + (f"; {unscored} stopped before a result skipped" if unscored else "")
         in second.stdout
     )
+    journal = s3.download("budget-searches/narrow/study.journal", tmp_path / "study.journal")
     study = optuna.load_study(
         study_name="narrow",
         storage=optuna.storages.JournalStorage(
-            optuna.storages.journal.JournalFileBackend(str(results / "narrow" / "study.journal"))
+            optuna.storages.journal.JournalFileBackend(str(journal))
         ),
     )
     given = [t for t in study.trials if "warm_start" in t.user_attrs]
@@ -181,12 +193,13 @@ def test_a_budget_ends_the_search_and_a_warm_start_hands_its_trials_on(head_sear
     assert sorted(t.params["lr"] for t in given) == sorted(inside["config.lr"])
     assert (
         len(study.trials) == len(given) + 2
-        and len(pd.read_parquet(results / "narrow" / "trials.parquet")) == 2
+        and len(s3.parquet("budget-searches/narrow/trials.parquet")) == 2
     )
 
 
-def test_fold_refits_predict_out_of_fold_and_greedy_selection_is_scored_honestly(head_search):
-    from sketch_core.data import read_train_table, split_indices
+def test_fold_refits_predict_out_of_fold_and_greedy_selection_is_scored_honestly(head_search, s3):
+    from sketch_core.data import read_test_table, read_train_table, split_indices
+    from sketch_core.demo_data import known_answers
     from sketch_core.duplicates import duplicate_groups
     from sketch_core.ensemble import log_loss
 
@@ -195,7 +208,7 @@ def test_fold_refits_predict_out_of_fold_and_greedy_selection_is_scored_honestly
         "final_fit.py",
         "--best",
         "--results",
-        str(results),
+        results,
         "--name",
         "budget",
         "--top-k",
@@ -206,8 +219,10 @@ def test_fold_refits_predict_out_of_fold_and_greedy_selection_is_scored_honestly
         "greedy",
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    fitted = next((results / "budget" / "final").glob("fit-*"))
-    fit = json.loads((fitted / "fit.json").read_text())
+    fits = {key.split("/")[3] for key in s3.keys("budget-searches/budget/final/") if "/fit-" in key}
+    assert len(fits) == 1, fits
+    fitted = f"budget-searches/budget/final/{fits.pop()}"  # fit-<time>, in the bucket
+    fit = s3.json(f"{fitted}/fit.json")
     train = read_train_table(fit["data_dir"])
     members = ["top1", "top2", "top3"]
     groups = duplicate_groups(train.paths, train.targets)  # the folds keep near-duplicates together
@@ -215,7 +230,9 @@ def test_fold_refits_predict_out_of_fold_and_greedy_selection_is_scored_honestly
         covered = np.zeros(len(train.paths), dtype=int)
         seed = next(m["seed"] for m in fit["models"] if m["model_id"].startswith(member))
         for fold in range(folds):
-            with np.load(fitted / f"heldout-{member}-fold{fold}.npz") as heldout:
+            with np.load(
+                io.BytesIO(s3.read(f"{fitted}/heldout-{member}-fold{fold}.npz"))
+            ) as heldout:
                 rows = heldout["rows"]
             trained_on, held_out = split_indices(
                 train.targets, val_fraction=0.0, folds=folds, fold=fold, seed=seed, groups=groups
@@ -227,7 +244,7 @@ def test_fold_refits_predict_out_of_fold_and_greedy_selection_is_scored_honestly
         assert (
             covered == 1
         ).all()  # every training image predicted exactly once, by the fold that left it out
-        oof = np.load(fitted / f"oof-{member}.npy")
+        oof = np.load(io.BytesIO(s3.read(f"{fitted}/oof-{member}.npy")))
         assert oof.shape == (len(train.paths), train.num_classes) and np.allclose(
             oof.sum(1), 1, atol=1e-4
         )
@@ -237,9 +254,8 @@ def test_fold_refits_predict_out_of_fold_and_greedy_selection_is_scored_honestly
         summary["ensemble"]["method"] == "greedy"
         and summary["ensemble"]["log_loss"] <= best_member + 1e-9
     )
-    assert log_loss(np.load(fitted / "oof-ensemble.npy"), train.targets) == pytest.approx(
-        summary["ensemble"]["log_loss"]
-    )
+    oof_ensemble = np.load(io.BytesIO(s3.read(f"{fitted}/oof-ensemble.npy")))
+    assert log_loss(oof_ensemble, train.targets) == pytest.approx(summary["ensemble"]["log_loss"])
     for member in members:  # a temperature fitted out of fold never raises the out-of-fold log-loss
         assert (
             summary["members"][member]["log_loss_calibrated"]
@@ -267,21 +283,34 @@ def test_fold_refits_predict_out_of_fold_and_greedy_selection_is_scored_honestly
         abs(estimate["accuracy"] - test_accuracy)
         <= 2 * (estimate["standard_error"] ** 2 + test_error**2) ** 0.5
     )
-    report = (results / "budget" / "report" / "summary.md").read_text()
+    # The submission, in the bucket: a row per test image, scored against the demo's answers.
+    assert fit["submission"] == f"{results}/budget/final/submission.csv"
+    submission = pd.read_csv(io.BytesIO(s3.read("budget-searches/budget/final/submission.csv")))
     assert (
-        f"## Refit on 3 folds (final/{fitted.name})" in report
+        submission["image_path"].tolist()
+        == read_test_table(fit["data_dir"]).frame["image_path"].tolist()
+    )
+    answers = known_answers(fit["data_dir"], submission["image_path"])
+    assert (submission["target"] == answers).mean() == pytest.approx(test_accuracy)
+    # report.py on the bucket experiment, as final_fit wrote it: the refit's table and diagram.
+    s3.fs.delete_dir("hpo/budget-searches/budget/report")
+    reported = run_script("report.py", "--results", results, "--name", "budget")
+    assert reported.stdout.strip() == f"report: {results}/budget/report", reported.stderr[-3000:]
+    report = s3.read("budget-searches/budget/report/summary.md").decode()
+    assert (
+        f"## Refit on 3 folds (final/{fitted.rsplit('/', 1)[1]})" in report
         and "![reliability](reliability.png)" in report
     )
-    assert (results / "budget" / "report" / "reliability.png").stat().st_size > 1000
+    assert len(s3.read("budget-searches/budget/report/reliability.png")) > 1000
     assert f"| **ensemble** (greedy) | {summary['ensemble']['accuracy']:.4g} |" in report
 
 
-def test_greedy_selection_needs_folds(head_search):
+def test_greedy_selection_needs_folds(head_search, s3):
     completed = run_script(
         "final_fit.py",
         "--best",
         "--results",
-        str(head_search["results"]),
+        head_search["results"],
         "--name",
         "budget",
         "--ensemble",

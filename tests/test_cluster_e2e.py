@@ -1,10 +1,9 @@
-"""Several Ray nodes on one machine (ray.cluster_utils.Cluster): placement across nodes, shared
-results, a node lost mid-search; and the dashboard of a local run."""
+"""Several Ray nodes on one machine (ray.cluster_utils.Cluster): placement across nodes, results in
+a bucket as the only shared storage, a node lost mid-search; and the dashboard of a local run."""
 
 import subprocess
 import time
 
-import pandas as pd
 import pytest
 from conftest import started_script, write_space
 
@@ -28,12 +27,23 @@ def three_node_cluster():
         cluster.shutdown()
 
 
-def test_multi_node_search_survives_a_lost_node(tmp_path, demo_dir, three_node_cluster):
+@pytest.fixture
+def three_node_cluster_with_s3(s3, three_node_cluster):
+    """The cluster started with the S3 server's settings in its environment, as each node of a
+    real cluster has them (exported before `ray start`, or an instance role)."""
+    return three_node_cluster
+
+
+def test_multi_node_search_with_a_bucket_survives_a_lost_node(
+    tmp_path, demo_dir, s3, three_node_cluster_with_s3
+):
     """A node lost mid-trial, its training worker with it, as a preempted spot node: the trial
-    restarts on the nodes left from its checkpoint and the search completes. (Ended trials freeing
-    their workers: the quickstart's and tests/test_trial_kinds.py; a configuration that always
-    fails: tests/test_trial_kinds.py.)"""
-    cluster, workers = three_node_cluster
+    restarts on the nodes left from its checkpoint and the search completes. The nodes share no
+    folder: the results, Tune's state and the checkpoints live in a bucket of a real S3 server, so
+    the retried trial's checkpoint comes from the bucket, not from the lost node's disk. (Ended
+    trials freeing their workers: the quickstart's and tests/test_trial_kinds.py; a configuration
+    that always fails: tests/test_trial_kinds.py.)"""
+    cluster, workers = three_node_cluster_with_s3
     space = write_space(
         tmp_path / "space.yaml",
         demo_dir,
@@ -43,25 +53,23 @@ def test_multi_node_search_survives_a_lost_node(tmp_path, demo_dir, three_node_c
         scheduler={"type": "none"},
         resources={"workers": 2},
     )
-    shared_results = tmp_path / "shared-results"  # every node of this cluster reaches this folder
     with started_script(
         "tune.py",
         "--space",
         str(space),
         "--results",
-        str(shared_results),
+        s3.uri("clusters"),
         "--address",
         cluster.address,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        cwd=tmp_path,
     ) as driver:
-        epochs_file = shared_results / "multinode" / "epochs.parquet"
+        epochs_file = "clusters/multinode/epochs.parquet"
         removed, deadline = False, time.monotonic() + 600
         while not removed and time.monotonic() < deadline and driver.poll() is None:
-            if epochs_file.exists() and len(
-                nodes := pd.read_parquet(epochs_file)["nodes"].dropna()
-            ):
+            if s3.exists(epochs_file) and len(nodes := s3.parquet(epochs_file)["nodes"].dropna()):
                 # The two workers sit on two of the three nodes, so at least one non-head node
                 # trains.
                 doomed = next(node for node in workers if node.node_id[:8] in nodes.iloc[0])
@@ -72,11 +80,11 @@ def test_multi_node_search_survives_a_lost_node(tmp_path, demo_dir, three_node_c
     assert removed, output[-3000:]
     assert driver.returncode == 0, output[-3000:]
 
-    trials = pd.read_parquet(shared_results / "multinode" / "trials.parquet")
+    trials = s3.parquet("clusters/multinode/trials.parquet")
     assert len(trials) == 1 and (trials["status"] == "finished").all(), trials[["status", "error"]]
     nodes_used = {node for nodes in trials["node"] for node in nodes.split(",")}
     assert len(nodes_used) >= 2, nodes_used  # workers were placed on more than one node
-    epochs = pd.read_parquet(epochs_file)
+    epochs = s3.parquet(epochs_file)
     assert all(len(nodes.split(",")) == 2 for nodes in epochs["nodes"].dropna())
     after = epochs[epochs["timestamp"] > removed + 1]
     assert (
@@ -85,7 +93,13 @@ def test_multi_node_search_survives_a_lost_node(tmp_path, demo_dir, three_node_c
     # ... from its last checkpoint, not from the start: every epoch once, in order.
     assert (after["started_at_epoch"] > 0).all(), epochs[["epoch", "started_at_epoch", "nodes"]]
     assert epochs["epoch"].tolist() == list(range(1, len(epochs) + 1))
-    assert (shared_results / "multinode" / "best.json").is_file()
+    # Its checkpoints, the one it restarted from among them, are the bucket's.
+    checkpoints = epochs["checkpoint_path"].dropna()
+    assert len(checkpoints) and checkpoints.str.startswith(s3.uri("clusters/multinode/tune/")).all()
+    assert s3.exists("clusters/multinode/best.json") and s3.exists(
+        "clusters/multinode/tune/tuner.pkl"
+    )
+    assert list(tmp_path.iterdir()) == [tmp_path / "space.yaml"]  # nothing of it on a local disk
 
 
 def test_local_dashboard_on_localhost_and_ray_ports_need_the_token(finished_search):

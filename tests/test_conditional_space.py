@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+from conftest import scratch_study
 
 from ray_jobs.results import ExperimentTables, ResultsStore, TrialState, config_of
 from ray_jobs.space import Resources, parse_space
@@ -144,9 +145,9 @@ def test_a_condition_on_a_range_and_a_fixed_value_no_trial_uses_are_refused():
         parse_space(document, source="spaces/c.yaml")
 
 
-def test_optuna_asks_define_by_run_with_a_study_parameter_per_branch():
+def test_optuna_asks_define_by_run_with_a_study_parameter_per_branch(tmp_path):
     space = space_with()
-    searcher, trials = _searcher(space)
+    searcher, trials = _searcher(space, study=scratch_study(tmp_path))
     assert trials == 8
     drawn = [searcher.suggest(f"t{i}") for i in range(24)]
     for values in drawn:
@@ -165,14 +166,14 @@ def test_optuna_asks_define_by_run_with_a_study_parameter_per_branch():
 
 
 @pytest.mark.parametrize("searcher", ["random", "grid"])
-def test_random_and_grid_searches_draw_the_same_branches(searcher):
+def test_random_and_grid_searches_draw_the_same_branches(searcher, tmp_path):
     changes = (
         {"lr": [{"when": {"freeze": "head"}, "choice": [1.0e-2]}, {"choice": [1.0e-4, 1.0e-3]}]}
         if searcher == "grid"
         else {}
     )
     space = space_with(search={"searcher": searcher, "num_samples": 6}, space=changes)
-    generator, trials = _searcher(space)
+    generator, trials = _searcher(space, study=scratch_study(tmp_path))
     drawn = generator.trials
     assert len(drawn) == trials
     for values in drawn:
@@ -182,10 +183,11 @@ def test_random_and_grid_searches_draw_the_same_branches(searcher):
     ):  # every combination the branches allow, six times: 1 head + 2x2x2 partial + 2x2 full
         assert trials == 6 * 13 and len({tuple(sorted(v.items())) for v in drawn}) == 13
     else:
-        assert trials == 6 and _searcher(space)[0].trials == drawn  # seeded
+        again, _ = _searcher(space, study=scratch_study(tmp_path))
+        assert trials == 6 and again.trials == drawn  # seeded
 
 
-def test_start_from_is_tried_first_by_every_searcher_and_checked():
+def test_start_from_is_tried_first_by_every_searcher_and_checked(tmp_path):
     recipe = {"freeze": "last_n_blocks", "trainable_blocks": 4, "lr": 1.0e-4}
     for searcher in ("optuna", "random", "grid"):
         space = space_with(
@@ -197,7 +199,7 @@ def test_start_from_is_tried_first_by_every_searcher_and_checked():
                 ]
             },
         )
-        made, trials = _searcher(space)
+        made, trials = _searcher(space, study=scratch_study(tmp_path))
         first = made.suggest("first") if searcher == "optuna" else made.trials[0]
         assert first == {
             **recipe,
@@ -253,7 +255,7 @@ def test_inactive_parameters_are_empty_in_the_tables_and_refits_get_the_fixed_va
     assert tables.best(frame)["config"] == {**head, "trainable_blocks": 1}
 
 
-def test_backbone_and_resolution_are_searchable_with_resources_per_model():
+def test_backbone_and_resolution_are_searchable_with_resources_per_model(tmp_path):
     document = copy.deepcopy(SPACE)
     document["model"] = {
         "name": {"choice": ["test_resnet", "test_vit"]},
@@ -285,7 +287,7 @@ def test_backbone_and_resolution_are_searchable_with_resources_per_model():
     assert (
         Resources.from_dict(dataclasses.asdict(space.resources)) == space.resources
     )  # search.json and back
-    searcher, _ = _searcher(space)
+    searcher, _ = _searcher(space, study=scratch_study(tmp_path))
     for values in (searcher.suggest(f"t{i}") for i in range(12)):
         assert (
             values["image_size"] == 32
@@ -382,7 +384,11 @@ def test_a_warm_started_search_starts_near_the_earlier_best(tmp_path, capsys):
 
     def first_suggestions(warm, startup_trials=10):
         settings = dataclasses.replace(space.search, startup_trials=startup_trials)
-        searcher, _ = _searcher(dataclasses.replace(space, search=settings), warm_start=warm)
+        searcher, _ = _searcher(
+            dataclasses.replace(space, search=settings),
+            study=scratch_study(tmp_path),
+            warm_start=warm,
+        )
         return np.array([searcher.suggest(f"t{i}")["lr"] for i in range(8)])
 
     cold, warm = first_suggestions(None), first_suggestions(trials)

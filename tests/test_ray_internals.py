@@ -11,15 +11,12 @@ from ray_jobs.tuning import DrawnTrials
 pytestmark = pytest.mark.e2e
 
 
-def report_pid(config):
-    from ray import tune
-
-    tune.report({"pid": os.getpid(), "score": 1.0})
-
-
 def test_ray_reuses_processes_for_equal_requests_and_saves_state_under_known_names(tmp_path):
     import ray
     from ray import tune
+
+    def report_pid(config):  # defined here: Ray's workers cannot import the tests' modules
+        tune.report({"pid": os.getpid(), "score": 1.0})
 
     assert local_ray_instances() == [], "another Ray instance runs on this machine"
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)

@@ -5,6 +5,7 @@ import copy
 from pathlib import Path
 
 import pytest
+from conftest import scratch_study
 
 from ray_jobs.space import Resources, load_space, parse_space, runs_in_trial_process
 from sketch_core.errors import SketchError
@@ -56,7 +57,7 @@ def test_shipped_spaces_load(name):
     assert set(space.param_space()) >= set(space.base)
 
 
-def test_eva02_is_the_real_search():
+def test_eva02_is_the_real_search(tmp_path):
     from ray_jobs.tuning import _searcher
 
     space = load_space(SPACES / "eva02.yaml")
@@ -75,7 +76,7 @@ def test_eva02_is_the_real_search():
     } <= set(space.params.names)
     assert space.search.budget_gpu_hours == 40 and space.start_from[0]["freeze"] == "head"
     # A recipe per freeze value: every head-only trial trains on cached features, at a head's rates.
-    searcher, _ = _searcher(space)
+    searcher, _ = _searcher(space, study=scratch_study(tmp_path))
     drawn = [{**space.base, **searcher.suggest(f"t{i}")} for i in range(30)]
     assert drawn[0] == {**space.base, **space.start_from[0]}
     assert {config["freeze"] for config in drawn} == {"head", "last_n_blocks", "none"}
@@ -190,7 +191,7 @@ def test_invalid_spaces_are_one_line(path, value, message):
     assert text.startswith("spaces/x.yaml") and message in text and "\n" not in text
 
 
-def test_grid_searcher_turns_choices_into_a_grid():
+def test_grid_searcher_turns_choices_into_a_grid(tmp_path):
     from ray_jobs.tuning import _searcher
 
     document = changed("search.searcher", "grid") | {
@@ -199,7 +200,7 @@ def test_grid_searcher_turns_choices_into_a_grid():
     document["search"]["num_samples"] = 2  # the grid twice
     space = parse_space(document, source="x.yaml")
     assert [b.distribution.kind for p in space.params for b in p.branches] == ["grid", "grid"]
-    generator, trials = _searcher(space)
+    generator, trials = _searcher(space, study=scratch_study(tmp_path))
     assert trials == 8 and generator.trials == 2 * [
         {"head": "linear", "lr": 0.1},
         {"head": "linear", "lr": 0.01},
@@ -209,7 +210,7 @@ def test_grid_searcher_turns_choices_into_a_grid():
 
 
 @pytest.mark.parametrize("searcher", ["optuna", "random", "grid"])
-def test_every_searcher_keeps_max_concurrent(searcher):
+def test_every_searcher_keeps_max_concurrent(searcher, tmp_path):
     from ray.tune.search import Searcher
 
     from ray_jobs.tuning import _searcher
@@ -218,7 +219,7 @@ def test_every_searcher_keeps_max_concurrent(searcher):
     document["search"]["searcher"] = searcher
     document["space"] = {"head": {"choice": ["linear", "mlp"]}}  # a grid takes choices only
     space = parse_space(document, source="x.yaml")
-    made, _ = _searcher(space)
+    made, _ = _searcher(space, study=scratch_study(tmp_path))
     # Every searcher is a Searcher, which Tune wraps in a ConcurrencyLimiter of
     # max_concurrent_trials (the quickstart's search is checked to run one trial at a time in
     # test_tune_e2e).

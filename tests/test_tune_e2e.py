@@ -9,7 +9,14 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import own_output, run_script, started_script, wait_for, write_space
+from conftest import (
+    mlflow_runs,
+    own_output,
+    run_script,
+    started_script,
+    wait_for,
+    write_space,
+)
 
 pytestmark = pytest.mark.e2e  # real commands on local Ray: the fast tier is pytest -m "not e2e"
 
@@ -311,12 +318,15 @@ def test_ctrl_c_between_two_trials_is_an_interruption(tmp_path):
     assert signal.getsignal(signal.SIGINT) is found
 
 
-def test_resume_after_the_driver_is_killed_and_after_ctrl_c_with_relative_paths(tmp_path, demo_dir):
-    """kill -9, --resume, Ctrl-C, --resume. Every local path is relative to where the commands run
-    (--results by default, --data-dir, model.checkpoint_file, SKETCH_CACHE_DIR): Ray Train runs
-    each worker in a folder of its own, where such a path would miss. Loader workers and
-    augmentation are on, as in the shipped GPU spaces. (A refit with relative paths:
-    test_final_fit.py.)"""
+def test_resume_from_a_bucket_after_the_driver_is_killed_and_after_ctrl_c_with_relative_paths(
+    tmp_path, demo_dir, s3
+):
+    """kill -9, --resume, Ctrl-C, --resume, with the results in a bucket of a real S3 server (Tune's
+    state, checkpoints and tables: nothing of the search on the local disk) and the search logged
+    to a local MLflow store. Every local path is relative to where the commands run
+    (--data-dir, model.checkpoint_file, SKETCH_CACHE_DIR, the MLflow store): Ray Train runs each
+    worker in a folder of its own, where such a path would miss. Loader workers and augmentation
+    are on, as in the shipped GPU spaces. (A refit with relative paths: test_final_fit.py.)"""
     import timm
     import torch
 
@@ -335,19 +345,22 @@ def test_resume_after_the_driver_is_killed_and_after_ctrl_c_with_relative_paths(
         model={"checkpoint_file": "weights/backbone.pth"},
         fixed={"num_workers": 2, "augment": "sketch"},
     )
-    results = tmp_path / "results"
-    trials_file, epochs_file = (
-        results / "stopped" / "trials.parquet",
-        results / "stopped" / "epochs.parquet",
-    )
+    results = s3.uri("resumed-searches")
+    folder = "resumed-searches/stopped"
+    trials_file, epochs_file = f"{folder}/trials.parquet", f"{folder}/epochs.parquet"
     relative = {"cwd": tmp_path, "env": {"SKETCH_CACHE_DIR": "cache"}}
-    command = ("tune.py", "--space", "space.yaml", "--data-dir", "data")
+    command = ("tune.py", "--space", "space.yaml", "--data-dir", "data", "--results", results)
     with started_script(
-        *command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **relative
+        *command,
+        "--mlflow",
+        "sqlite:///mlflow.db",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        **relative,
     ) as driver:
         wait_for(
             lambda: (
-                trials_file.exists() and (pd.read_parquet(trials_file)["epochs_run"] > 0).sum() >= 2
+                s3.exists(trials_file) and (s3.parquet(trials_file)["epochs_run"] > 0).sum() >= 2
             ),
             "two trials reporting",
             driver,
@@ -355,7 +368,7 @@ def test_resume_after_the_driver_is_killed_and_after_ctrl_c_with_relative_paths(
         )
         driver.send_signal(signal.SIGKILL)  # kill -9, a lost SSH session
         driver.wait()
-        before_kill, trials_before_kill = pd.read_parquet(epochs_file), pd.read_parquet(trials_file)
+        before_kill, trials_before_kill = s3.parquet(epochs_file), s3.parquet(trials_file)
     # Leaving the block stopped what the killed driver left of its local Ray, which outlives it.
 
     with started_script(
@@ -367,7 +380,7 @@ def test_resume_after_the_driver_is_killed_and_after_ctrl_c_with_relative_paths(
         **relative,
     ) as driver:
         wait_for(
-            lambda: len(pd.read_parquet(epochs_file)) > len(before_kill),
+            lambda: len(s3.parquet(epochs_file)) > len(before_kill),
             "an epoch after --resume",
             driver,
             timeout=600,
@@ -380,13 +393,13 @@ def test_resume_after_the_driver_is_killed_and_after_ctrl_c_with_relative_paths(
     assert "no trial reported" not in output and "Traceback" not in own_output(output), output[
         -3000:
     ]
-    assert "interrupted" in set(pd.read_parquet(trials_file)["status"])
-    before_ctrl_c, trials_before_ctrl_c = pd.read_parquet(epochs_file), pd.read_parquet(trials_file)
+    assert "interrupted" in set(s3.parquet(trials_file)["status"])
+    before_ctrl_c, trials_before_ctrl_c = s3.parquet(epochs_file), s3.parquet(trials_file)
 
     resumed = run_script(*command, "--resume", cwd=tmp_path, env={**os.environ, **relative["env"]})
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    trials = pd.read_parquet(trials_file)
-    epochs = pd.read_parquet(epochs_file)
+    trials = s3.parquet(trials_file)
+    epochs = s3.parquet(epochs_file)
     assert len(trials) == 3 and trials["trial_id"].is_unique
     assert set(trials["status"]) <= {"finished", "stopped_early"}
     for before in (before_kill, before_ctrl_c):
@@ -416,17 +429,39 @@ def test_resume_after_the_driver_is_killed_and_after_ctrl_c_with_relative_paths(
     assert set(trials["config.checkpoint_file"]) == {str(tmp_path / "weights" / "backbone.pth")}
     assert set(trials["config.data_dir"]) == {str(demo_dir.resolve())}
     assert list((tmp_path / "cache").glob("decoded-*.u8")), "the workers did not use ./cache"
+    # Everything of the search is in the bucket: Tune's state and the checkpoints it resumed from.
+    assert s3.exists(f"{folder}/tune/tuner.pkl") and s3.exists(f"{folder}/best.json")
+    checkpoints = epochs["checkpoint_path"].dropna()
+    assert len(checkpoints) and checkpoints.str.startswith(f"{results}/stopped/tune/").all()
+    assert not (tmp_path / "resumed-searches").exists() and not (tmp_path / "results").exists()
 
-    # One Optuna study went on through both interruptions: every trial told to it once, with its
-    # result.
+    # One Optuna study went on through both interruptions, restored from the bucket's copy: every
+    # trial told to it once, with its result.
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
+    journal = s3.download(f"{folder}/study.journal", tmp_path / "study.journal")
     study = optuna.load_study(
-        study_name="stopped",
-        storage=JournalStorage(JournalFileBackend(str(results / "stopped" / "study.journal"))),
+        study_name="stopped", storage=JournalStorage(JournalFileBackend(str(journal)))
     )
     complete = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
     assert len(complete) == 3, [(t.number, t.state, t.params) for t in study.trials]
     assert sorted(t.params["lr"] for t in complete) == pytest.approx(sorted(trials["config.lr"]))
+
+    # MLflow: one parent run, one child run per trial through both interruptions, each epoch of
+    # the tables logged once.
+    import mlflow
+
+    runs = mlflow_runs(f"sqlite:///{tmp_path}/mlflow.db", "stopped")
+    children = runs[runs["tags.sketch.kind"] == "trial"].set_index("tags.sketch.trial_id")
+    assert (runs["tags.sketch.kind"] == "search").sum() == 1 and len(children) == 3, runs
+    assert sorted(children.index) == sorted(trials["trial_id"])
+    assert (children["status"] == "FINISHED").all()
+    assert (
+        children["tags.status"].sort_index() == trials.set_index("trial_id")["status"].sort_index()
+    ).all()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for trial_id, run in children.iterrows():
+        steps = sorted(m.step for m in client.get_metric_history(run["run_id"], "val_acc"))
+        assert steps == sorted(epochs.loc[epochs["trial_id"] == trial_id, "epoch"]), trial_id
