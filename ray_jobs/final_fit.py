@@ -154,6 +154,8 @@ def final_fit(args: argparse.Namespace) -> None:
         check_pretrained_weights(model, pretrained=pretrained, checkpoint_file=checkpoint_file)
     resources = Resources.from_dict(search["resources"])
     mlflow_uri = refit_tracking(args.mlflow, store, search)
+    if budget_left(search):
+        print(budget_left(search), flush=True)
     folder = "final/fit-" + time.strftime("%Y%m%d-%H%M%S")
     started = time.time()
 
@@ -273,6 +275,17 @@ def final_fit(args: argparse.Namespace) -> None:
         )
         print(f"MLflow: run {run_id} in {mlflow_uri}")
     print(f"submission: {store.uri(submission_name)}")
+
+
+def budget_left(search: dict) -> str | None:
+    """What the search's budgets leave the final fit (search.json: ``budget``, ``spent``)."""
+    budget, spent = search.get("budget") or {}, search.get("spent") or {}
+    left = [
+        f"{budget[key] - spent.get(key, 0.0):.3g} of {budget[key]:g} {unit}"
+        for key, unit in (("hours", "hours"), ("gpu_hours", "GPU-hours"))
+        if budget.get(key)
+    ]
+    return f"budget left for the final fit: {' and '.join(left)}" if left else None
 
 
 def check_options(args: argparse.Namespace) -> None:

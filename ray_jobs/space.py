@@ -26,6 +26,7 @@ names the file and the field. Schema (all sections but ``experiment`` and ``mode
       keep_checkpoints: 2               # the best N per trial are kept
       budget_gpu_hours: 0               # 0: none; once spent, no trial starts and running ones stop
       budget_hours: 0                   # wall clock, over every run of the search
+      final_fit_share: 0.1              # of the budgets, kept for final_fit.py after the search
       start_from: [{freeze: head, lr: 1.0e-3}]   # tried first, in addition to num_samples
     scheduler: {type: asha, max_epochs: 4, grace_period: 1, reduction_factor: 2}   # or type: none
     fixed: {batch_size: 32, ...}        # any TrainConfig field; also the value of an inactive
@@ -154,6 +155,9 @@ class SearchSettings:
     budget_gpu_hours: float = field(default=0.0, metadata=spec(low=0.0))
     # wall clock, over every run of the search (--resume included)
     budget_hours: float = field(default=0.0, metadata=spec(low=0.0))
+    # The budgets cover the search and its final fit: the search stops once it has spent all but
+    # this share of them, which final_fit.py has.
+    final_fit_share: float = field(default=0.1, metadata=spec(low=0.0, high=0.9))
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,7 @@ def search(args: argparse.Namespace) -> None:
     from ray_jobs.tracking import search_runs
     from ray_jobs.tuning import (
         TUNE_FOLDER,
+        budget_split,
         build_tuner,
         check_saved_state,
         fit_noting_ctrl_c,
@@ -160,6 +161,8 @@ def search(args: argparse.Namespace) -> None:
             print(f"Ray dashboard: {dashboard}", flush=True)
         if space.search.searcher == "optuna":
             print(f"Study view: {study.view_command()}", flush=True)
+        if budget_split(space.search):
+            print(budget_split(space.search), flush=True)
         check_trial_fits(space.resources, space.source)
         if args.resume:
             study.prepare_resume()
@@ -210,7 +213,11 @@ def search_summary(space, class_names: list[str]) -> dict:
         "params": {param.name: param.describe() for param in space.params},
         "base": space.base,
         "start_from": list(space.start_from),
-        "budget": {"gpu_hours": space.search.budget_gpu_hours, "hours": space.search.budget_hours},
+        "budget": {
+            "gpu_hours": space.search.budget_gpu_hours,
+            "hours": space.search.budget_hours,
+            "final_fit_share": space.search.final_fit_share,
+        },
         "resources": dataclasses.asdict(space.resources),
         "max_failures": space.search.max_failures,
     }
@@ -268,7 +275,8 @@ def print_summary(store, *, interrupted: bool) -> None:
         print(
             f"the search ended on its budget ({search['ended_by']}): spent {spent['hours']:.3f} of "
             f"{budget['hours'] or '-'} hours, "
-            f"{spent['gpu_hours']:.3f} of {budget['gpu_hours'] or '-'} GPU-hours"
+            f"{spent['gpu_hours']:.3f} of {budget['gpu_hours'] or '-'} GPU-hours; the rest is "
+            "the final fit's"
         )
     print(
         f"best trial {best['trial_id']}: {best['metric']} {best[best['metric']]:.4f} "

@@ -128,9 +128,10 @@ def build_tuner(
 
 
 class Budget(Stopper):
-    """``search.budget_gpu_hours`` and ``search.budget_hours``: once either is spent, no trial
-    starts and the running ones stop (Tune's ``stop_all``); the search then ends as usual. Both
-    count over every run of the search: what runs before this one spent is in search.json
+    """``search.budget_gpu_hours`` and ``search.budget_hours`` cover the search and its final fit:
+    once the search has spent all of either but ``search.final_fit_share`` (``ended_by``), no
+    trial starts and the running ones stop (Tune's ``stop_all``); the search then ends as usual.
+    Both count over every run of the search: what runs before this one spent is in search.json
     (``spent``, which tune.py updates after each run). A restored Tuner brings back the stopper it
     was built with, so this one reads that when its run starts."""
 
@@ -160,11 +161,33 @@ class Budget(Stopper):
 
 
 def ended_by(settings: SearchSettings, spent: dict[str, float]) -> str | None:
-    """The budget that ``spent`` used up, if any."""
+    """The budget whose share for the search (``search_budget``) ``spent`` used up, if any."""
     for name, used in (("budget_gpu_hours", spent["gpu_hours"]), ("budget_hours", spent["hours"])):
-        if getattr(settings, name) > 0 and used >= getattr(settings, name):
+        if getattr(settings, name) > 0 and used >= search_budget(settings, name):
             return name
     return None
+
+
+def search_budget(settings: SearchSettings, name: str) -> float:
+    """What the search may spend of budget ``name``: all but the final fit's share."""
+    return getattr(settings, name) * (1 - settings.final_fit_share)
+
+
+def budget_split(settings: SearchSettings) -> str | None:
+    """The line that says how the search's budgets are split, and why; None without a budget."""
+    parts = [
+        f"{getattr(settings, name):g} {unit} (the search {search_budget(settings, name):.3g})"
+        for name, unit in (("budget_hours", "hours"), ("budget_gpu_hours", "GPU-hours"))
+        if getattr(settings, name) > 0
+    ]
+    if not parts:
+        return None
+    return (
+        f"budget: {' and '.join(parts)}, for the search and its final fit: "
+        f"{settings.final_fit_share:.0%} (search.final_fit_share) is kept for final_fit.py. "
+        "Its --from-trials trains nothing, it predicts with the search's models, and needs far "
+        "less; a refit (--best, --folds) needs about one or K trials' training: raise the share"
+    )
 
 
 def retries_and_checkpoints(

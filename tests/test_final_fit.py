@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -278,8 +279,14 @@ def test_errors(finished_search, tmp_path, capsys):
         assert len(lines) == 1 and lines[0].startswith("error: "), lines
         return lines[0]
 
-    assert "say which configuration to refit: --best" in final_fit(
+    assert "say how to build the submission: --from-trials" in final_fit(
         "--results", str(tmp_path / "empty")
+    )
+    assert "--from-trials: uses the search's models as they are" in final_fit(
+        "--from-trials", "--folds", "2"
+    )
+    assert "--warm: continues a trial's model on all the data" in final_fit(
+        "--best", "--warm", "--folds", "2"
     )
     assert "no experiment found" in final_fit("--best", "--results", str(tmp_path / "empty"))
     for option in ("--epochs", "--max-concurrent", "--top-k"):
@@ -318,6 +325,18 @@ def test_errors(finished_search, tmp_path, capsys):
     assert "--top-k 2: goes with --best" in final_fit(
         "--trial", "x", "--top-k", "2", "--results", str(copied)
     )
+
+    # Trials validated on other images (another seed draws another split) cannot be ensembled
+    # image by image.
+    trials = pd.read_parquet(copied / "demo" / "trials.parquet")
+    changed = trials.assign(**{"config.seed": [0] * (len(trials) - 1) + [1]})
+    changed.to_parquet(copied / "demo" / "trials.parquet")
+    message = final_fit("--from-trials", "--results", str(copied))
+    assert re.search(
+        r"--from-trials: trials \w+ and \w+ validated on other images \(seed (0 and 1|1 and 0)\)",
+        message,
+    ), message
+    trials.to_parquet(copied / "demo" / "trials.parquet")
 
     # Files damaged by a full disk or a half-copied folder: one line naming the file.
     for name, damage in [
