@@ -354,10 +354,10 @@ def warm_start_trials(space: SearchSpace, stores: list[ResultsStore]) -> list:
                     user_attrs={"warm_start": f"{store.experiment}/{row['trial_id']}"},
                 )
             )
+        # Both reasons to skip, always: a user sees at once how many trials were left out, and why.
         print(
-            f"warm start: {len(ended) - outside - unscored} trial(s) of {store.uri()}"
-            + (f"; {outside} outside this space skipped" if outside else "")
-            + (f"; {unscored} stopped before a result skipped" if unscored else ""),
+            f"warm start: {len(ended) - outside - unscored} trial(s) of {store.uri()}; "
+            f"{outside} outside this space skipped; {unscored} stopped before a result skipped",
             flush=True,
         )
     return trials
