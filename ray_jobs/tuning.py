@@ -79,7 +79,6 @@ def build_tuner(
                 f"{store.uri(TUNE_FOLDER)}: cannot restore the search from its saved state "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
             ) from None
-    searcher, num_samples = _searcher(space, study=Study(store), warm_start=warm_start)
     tables = ExperimentTables(
         metric=space.search.metric,
         mode=space.search.mode,
@@ -91,15 +90,7 @@ def build_tuner(
     return tune.Tuner(
         trainable,
         param_space=space.param_space(),
-        tune_config=tune.TuneConfig(
-            metric=space.search.metric,
-            mode=space.search.mode,
-            num_samples=num_samples,
-            max_concurrent_trials=space.search.max_concurrent,
-            search_alg=searcher,
-            scheduler=_scheduler(space),
-            reuse_actors=True,  # head-only trials only: ray_internals.OwnRequest
-        ),
+        tune_config=search_config(space, study=Study(store), warm_start=warm_start),
         run_config=tune.RunConfig(
             name=TUNE_FOLDER,
             storage_path=store.fs_path(),
@@ -124,6 +115,24 @@ def build_tuner(
             else None,
             verbose=2 if verbose else 0,
         ),
+    )
+
+
+def search_config(
+    space: SearchSpace, *, study: Study, warm_start: list | None = None
+) -> tune.TuneConfig:
+    """How Tune runs a new search of ``space``: its searcher (with the Optuna ``study``, given the
+    ``warm_start`` trials), the number of trials, ``search.max_concurrent`` of them at once (Tune
+    limits a Searcher itself; every searcher here is one), ASHA."""
+    searcher, num_samples = _searcher(space, study=study, warm_start=warm_start)
+    return tune.TuneConfig(
+        metric=space.search.metric,
+        mode=space.search.mode,
+        num_samples=num_samples,
+        max_concurrent_trials=space.search.max_concurrent,
+        search_alg=searcher,
+        scheduler=_scheduler(space),
+        reuse_actors=True,  # head-only trials only: ray_internals.OwnRequest
     )
 
 
@@ -368,10 +377,10 @@ def warm_start_trials(space: SearchSpace, stores: list[ResultsStore]) -> list:
                     user_attrs={"warm_start": f"{store.experiment}/{row['trial_id']}"},
                 )
             )
+        # Both reasons to skip, always: a user sees at once how many trials were left out, and why.
         print(
-            f"warm start: {len(ended) - outside - unscored} trial(s) of {store.uri()}"
-            + (f"; {outside} outside this space skipped" if outside else "")
-            + (f"; {unscored} stopped before a result skipped" if unscored else ""),
+            f"warm start: {len(ended) - outside - unscored} trial(s) of {store.uri()}; "
+            f"{outside} outside this space skipped; {unscored} stopped before a result skipped",
             flush=True,
         )
     return trials

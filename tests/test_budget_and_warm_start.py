@@ -1,10 +1,11 @@
 """tune.py, final_fit.py and report.py on the demo data, as a user runs them, with the results in a
-bucket of a real S3 server: a wall-clock budget ends a head-only search with a conditional
-parameter, a second search warm-starts from its trials, and its top configurations are refitted on
-folds and combined by greedy selection out of fold."""
+bucket of a real S3 server: a head-only search with a conditional parameter; a second search
+warm-starts from its trials and is ended by its GPU-hour budget; the first one's top
+configurations are refitted on folds and combined by greedy selection out of fold."""
 
 import io
 import os
+import time
 
 import numpy as np
 import optuna
@@ -15,7 +16,12 @@ from conftest import run_script, write_space
 
 pytestmark = pytest.mark.e2e  # real commands on local Ray: the fast tier is pytest -m "not e2e"
 
-BUDGET_HOURS = 0.01  # 36 s of a search whose trials take a second or two each (the first one ~10 s)
+HEAD_TRIALS = 10  # all drawn at random (TPE's startup_trials), from the seed
+# The warm-started search runs its head-only trials on a node that declares a GPU, each holding
+# HEAD_GPUS of it, and the first epoch any of them reports spends its GPU-hour budget, however
+# fast or slow the machine: the budget counts the reported epochs' time times the GPUs held.
+HEAD_GPUS = 0.5
+GPU_BUDGET = 1.0e-9
 
 
 def test_trials_a_budget_stopped_are_told_apart_from_asha_s_stops_and_stay_so_on_resume(tmp_path):
@@ -90,16 +96,15 @@ def test_trials_a_budget_stopped_are_told_apart_from_asha_s_stops_and_stay_so_on
 
 @pytest.fixture(scope="module")
 def head_search(tmp_path_factory, demo_dir, s3_server):
-    """A head-only search with a conditional parameter that its wall-clock budget ends, its results
-    in the bucket."""
+    """A head-only search with a conditional parameter, its results in the bucket."""
     folder = tmp_path_factory.mktemp("head-search")
     space = write_space(
         folder / "heads.yaml",
         demo_dir,
-        experiment="budget",
-        num_samples=400,
+        experiment="heads",
+        num_samples=HEAD_TRIALS,
         max_epochs=4,
-        search={"budget_hours": BUDGET_HOURS, "max_concurrent": 2},
+        search={"max_concurrent": 2},
         resources={"head_cpus": 1},
         fixed={"freeze": "head", "batch_size": 32, "num_workers": 0, "feature_views": 1},
         space={
@@ -123,62 +128,93 @@ def head_search(tmp_path_factory, demo_dir, s3_server):
     return {"space": space, "results": results, "output": completed.stdout}
 
 
-def test_a_budget_ends_the_search_and_a_warm_start_hands_its_trials_on(head_search, tmp_path, s3):
+@pytest.fixture
+def gpu_node(s3):
+    """A one-node Ray cluster that declares one GPU, started with the S3 server's settings in its
+    environment, as a user starts a node (its workers inherit them). No GPU is used: a head-only
+    trial holding a share of it trains on the CPU, torch finding no CUDA device."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "num_gpus": 1,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+        },
+    )
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+def test_a_warm_start_hands_trials_on_and_a_gpu_budget_ends_the_search(
+    head_search, tmp_path, s3, gpu_node
+):
     space, results = head_search["space"], head_search["results"]
-    search = s3.json("budget-searches/budget/search.json")
-    trials = s3.parquet("budget-searches/budget/trials.parquet")
-    assert search["ended_by"] == "budget_hours" and search["budget"] == {
-        "hours": BUDGET_HOURS,
-        "gpu_hours": 0.0,
-    }
-    assert (
-        BUDGET_HOURS <= search["spent"]["hours"] < BUDGET_HOURS + 0.01
-        and search["spent"]["gpu_hours"] == 0
-    )
-    assert 4 <= len(trials) < 400, len(trials)  # it ran, then stopped starting trials
-    assert (
-        "the search ended on its budget (budget_hours): "
-        f"spent {search['spent']['hours']:.3f} of {BUDGET_HOURS} "
-        "hours" in head_search["output"]
-    )
-    # The trials running or pending when the budget ran out are told apart from ASHA's stops.
-    assert set(trials["status"]) <= {"finished", "stopped_early", "stopped_by_budget"}, trials[
-        "status"
-    ]
-    by_budget = trials[trials["status"] == "stopped_by_budget"]
-    assert len(by_budget) <= 2 and (by_budget["epochs_run"] < 4).all(), trials[
-        ["status", "epochs_run"]
-    ]
+    trials = s3.parquet("budget-searches/heads/trials.parquet")
+    assert len(trials) == HEAD_TRIALS and trials["trial_id"].is_unique
+    assert set(trials["status"]) <= {"finished", "stopped_early"}, trials["status"]
     # head_hidden is drawn for mlp heads only; a linear head's cell is empty
     mlp = trials["config.head"] == "mlp"
     assert trials.loc[mlp, "config.head_hidden"].isin([32, 64]).all()
     assert trials.loc[~mlp, "config.head_hidden"].isna().all() and (~mlp).any() and mlp.any()
 
-    # A narrower search of the same problem learns from the first one's trials before its own.
+    # A narrower search of the same problem learns from the first one's trials before its own, on
+    # a node with a GPU, with a GPU-hour budget that its first reported epoch spends.
     document = yaml.safe_load(space.read_text())
-    document["experiment"], document["search"] = (
-        "narrow",
-        {**document["search"], "num_samples": 2, "budget_hours": 0},
-    )
+    document["experiment"] = "narrow"
+    document["search"] = {**document["search"], "num_samples": 20, "budget_gpu_hours": GPU_BUDGET}
+    document["resources"] = {**document["resources"], "head_gpus": HEAD_GPUS}
     document["space"]["lr"] = {"loguniform": [3.0e-3, 3.0e-2]}
     narrow = tmp_path / "narrow.yaml"
     narrow.write_text(yaml.safe_dump(document))
+    started = time.monotonic()
     second = run_script(  # the earlier search named by its folder in the bucket
-        "tune.py", "--space", str(narrow), "--results", results, "--warm-start", f"{results}/budget"
+        "tune.py",
+        "--space",
+        str(narrow),
+        "--results",
+        results,
+        "--warm-start",
+        f"{results}/heads",
+        "--address",
+        gpu_node.address,
     )
+    ran_hours = (time.monotonic() - started) / 3600
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    scored = trials[
-        trials["epochs_run"] > 0
-    ]  # the budget may stop a trial before its first epoch ends
-    inside = scored[scored["config.lr"].between(3.0e-3, 3.0e-2)]
-    unscored = len(trials) - len(scored)
+
+    # The budget ended the search: no trial started after it, and the ones running or pending were
+    # stopped as stopped_by_budget, told apart from ASHA's stops and from finished trials.
+    search = s3.json("budget-searches/narrow/search.json")
+    stopped = s3.parquet("budget-searches/narrow/trials.parquet")
+    assert search["budget"] == {"gpu_hours": GPU_BUDGET, "hours": 0.0}
+    assert search["ended_by"] == "budget_gpu_hours", search
+    assert 1 <= len(stopped) <= 2, stopped  # max_concurrent: none started after the stop
+    assert (stopped["status"] == "stopped_by_budget").all(), stopped[["status", "epochs_run"]]
+    assert (stopped["epochs_run"] < 4).all() and (stopped["epochs_run"] >= 1).any(), stopped
+    # GPU-hours: each trial's reported time times the GPU share it held, summed in search.json.
+    assert np.allclose(stopped["gpu_hours"], stopped["wall_s"] * HEAD_GPUS / 3600)
+    spent = search["spent"]
+    assert spent["gpu_hours"] == pytest.approx(stopped["gpu_hours"].sum())
+    assert spent["gpu_hours"] >= GPU_BUDGET and 0 < spent["hours"] <= ran_hours
     assert (
-        f"warm start: {len(inside)} trial(s) of {results}/budget; "
-        f"{len(scored) - len(inside)} outside this space "
-        "skipped"
-        + (f"; {unscored} stopped before a result skipped" if unscored else "")
-        in second.stdout
-    )
+        f"the search ended on its budget (budget_gpu_hours): spent {spent['hours']:.3f} of - "
+        f"hours, {spent['gpu_hours']:.3f} of {GPU_BUDGET} GPU-hours"
+    ) in second.stdout.splitlines()
+
+    # The warm start: the first search's trials inside this space, given to the study before the
+    # first new trial.
+    scored = trials[trials["epochs_run"] > 0]
+    inside = scored[scored["config.lr"].between(3.0e-3, 3.0e-2)]
+    assert 0 < len(inside) < len(scored), trials["config.lr"]  # trials given and trials skipped
+    assert (
+        f"warm start: {len(inside)} trial(s) of {results}/heads; "
+        f"{len(scored) - len(inside)} outside this space skipped; "
+        f"{len(trials) - len(scored)} stopped before a result skipped"
+    ) in second.stdout.splitlines()
     journal = s3.download("budget-searches/narrow/study.journal", tmp_path / "study.journal")
     study = optuna.load_study(
         study_name="narrow",
@@ -188,19 +224,22 @@ def test_a_budget_ends_the_search_and_a_warm_start_hands_its_trials_on(head_sear
     )
     given = [t for t in study.trials if "warm_start" in t.user_attrs]
     assert sorted(t.user_attrs["warm_start"] for t in given) == sorted(
-        f"budget/{i}" for i in inside["trial_id"]
+        f"heads/{i}" for i in inside["trial_id"]
     )
     assert sorted(t.params["lr"] for t in given) == sorted(inside["config.lr"])
-    assert (
-        len(study.trials) == len(given) + 2
-        and len(s3.parquet("budget-searches/narrow/trials.parquet")) == 2
-    )
+    new = [t for t in study.trials if "warm_start" not in t.user_attrs]
+    assert max(t.number for t in given) < min(t.number for t in new)
+    assert len(new) == len(stopped)
 
 
 def test_fold_refits_predict_out_of_fold_and_greedy_selection_is_scored_honestly(head_search, s3):
+    import torch
+
+    from sketch_core.config import TrainConfig
     from sketch_core.data import read_test_table, read_train_table, split_indices
     from sketch_core.demo_data import known_answers
     from sketch_core.duplicates import duplicate_groups
+    from sketch_core.engine import TrainingRun
     from sketch_core.ensemble import log_loss
 
     results, folds = head_search["results"], 3
@@ -210,7 +249,7 @@ def test_fold_refits_predict_out_of_fold_and_greedy_selection_is_scored_honestly
         "--results",
         results,
         "--name",
-        "budget",
+        "heads",
         "--top-k",
         "3",
         "--folds",
@@ -219,9 +258,9 @@ def test_fold_refits_predict_out_of_fold_and_greedy_selection_is_scored_honestly
         "greedy",
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    fits = {key.split("/")[3] for key in s3.keys("budget-searches/budget/final/") if "/fit-" in key}
+    fits = {key.split("/")[3] for key in s3.keys("budget-searches/heads/final/") if "/fit-" in key}
     assert len(fits) == 1, fits
-    fitted = f"budget-searches/budget/final/{fits.pop()}"  # fit-<time>, in the bucket
+    fitted = f"budget-searches/heads/final/{fits.pop()}"  # fit-<time>, in the bucket
     fit = s3.json(f"{fitted}/fit.json")
     train = read_train_table(fit["data_dir"])
     members = ["top1", "top2", "top3"]
@@ -283,9 +322,25 @@ def test_fold_refits_predict_out_of_fold_and_greedy_selection_is_scored_honestly
         abs(estimate["accuracy"] - test_accuracy)
         <= 2 * (estimate["standard_error"] ** 2 + test_error**2) ** 0.5
     )
+    # By default each model predicts every test image and its horizontal flip, averaged: what its
+    # saved weights predict with test-time augmentation, not what they predict without it.
+    # (--no-tta: test_final_fit.py.)
+    assert fit["tta"] is True
+    test = read_test_table(fit["data_dir"])
+    model = fit["models"][0]
+    run = TrainingRun(TrainConfig.from_dict(model["config"]))
+    weights = torch.load(
+        io.BytesIO(s3.read(f"{fitted}/{model['model_id']}.pt")),
+        map_location="cpu",
+        weights_only=True,
+    )
+    run.eval_model.load_state_dict(weights["model"])
+    probs = np.load(io.BytesIO(s3.read(f"{fitted}/probs-{model['model_id']}.npy")))
+    np.testing.assert_allclose(probs, run.predict(test.paths, tta=True), atol=1e-5)
+    assert np.abs(probs - run.predict(test.paths, tta=False)).max() > 1e-3
     # The submission, in the bucket: a row per test image, scored against the demo's answers.
-    assert fit["submission"] == f"{results}/budget/final/submission.csv"
-    submission = pd.read_csv(io.BytesIO(s3.read("budget-searches/budget/final/submission.csv")))
+    assert fit["submission"] == f"{results}/heads/final/submission.csv"
+    submission = pd.read_csv(io.BytesIO(s3.read("budget-searches/heads/final/submission.csv")))
     assert (
         submission["image_path"].tolist()
         == read_test_table(fit["data_dir"]).frame["image_path"].tolist()
@@ -293,15 +348,15 @@ def test_fold_refits_predict_out_of_fold_and_greedy_selection_is_scored_honestly
     answers = known_answers(fit["data_dir"], submission["image_path"])
     assert (submission["target"] == answers).mean() == pytest.approx(test_accuracy)
     # report.py on the bucket experiment, as final_fit wrote it: the refit's table and diagram.
-    s3.fs.delete_dir("hpo/budget-searches/budget/report")
-    reported = run_script("report.py", "--results", results, "--name", "budget")
-    assert reported.stdout.strip() == f"report: {results}/budget/report", reported.stderr[-3000:]
-    report = s3.read("budget-searches/budget/report/summary.md").decode()
+    s3.fs.delete_dir("hpo/budget-searches/heads/report")
+    reported = run_script("report.py", "--results", results, "--name", "heads")
+    assert reported.stdout.strip() == f"report: {results}/heads/report", reported.stderr[-3000:]
+    report = s3.read("budget-searches/heads/report/summary.md").decode()
     assert (
         f"## Refit on 3 folds (final/{fitted.rsplit('/', 1)[1]})" in report
         and "![reliability](reliability.png)" in report
     )
-    assert len(s3.read("budget-searches/budget/report/reliability.png")) > 1000
+    assert len(s3.read("budget-searches/heads/report/reliability.png")) > 1000
     assert f"| **ensemble** (greedy) | {summary['ensemble']['accuracy']:.4g} |" in report
 
 
@@ -312,7 +367,7 @@ def test_greedy_selection_needs_folds(head_search, s3):
         "--results",
         head_search["results"],
         "--name",
-        "budget",
+        "heads",
         "--ensemble",
         "greedy",
     )

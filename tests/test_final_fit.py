@@ -176,6 +176,28 @@ def test_top_k_picks_the_best_distinct_configurations_each_on_every_fold(finishe
         (s.model_id, s.until_epoch, s.config["epochs"], s.config["val_fraction"]) for s in whole
     ] == [("top1", 7, 7, 0.0)]
 
+    # Two trials that drew the same searched values are one configuration: the lower-ranked is
+    # dropped and the next distinct configuration taken.
+    first, second, third = ranked["trial_id"].iloc[:3]
+    searched = [f"config.{name}" for name in search["searched"]]
+    twins = trials.set_index("trial_id")
+    twins.loc[second, searched] = twins.loc[first, searched]
+    twins = twins.reset_index()
+    assert twins.duplicated(subset=searched).sum() == 1  # the quickstart's five trials all differ
+    distinct = choose_models(
+        twins,
+        metric="val_acc",
+        mode="max",
+        searched=search["searched"],
+        base=search["base"],
+        top_k=2,
+        folds=0,
+        epochs=None,
+        data_dir="/data",
+    )
+    assert [(s.model_id, s.source_trial) for s in distinct] == [("top1", first), ("top2", third)]
+    assert distinct[1].until_epoch == by_trial.loc[third, "best_epoch"]  # the third's own
+
     tied = trials.assign(best_val_acc=0.5)  # on a tie the first trial wins, as in best.json
     first = choose_models(
         tied,
@@ -191,9 +213,32 @@ def test_top_k_picks_the_best_distinct_configurations_each_on_every_fold(finishe
     assert first.source_trial == tied.loc[tied["best_epoch"] > 0, "trial_id"].iloc[0]
 
 
-def test_a_chosen_trial_on_folds_soft_votes_and_never_overwrites(finished_search):
-    folder = finished_search["results"] / "demo"
+def own_copy(finished_search, folder: Path) -> Path:
+    """The quickstart's experiment (its tables, best.json, search.json, report and final/ with the
+    quickstart's submission; not Tune's folders) copied into ``folder``/results, for a test that
+    writes fits and submissions: the shared quickstart results stay as the search left them."""
+    shutil.copytree(
+        finished_search["results"] / finished_search["experiment"],
+        folder / "results" / finished_search["experiment"],
+        ignore=shutil.ignore_patterns("tune"),
+    )
+    return folder / "results"
+
+
+def test_a_chosen_trial_on_folds_soft_votes_and_never_overwrites(
+    finished_search, tmp_path, monkeypatch
+):
+    from sketch_core.config import TrainConfig
+    from sketch_core.data import read_test_table
+    from sketch_core.engine import TrainingRun, load_checkpoint
+
+    # A folder laid out as the clone's root, with the quickstart's results and data copied in.
+    work = tmp_path / "work"
+    own_copy(finished_search, work)
+    shutil.copytree(finished_search["data_dir"], work / "demo" / "sketches")
+    folder = work / "results" / "demo"
     first_submission = (folder / "final" / "submission.csv").read_bytes()
+    fits_before = read_fit_logs(folder)
     trials = pd.read_parquet(folder / "trials.parquet")
     # A head-only trial: its fold models train in a reused Tune process, in seconds.
     chosen = (
@@ -201,12 +246,11 @@ def test_a_chosen_trial_on_folds_soft_votes_and_never_overwrites(finished_search
         .sort_values("best_val_acc", ascending=False, kind="stable")["trial_id"]
         .iloc[0]
     )
-    # From the clone's root with every local path relative: the default --results, --data-dir and
+    # Every local path relative to where it runs: the default --results, --data-dir and
     # SKETCH_CACHE_DIR. The fold models train in a Tune trial process, whose working directory is
     # its trial's folder, where a relative path would miss.
     # --no-calibrate: the plain soft vote (calibration and greedy weights:
     # test_budget_and_warm_start.py)
-    clone = finished_search["clone"]
     result = run_script(
         "final_fit.py",
         "--trial",
@@ -221,17 +265,18 @@ def test_a_chosen_trial_on_folds_soft_votes_and_never_overwrites(finished_search
         "--no-calibrate",
         "--data-dir",
         "demo/sketches",
-        cwd=clone,
+        cwd=work,
         env={**os.environ, "SKETCH_CACHE_DIR": "cache"},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert list((clone / "cache").glob("features-*.pt")) and list(
-        (clone / "cache").glob("decoded-*.u8")
+    assert list((work / "cache").glob("features-*.pt")) and list(
+        (work / "cache").glob("decoded-*.u8")
     )
     assert (folder / "final" / "submission.csv").read_bytes() == first_submission
     assert (folder / "final" / "submission-2.csv").is_file()
-    log = json.loads(read_fit_logs(folder)[-1].read_text())
-    assert log["data_dir"] == str(clone / "demo" / "sketches")
+    (fit_json,) = set(read_fit_logs(folder)) - set(fits_before)
+    log, fit_folder = json.loads(fit_json.read_text()), fit_json.parent
+    assert log["data_dir"] == str(work / "demo" / "sketches")
     assert [m["model_id"] for m in log["models"]] == ["top1-fold0", "top1-fold1"]
     assert {m["source_trial"] for m in log["models"]} == {chosen} and {
         m["epochs"] for m in log["models"]
@@ -243,7 +288,6 @@ def test_a_chosen_trial_on_folds_soft_votes_and_never_overwrites(finished_search
     # argmax. Its accuracy may fall below a member's on 80 images, but by Jensen's inequality its
     # log-loss never exceeds the members' mean log-loss; a hard vote (one-hot) or a wrong mean
     # breaks this.
-    fit_folder = read_fit_logs(folder)[-1].parent
     assert log["ensemble"] == {
         "method": "mean",
         "weights": {"top1": 1.0},
@@ -268,6 +312,20 @@ def test_a_chosen_trial_on_folds_soft_votes_and_never_overwrites(finished_search
     assert log_loss(ensemble) <= log_loss(members).mean() + 1e-9
     assert set(log["test_accuracy"]) == {m["model_id"] for m in log["models"]} | {"ensemble"}
     assert "accuracy against test_answers.csv" in result.stdout
+
+    # --no-tta: each model predicted the test images as they are, without their horizontal flips:
+    # what its saved weights predict without test-time augmentation, not what they predict with it.
+    # (The default, with it: test_budget_and_warm_start.py.)
+    assert log["tta"] is False
+    monkeypatch.setenv("SKETCH_CACHE_DIR", str(work / "cache"))  # the refit's features
+    test = read_test_table(log["data_dir"])
+    for model, probs in zip(log["models"], members):
+        run = TrainingRun(TrainConfig.from_dict(model["config"]))
+        run.eval_model.load_state_dict(
+            load_checkpoint(fit_folder / f"{model['model_id']}.pt")["model"]
+        )
+        np.testing.assert_allclose(probs, run.predict(test.paths, tta=False), atol=1e-5)
+        assert np.abs(probs - run.predict(test.paths, tta=True)).max() > 1e-3
 
 
 def test_errors(finished_search, tmp_path, capsys):
@@ -374,29 +432,41 @@ def test_unfinished_refits_are_told_apart_from_ctrl_c():
 
 
 def test_ctrl_c_during_the_refit_writes_no_submission(finished_search, tmp_path):
-    folder = finished_search["results"] / "demo"
-    submissions = sorted(path.name for path in (folder / "final").glob("submission*.csv"))
+    """Ctrl-C while the refit's model trains: Ray Tune, which runs the refit as a trial, takes it
+    and stops the trial; final_fit.py says so and writes no submission and no fit.json."""
+    results = own_copy(finished_search, tmp_path)
+    folder = results / "demo"
+    submissions = {
+        path.name: path.read_bytes() for path in (folder / "final").glob("submission*.csv")
+    }
     fits, fit_folders = set(read_fit_logs(folder)), set(folder.glob("final/fit-*"))
+    trials = pd.read_parquet(folder / "trials.parquet")
+    # A head-only trial refitted for many epochs: its trial process starts in seconds, and the
+    # Ctrl-C, sent once its first epoch is on the console, lands long before its last (about 25 ms
+    # each) and its prediction.
+    chosen = trials.loc[trials["config.freeze"] == "head", "trial_id"].iloc[0]
     log = tmp_path / "final_fit.log"
     with (
         log.open("w") as output,
         started_script(
             "final_fit.py",
-            "--best",
+            "--trial",
+            chosen,
+            "--epochs",
+            "2000",
             "--results",
-            str(finished_search["results"]),
+            str(results),
             stdout=output,
             stderr=subprocess.STDOUT,
         ) as driver,
     ):
-
-        def refit_running():  # Ray Tune runs this fit's trial, so it is Tune that takes the Ctrl-C
-            return any(
-                list(path.glob("tune/run_trial_*"))
-                for path in set(folder.glob("final/fit-*")) - fit_folders
-            )
-
-        wait_for(refit_running, "the refit under Ray Tune", driver, interval=0.5, log=log)
+        wait_for(
+            lambda: "top1 epoch 1/2000: " in log.read_text(),
+            "the refit's first epoch",
+            driver,
+            interval=0.2,
+            log=log,
+        )
         driver.send_signal(signal.SIGINT)
         driver.wait(timeout=300)
     output = log.read_text()
@@ -407,7 +477,11 @@ def test_ctrl_c_during_the_refit_writes_no_submission(finished_search, tmp_path)
         driver.returncode == 130 and "interrupted; run final_fit.py again for a new fit" in output
     ), output[-3000:]
     assert "Traceback" not in own_output(output) and "error:" not in output, output[-3000:]
-    assert sorted(path.name for path in (folder / "final").glob("submission*.csv")) == submissions
-    assert (
-        set(read_fit_logs(folder)) == fits
-    )  # the interrupted fit has no fit.json to mistake for a good one
+    # It stopped the refit amid its epochs: the model never reached its last or the test set.
+    assert "top1 epoch 2000/2000" not in output and "predicted" not in output, output[-3000:]
+    assert {
+        path.name: path.read_bytes() for path in (folder / "final").glob("submission*.csv")
+    } == submissions
+    # The interrupted fit has its folder, and no fit.json to mistake for a good one.
+    assert len(set(folder.glob("final/fit-*")) - fit_folders) == 1
+    assert set(read_fit_logs(folder)) == fits

@@ -5,7 +5,6 @@ tests/test_cluster_e2e.py.)"""
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -25,14 +24,18 @@ def test_ended_trials_free_their_workers_while_the_search_goes_on(finished_searc
 
 
 PAYLOAD_SIZE = 20_000_000
+# Writes table.bin over and over, "a" then "b" then "a"..., and prints the fill after each write:
+# the next write starts at once, so a kill right after a line lands after a whole replacement and
+# most likely amid the next.
 WRITER = """
 import sys
 sys.path.insert(0, sys.argv[1])
 from ray_jobs.results import ResultsStore
 store = ResultsStore(sys.argv[2], "exp")
 while True:
-    for fill in (b"a", b"b"):
-        store.write_bytes("table.bin", fill * int(sys.argv[3]))
+    for fill in ("a", "b"):
+        store.write_bytes("table.bin", fill.encode() * int(sys.argv[3]))
+        print(fill, flush=True)
 """
 
 
@@ -40,18 +43,25 @@ def test_a_killed_writer_leaves_a_whole_version(tmp_path):
     from ray_jobs.results import ResultsStore
 
     store = ResultsStore(str(tmp_path), "exp")
-    store.write_bytes("table.bin", b"a" * PAYLOAD_SIZE)
-    for delay in (0.7, 1.3, 2.1):
+    store.write_bytes("table.bin", b"x" * PAYLOAD_SIZE)
+    for writes in (1, 2, 3):  # the kill after the first, second, third whole write
         writer = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(REPO_ROOT), str(tmp_path), str(PAYLOAD_SIZE)]
+            [sys.executable, "-c", WRITER, str(REPO_ROOT), str(tmp_path), str(PAYLOAD_SIZE)],
+            stdout=subprocess.PIPE,
+            text=True,
         )
-        time.sleep(delay)
+        written = [writer.stdout.readline().strip() for _ in range(writes)]
         writer.send_signal(signal.SIGKILL)
         writer.wait()
+        writer.stdout.close()
+        assert written == ["a", "b", "a"][:writes], written
         content = store.read_bytes("table.bin")
+        # The last whole write, or the one after it if that ended before the kill: never the
+        # earlier file, nor a mix.
         assert content in (b"a" * PAYLOAD_SIZE, b"b" * PAYLOAD_SIZE), (
-            "a half-written file replaced the last one"
+            "a half-written file replaced the last one, or the writes never replaced it"
         )
+        store.write_bytes("table.bin", b"x" * PAYLOAD_SIZE)
 
 
 def test_checkpoints_load_weights_only(tmp_path):

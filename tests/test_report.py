@@ -372,7 +372,9 @@ def test_axes_and_distributions_follow_what_the_search_drew_from():
     )
 
 
-def test_cli_writes_the_report_and_says_where(tmp_path):
+def test_cli_writes_the_report_and_says_where(tmp_path, capsys):
+    from ray_jobs import report
+
     local_search(tmp_path, SMOKE2, name="smoke2")
     results = str(tmp_path / "results")
     completed = run_script("report.py", "--results", results, "--name", "smoke2", timeout=300)
@@ -381,10 +383,13 @@ def test_cli_writes_the_report_and_says_where(tmp_path):
     assert completed.stdout.strip() == f"report: {folder}"
     assert (folder / "summary.md").is_file() and (folder / "learning_curves.png").is_file()
 
-    missing = run_script("report.py", "--results", results, "--name", "nope", timeout=300)
-    assert missing.returncode == 2
-    assert missing.stderr.startswith("error: ") and len(missing.stderr.strip().splitlines()) == 1
-    assert "nope" in missing.stderr and "no search.json" in missing.stderr
+    # A missing experiment: the command's own error path, run in this process (no second start-up
+    # of the command for an error line).
+    assert report.main(["--results", results, "--name", "nope"]) == 2
+    missing = capsys.readouterr().err
+    assert missing.startswith("error: ") and len(missing.strip().splitlines()) == 1
+    assert "nope" in missing and "no search.json" in missing
+    assert not (tmp_path / "results" / "nope").exists()
 
 
 def test_search_writes_a_report_naming_the_best_trial(finished_search):

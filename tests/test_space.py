@@ -211,23 +211,22 @@ def test_grid_searcher_turns_choices_into_a_grid(tmp_path):
 
 @pytest.mark.parametrize("searcher", ["optuna", "random", "grid"])
 def test_every_searcher_keeps_max_concurrent(searcher, tmp_path):
+    """The search's Tuner runs search.max_concurrent trials at once (or --max-concurrent's), with
+    each searcher: Tune applies max_concurrent_trials to a Searcher only, which each of them is.
+    (The quickstart's search is checked to run one trial at a time in test_tune_e2e.)"""
     from ray.tune.search import Searcher
 
-    from ray_jobs.tuning import _searcher
+    from ray_jobs.tuning import search_config
 
     document = changed("search.max_concurrent", 3)
     document["search"]["searcher"] = searcher
     document["space"] = {"head": {"choice": ["linear", "mlp"]}}  # a grid takes choices only
     space = parse_space(document, source="x.yaml")
-    made, _ = _searcher(space, study=scratch_study(tmp_path))
-    # Every searcher is a Searcher, which Tune wraps in a ConcurrencyLimiter of
-    # max_concurrent_trials (the quickstart's search is checked to run one trial at a time in
-    # test_tune_e2e).
-    assert isinstance(made, Searcher)
-    if searcher == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        assert isinstance(made, OptunaSearch)
+    for settings, expected in ((space, 3), (space.with_overrides(max_concurrent=5), 5)):
+        config = search_config(settings, study=scratch_study(tmp_path))
+        assert config.max_concurrent_trials == settings.search.max_concurrent == expected
+        assert isinstance(config.search_alg, Searcher), config.search_alg
+        assert config.num_samples == (8 if searcher == "grid" else 4)  # the grid of 2, 4 times
 
 
 def test_files_that_are_not_spaces(tmp_path):

@@ -7,6 +7,8 @@ import sys
 import pandas as pd
 from conftest import QUICK_TRAINING, REPO_ROOT
 
+from sketch_core import train
+
 
 def run_cli(*args, cwd=REPO_ROOT):
     return subprocess.run(
@@ -25,12 +27,16 @@ def quick_options(demo_dir):
     return options
 
 
-def test_trains_resumes_and_predicts(demo_dir, tmp_path):
+def test_trains_resumes_and_predicts(demo_dir, tmp_path, capsys):
     out = tmp_path / "run"
     first = run_cli(*quick_options(demo_dir), "--epochs", "2", "--out", str(out))
     assert first.returncode == 0, first.stderr
-    again = run_cli(*quick_options(demo_dir), "--epochs", "2", "--out", str(out))
-    assert again.returncode == 2 and "pass --resume" in again.stderr
+    # The same --out again, without --resume: refused before training (in this process: the
+    # command's own main, without a second start-up).
+    assert train.main([*quick_options(demo_dir), "--epochs", "2", "--out", str(out)]) == 2
+    again = capsys.readouterr().err
+    assert again.startswith("error: ") and "pass --resume" in again
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     resumed = run_cli(
         *quick_options(demo_dir), "--epochs", "3", "--out", str(out), "--resume", "--predict"
     )
@@ -54,11 +60,14 @@ def test_trains_resumes_and_predicts(demo_dir, tmp_path):
         assert torch.equal(tensor, trained[f"backbone.{name}"]), name
 
 
-def test_bad_option_is_one_line_without_traceback(demo_dir, tmp_path):
+def test_bad_option_is_one_line_without_traceback(demo_dir, tmp_path, capsys):
     result = run_cli("--data-dir", str(demo_dir), "--lr", "-1", "--out", str(tmp_path / "x"))
     assert result.returncode == 2
     assert result.stderr.strip() == "error: command line: lr: expected a value > 0.0, got -1.0"
     assert not (tmp_path / "x").exists()
-    missing = run_cli("--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y"))
-    assert missing.returncode == 2 and "Traceback" not in missing.stderr
-    assert "data directory not found" in missing.stderr
+    # The same error path for a missing data folder, in this process (an exception escaping main
+    # would fail here as a traceback would there).
+    assert train.main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y")]) == 2
+    missing = capsys.readouterr().err.strip().splitlines()
+    assert len(missing) == 1 and missing[0].startswith("error: "), missing
+    assert "data directory not found" in missing[0] and not (tmp_path / "y").exists()

@@ -11,7 +11,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import QUICK_TRAINING, run_script, started_script, watch_worker_release, write_space
+from conftest import (
+    QUICK_TRAINING,
+    run_script,
+    started_script,
+    wait_for,
+    watch_worker_release,
+    write_space,
+)
 
 pytestmark = pytest.mark.e2e  # real commands on local Ray: the fast tier is pytest -m "not e2e"
 
@@ -120,6 +127,21 @@ def kill_a_head_trial_mid_run(tune_dir: Path, driver) -> dict:
     frozen = freeze_a_head_trial_mid_run(tune_dir, driver, from_epoch=2)
     os.kill(int(frozen["pids"]), signal.SIGKILL)
     return frozen
+
+
+def saved_state_uploaded(ray_tmpdir: str, tune_dir: Path) -> bool:
+    """Whether the last state Tune saved of the search is in its results folder whole: Tune writes
+    each save (its state files, each trial's result.json, ...) into a staging folder of the driver's
+    Ray session, then uploads that folder file by file in the background. Until every file there is
+    in ``tune_dir`` with the same bytes, an upload is under way (or about to start)."""
+    staging = list(Path(ray_tmpdir).glob("ray/session_*/artifacts/*/tune/driver_artifacts"))
+    assert len(staging) <= 1, staging  # one search, one session
+    files = [path for path in staging[0].rglob("*") if path.is_file()] if staging else []
+    return bool(files) and all(
+        (tune_dir / path.relative_to(staging[0])).is_file()
+        and (tune_dir / path.relative_to(staging[0])).read_bytes() == path.read_bytes()
+        for path in files
+    )
 
 
 def actor_pids(address: str) -> dict[str, set[int]]:
@@ -287,7 +309,13 @@ def test_a_head_only_search_killed_mid_trial_resumes_from_its_checkpoints(tmp_pa
     ) as driver:
         # From epoch 2: Tune's saved state has caught up with at least one of its checkpoints.
         frozen = freeze_a_head_trial_mid_run(results / "heads" / "tune", driver, from_epoch=2)
-        time.sleep(2)
+        wait_for(
+            lambda: saved_state_uploaded(driver.ray_tmpdir, results / "heads" / "tune"),
+            "the upload of Tune's last saved state",
+            driver,
+            timeout=120,
+            interval=0.1,
+        )
         driver.send_signal(
             signal.SIGKILL
         )  # kill -9, a lost SSH session, while the trial is mid-run
@@ -312,8 +340,8 @@ def test_a_head_only_search_killed_mid_trial_resumes_from_its_checkpoints(tmp_pa
     kept = before.merge(epochs, on=["trial_id", "epoch"], how="left", suffixes=("", "_after"))
     assert kept["val_acc_after"].notna().all(), "rows written before the kill were lost"
     attempts = epochs[epochs["trial_id"] == frozen["trial_id"]].sort_values("epoch")
-    # (An epoch reported in the last 2 s before the kill may be missing: the tables had not been
-    # written yet, and the trial goes on after the checkpoint of that epoch.)
+    # (An epoch reported less than 2 s after the tables were last written may be missing from them:
+    # they are written at most every 2 s, and the trial goes on after the checkpoint of that epoch.)
     assert attempts["epoch"].is_unique and attempts["epoch"].max() == MAX_EPOCHS, attempts
     after = attempts[attempts["epoch"] > frozen["epoch"]]
     assert len(after) and (after["started_at_epoch"] > 0).all(), (
