@@ -267,9 +267,21 @@ class SearchRuns(Tracking):
                 f"warning: MLflow logging failed ({' '.join(str(exc).split())[:200]})", flush=True
             )
 
+    def _drop_lost_trials(self, known: set[str]) -> None:
+        """Once per process, at its first tables (which hold every trial Tune restored): the runs
+        of trials Tune lost go to MLflow's trash. A driver killed before Tune saved its state
+        loses the trials it had just drawn, and draws others on --resume."""
+        if getattr(self, "_lost_dropped", False):  # not pickled: set again after a restore
+            return
+        for trial_id in [trial_id for trial_id in self._children if trial_id not in known]:
+            self.client.delete_run(self._children.pop(trial_id))
+            self._logged.pop(trial_id, None)
+        self._lost_dropped = True
+
     def _log_tables(self, trials: pd.DataFrame, epochs: pd.DataFrame) -> None:
         from mlflow.entities import Metric, RunTag
 
+        self._drop_lost_trials(set(trials["trial_id"]))
         by_trial = dict(tuple(epochs.groupby("trial_id")))
         for trial in trials.to_dict("records"):
             trial_id = trial["trial_id"]

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import mlflow
 import pytest
 from conftest import mlflow_runs
+from mlflow.entities import ViewType
 
 from ray_jobs.results import ExperimentTables, ResultsRecorder, ResultsStore
 from ray_jobs.space import parse_space
@@ -80,6 +81,10 @@ def test_a_search_is_a_parent_run_with_a_run_per_trial_and_a_resume_adds_to_them
     ]
     trials[0].config["head_hidden"] = 64
     trials[1].config["lr"] = 0.05
+    # Drawn just before the kill, so missing from the state Tune saved: gone after --resume.
+    lost = SimpleNamespace(
+        trial_id="lost", status="PENDING", config={**space.base, "head": "linear"}
+    )
 
     def report(callback, trial, epoch):
         result = {"epoch": epoch, "val_acc": 0.1 * epoch + len(trial.trial_id) / 100}
@@ -92,6 +97,7 @@ def test_a_search_is_a_parent_run_with_a_run_per_trial_and_a_resume_adds_to_them
     for epoch in (1, 2):
         report(first, trials[0], epoch)
         report(first, trials[1], epoch)
+    first.write([*trials, lost])
     first.on_trial_complete(0, trials, trials[0])  # its last result came with epoch 2... (ASHA)
     trials[0].status = "TERMINATED"
     # kill -9 here; --resume restores the recorder pickled above and re-reports linear's epoch 2
@@ -106,6 +112,10 @@ def test_a_search_is_a_parent_run_with_a_run_per_trial_and_a_resume_adds_to_them
 
     runs = mlflow_runs(uri, "tracked")
     assert len(runs) == 3, runs[["tags.mlflow.runName", "tags.sketch.kind"]]
+    trashed = mlflow.MlflowClient(uri).search_runs(
+        [runs["experiment_id"].iloc[0]], run_view_type=ViewType.DELETED_ONLY
+    )
+    assert [run.data.tags["sketch.trial_id"] for run in trashed] == ["lost"]
     parent = runs[runs["tags.sketch.kind"] == "search"].iloc[0]
     children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]].set_index(
         "tags.sketch.trial_id"
