@@ -68,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     except SketchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # last.pt holds the last finished epoch
+        print(
+            f"interrupted; continue with the same options and --resume (--out {args.out})",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 

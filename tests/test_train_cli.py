@@ -1,11 +1,12 @@
 """``python -m sketch_core.train`` as a user runs it."""
 
 import json
+import signal
 import subprocess
 import sys
 
 import pandas as pd
-from conftest import QUICK_TRAINING, REPO_ROOT
+from conftest import QUICK_TRAINING, REPO_ROOT, wait_for
 
 from sketch_core import train
 
@@ -71,3 +72,32 @@ def test_bad_option_is_one_line_without_traceback(demo_dir, tmp_path, capsys):
     missing = capsys.readouterr().err.strip().splitlines()
     assert len(missing) == 1 and missing[0].startswith("error: "), missing
     assert "data directory not found" in missing[0] and not (tmp_path / "y").exists()
+
+
+def test_ctrl_c_is_one_line_and_the_run_resumes_from_its_last_epoch(demo_dir, tmp_path):
+    out = tmp_path / "run"
+    log = tmp_path / "train.log"
+    with log.open("w") as stdout:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sketch_core.train", *quick_options(demo_dir)]
+            + ["--epochs", "500", "--out", str(out)],
+            cwd=REPO_ROOT,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            metrics = out / "metrics.jsonl"
+            wait_for(lambda: metrics.exists() and metrics.read_text(), "an epoch", process, log=log)
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=120)
+        finally:
+            process.kill()
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines() == [
+        f"interrupted; continue with the same options and --resume (--out {out})"
+    ], stderr
+    # The last finished epoch's checkpoint is whole: --resume goes on from it (test above).
+    from sketch_core.engine import load_checkpoint
+
+    assert 1 <= load_checkpoint(out / "last.pt")["epoch"] < 500
