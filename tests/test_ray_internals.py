@@ -22,7 +22,9 @@ def test_ray_reuses_processes_for_equal_requests_and_saves_state_under_known_nam
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         assert local_ray_instances() == [ray.get_runtime_context().gcs_address]
-        own = [{"own": True}, {"own": True}, {"own": False}, {"own": False}]
+        # Tune keeps one finished process when no pending trial asks for its request (the next
+        # trial is drawn only once one ends: max_concurrent_trials): equal requests come first.
+        own = [{"own": False}, {"own": False}, {"own": True}, {"own": True}]
         trainable = tune.with_resources(
             report_pid,
             lambda config: (
@@ -46,11 +48,11 @@ def test_ray_reuses_processes_for_equal_requests_and_saves_state_under_known_nam
         ]
     finally:
         ray.shutdown()
-    # Trials run in the order drawn: two with requests of their own, then two with equal requests.
-    assert pids[2] == pids[3], (
+    # Trials run in the order drawn: two with equal requests, then two with requests of their own.
+    assert pids[0] == pids[1], (
         "Tune no longer reuses a process for a trial with an equal resource request"
     )
-    assert len({pids[0], pids[1], pids[2]}) == 3, (
+    assert len({pids[1], pids[2], pids[3]}) == 3, (
         "a trial with a request of its own was given another's process"
     )
 
