@@ -47,6 +47,7 @@ from searches import (
     spread,
     spread_text,
     test_accuracy,
+    test_answers,
     timed_search,
     transfer_problem,
 )
@@ -229,12 +230,7 @@ def train_default(setup: dict, out: Path, *, epochs: int, seed: int) -> tuple[np
 
 def default_arm(setup: dict, folder: Path, *, seed: int, budget_s: float, split_seeds: int) -> dict:
     """(b): the default trained for ``budget_s`` seconds, as one run and as ``split_seeds`` runs."""
-    from sketch_core.data import read_test_table
-    from sketch_core.demo_data import known_answers
-
-    truth = known_answers(
-        str(setup["data_dir"]), read_test_table(setup["data_dir"]).frame["image_path"]
-    )
+    truth = test_answers(setup["data_dir"])
     # Start-up and seconds per epoch of the default on this machine, now.
     one = train_default(setup, folder / f"calibrate-1-{seed}", epochs=1, seed=seed)[1]
     three = train_default(setup, folder / f"calibrate-3-{seed}", epochs=3, seed=seed)[1]
@@ -310,8 +306,8 @@ def main(argv=None) -> int:
             runs[seed] = {"search": searched, "default": default}
             print(f"seed {seed}: {json.dumps(runs[seed])}", flush=True)
 
-    def summary(values):
-        return spread_text(spread(values), "{:.4f}")
+    def summary(values, fmt="{:.4f}"):
+        return spread_text(spread(values), fmt)
 
     rows = []
     for final in args.final:
@@ -319,7 +315,7 @@ def main(argv=None) -> int:
             (
                 f"(a) tune.py + final_fit.py {' '.join(FINALS[final])}",
                 summary([r["search"][final]["test_acc"] for r in runs.values()]),
-                summary([r["search"][final]["wall_s"] for r in runs.values()]),
+                summary([r["search"][final]["wall_s"] for r in runs.values()], "{:.0f}"),
             )
         )
     for kind, label in (("one_run", "one run"), ("seeds", f"{args.split_seeds} seeds averaged")):
@@ -327,7 +323,7 @@ def main(argv=None) -> int:
             (
                 f"(b) the default, {label}, as long",
                 summary([r["default"][kind]["test_acc"] for r in runs.values()]),
-                summary([r["default"][kind]["wall_s"] for r in runs.values()]),
+                summary([r["default"][kind]["wall_s"] for r in runs.values()], "{:.0f}"),
             )
         )
     gaps = [

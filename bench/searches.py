@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -216,6 +217,14 @@ def transfer_problem(
             )
         )
     return data / "downstream", run / "backbone.safetensors", json.loads(record.read_text())
+
+
+def test_answers(data_dir) -> np.ndarray:
+    """The targets of test.csv's images, in its order, from the data's test_answers.csv."""
+    from sketch_core.data import read_test_table
+    from sketch_core.demo_data import known_answers
+
+    return known_answers(str(data_dir), read_test_table(data_dir).frame["image_path"])
 
 
 def test_accuracy(submission_csv: Path, data_dir: Path) -> float:
