@@ -59,8 +59,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     store = ResultsStore(str(args.results.resolve()), args.name)
     states = trial_states(store)
-    first = next(iter(states.values()))
-    run = TrainingRun(TrainConfig.from_dict(first["config"]))
+    # Each trial model as it was at its best epoch (a head-only one is its head on the backbone).
+    runs = {
+        trial: TrainingRun(TrainConfig.from_dict(state["config"]), state=state)
+        for trial, state in states.items()
+    }
+    # A model of the best trial's configuration that each candidate soup is loaded into.
+    run = TrainingRun(TrainConfig.from_dict(next(iter(states.values()))["config"]))
     rows = run.split[1]
     targets = run.table.targets[rows]
     val_paths = [run.table.paths[i] for i in rows]
@@ -70,8 +75,11 @@ def main(argv=None) -> int:
         run.eval_model.load_state_dict(weights)
         return run.predict(paths, tta=args.tta)
 
+    val = {trial: model.predict(val_paths, tta=args.tta) for trial, model in runs.items()}
+    # The soup's candidates: the trials whose weights share the best one's keys and shapes.
     weights = {trial: evaluated_weights(state) for trial, state in states.items()}
-    val = {trial: predict(w, val_paths) for trial, w in weights.items()}
+    best_weights = next(iter(weights.values()))
+    weights = {t: w for t, w in weights.items() if compatible([best_weights, w])}
     # The product's own choice of ensemble (final_fit.py --from-trials' defaults) and its estimate.
     choose = dict(method="greedy", calibrate=True, metric="log_loss")
     half = ens.halves(targets, int(run.config.seed))
@@ -80,7 +88,7 @@ def main(argv=None) -> int:
     def soup_of(pick: np.ndarray) -> tuple[dict, list[str]]:
         """The greedy soup of the models that share the best one's architecture, by the
         accuracy of the validation images ``pick``."""
-        same = [t for t in weights if compatible([next(iter(weights.values())), weights[t]])]
+        same = list(weights)
 
         def score(soup):
             return ens.scores(predict(soup, val_paths)[pick], targets[pick])["accuracy"]
@@ -104,7 +112,7 @@ def main(argv=None) -> int:
     best = ens.fit_ensemble(val, targets, **{**choose, "method": "best"})
     combined = ens.fit_ensemble(val, targets, **choose)
     soup, ingredients = soup_of(np.ones(len(targets), bool))
-    test_probs = {t: predict(weights[t], test.paths) for t in weights}
+    test_probs = {t: model.predict(test.paths, tta=args.tta) for t, model in runs.items()}
     answers = test_answers(run.config.data_dir)
     tested = {
         name: ens.scores(probs, answers)["accuracy"]
@@ -114,14 +122,18 @@ def main(argv=None) -> int:
             ("soup", predict(soup, test.paths)),
         )
     }
-    print(f"{len(weights)} trial models of {store.uri()}, {len(targets)} validation images")
+    print(
+        f"{len(runs)} trial models of {store.uri()} ({len(weights)} share the best one's "
+        f"architecture), {len(targets)} validation images"
+    )
     for name in ("single", "ensemble", "soup"):
         print(f"  {name:8s} held-out half {held_out[name]:.4f}   test {tested[name]:.4f}")
-    print(f"  the soup holds {len(ingredients)} of {len(weights)} models: {', '.join(ingredients)}")
+    print(f"  the soup holds {len(ingredients)} of {len(weights)}: {', '.join(ingredients)}")
     print(
         json.dumps(
             {
-                "models": len(weights),
+                "models": len(runs),
+                "soup_candidates": len(weights),
                 "validation_images": len(targets),
                 "held_out_half": held_out,
                 "test": tested,
