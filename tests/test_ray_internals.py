@@ -43,16 +43,15 @@ def test_ray_reuses_processes_for_equal_requests_and_saves_state_under_known_nam
             ),
             run_config=tune.RunConfig(name="exp", storage_path=str(tmp_path), verbose=0),
         ).fit()
-        pids = [
-            result.metrics["pid"] for result in sorted(results, key=lambda r: r.metrics["trial_id"])
-        ]
+        equal = [result.metrics["pid"] for result in results if not result.config["own"]]
+        mine = [result.metrics["pid"] for result in results if result.config["own"]]
     finally:
         ray.shutdown()
-    # Trials run in the order drawn: two with equal requests, then two with requests of their own.
-    assert pids[0] == pids[1], (
+    # The trials ran one at a time in the order drawn (trial ids are random: not that order).
+    assert len(set(equal)) == 1, (
         "Tune no longer reuses a process for a trial with an equal resource request"
     )
-    assert len({pids[1], pids[2], pids[3]}) == 3, (
+    assert len({*equal, *mine}) == 3, (
         "a trial with a request of its own was given another's process"
     )
 

@@ -134,7 +134,8 @@ def saved_state_uploaded(ray_tmpdir: str, tune_dir: Path) -> bool:
     each save (its state files, each trial's result.json, ...) into a staging folder of the driver's
     Ray session, then uploads that folder file by file in the background. Until every file there is
     in ``tune_dir`` with the same bytes, an upload is under way (or about to start)."""
-    staging = list(Path(ray_tmpdir).glob("ray/session_*/artifacts/*/tune/driver_artifacts"))
+    found = Path(ray_tmpdir).glob("ray/session_*/artifacts/*/tune/driver_artifacts")
+    staging = sorted({path.resolve() for path in found})  # session_latest links to the session
     assert len(staging) <= 1, staging  # one search, one session
     files = [path for path in staging[0].rglob("*") if path.is_file()] if staging else []
     return bool(files) and all(
