@@ -297,6 +297,16 @@ def ranked(trials: pd.DataFrame, *, metric: str, mode: str) -> pd.DataFrame:
     return scored.iloc[best_first(scored[column].tolist(), mode)]
 
 
+def best_epochs(epochs: pd.DataFrame, *, metric: str, mode: str) -> pd.DataFrame:
+    """Each trial's row of epochs.parquet at its best ``metric``; of equal ones, the latest. Ray's
+    CheckpointConfig(num_to_keep) ranks a later checkpoint above an equal earlier one and deletes
+    the earlier first, so only the latest of tied epochs is sure to have kept its checkpoint
+    (ARCHITECTURE.md, "Facts about Ray")."""
+    scored = epochs.dropna(subset=[metric]).sort_values(["trial_id", "epoch"])
+    best = scored.groupby("trial_id")[metric].transform("max" if mode == "max" else "min")
+    return scored[scored[metric] == best].groupby("trial_id").tail(1)
+
+
 def best_checkpoints(trials: pd.DataFrame, epochs: pd.DataFrame) -> dict[str, str]:
     """Each trial's checkpoint at its best epoch, where one was kept (the best ``keep_checkpoints``
     of a trial are)."""
@@ -406,11 +416,7 @@ class ExperimentTables:
                 sorted({node for value in column.dropna() for node in str(value).split(",")})
             )
         )
-        scored = epochs.dropna(subset=[self.metric])
-        best_rows = scored.groupby("trial_id")[self.metric]
-        best_rows = scored.loc[
-            best_rows.idxmax() if self.mode == "max" else best_rows.idxmin()
-        ].set_index("trial_id")
+        best_rows = best_epochs(epochs, metric=self.metric, mode=self.mode).set_index("trial_id")
         records = []
         for trial in trials:
             trial_id, run = trial.trial_id, int(epochs_run.get(trial.trial_id, 0))

@@ -1,6 +1,7 @@
 """The behaviour of Ray beyond its public API that ray_jobs/ray_internals.py relies on: each test
 fails when a Ray upgrade changes it (ARCHITECTURE.md, "Facts about Ray 2.60 the code relies on")."""
 
+import glob
 import os
 
 import pytest
@@ -58,3 +59,75 @@ def test_ray_reuses_processes_for_equal_requests_and_saves_state_under_known_nam
     folder = tmp_path / "exp"
     names = os.listdir(folder)
     assert unreadable_saved_state(names, lambda name: (folder / name).read_bytes()) is None, names
+
+
+def test_ray_keeps_the_latest_of_equally_scored_checkpoints(tmp_path):
+    """results.best_epochs takes the latest of tied epochs because Ray's num_to_keep deletes the
+    earlier of equal checkpoints first: in a TorchTrainer trial and in a trial's own process."""
+    import pandas as pd
+    import ray
+    from ray import tune
+
+    from ray_jobs.results import best_epochs
+    from ray_jobs.space import Resources
+    from ray_jobs.trial import make_trainable
+    from ray_jobs.tuning import retries_and_checkpoints
+
+    val_accs = [0.5, 0.7, 0.6, 0.7, 0.65]
+
+    def loop(config, session):  # defined here: Ray's workers cannot import the tests' modules
+        import tempfile
+
+        for epoch, val_acc in enumerate(val_accs, start=1):
+            metrics = {"epoch": epoch, "val_acc": val_acc}
+            if session.world_rank() != 0:
+                session.report(metrics)
+                continue
+            with tempfile.TemporaryDirectory() as folder:
+                open(os.path.join(folder, "epoch"), "w").write(str(epoch))
+                session.report(metrics, checkpoint_folder=folder)
+
+    assert local_ray_instances() == [], "another Ray instance runs on this machine"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        trainable = make_trainable(
+            loop,
+            resources=Resources(workers=1, cpus_per_worker=0.5, head_cpus=0.5),
+            keep_checkpoints=1,
+            metric="val_acc",
+            mode="max",
+            train_config=lambda config: {"model": "test_resnet"},
+            predicts_only=lambda config: config["in_process"],
+        )
+        results = tune.Tuner(
+            trainable,
+            param_space={"in_process": tune.grid_search([False, True])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=1),
+            run_config=tune.RunConfig(
+                name="exp",
+                storage_path=str(tmp_path),
+                verbose=0,
+                **retries_and_checkpoints(
+                    max_failures=0, keep_checkpoints=1, metric="val_acc", mode="max"
+                ),
+            ),
+        ).fit()
+    finally:
+        ray.shutdown()
+    for result in results:
+        assert result.error is None, result.error
+        if result.config["in_process"]:  # Tune's own checkpoints, in the trial's folder
+            folders = glob.glob(os.path.join(result.path, "checkpoint_*"))
+        else:  # Train V2's: their paths come in the forwarded metrics (ARCHITECTURE.md)
+            folders = result.metrics_dataframe["checkpoint_path"].tolist()
+        kept = {
+            int(open(os.path.join(folder, "epoch")).read())
+            for folder in folders
+            if os.path.exists(os.path.join(folder, "epoch"))
+        }
+        assert 4 in kept and 2 not in kept, (
+            f"Ray kept the checkpoints of epochs {sorted(kept)} of {val_accs} (num_to_keep 1): "
+            "results.best_epochs must pick the one it keeps of tied epochs"
+        )
+    epochs = pd.DataFrame({"trial_id": "t", "epoch": [1, 2, 3, 4, 5], "val_acc": val_accs})
+    assert best_epochs(epochs, metric="val_acc", mode="max")["epoch"].tolist() == [4]

@@ -217,6 +217,17 @@ def test_report_of_a_search_has_every_plot_and_names_the_best_trial(
     assert "GPU-hours: 0 (a CPU-only search" in summary
 
 
+def test_of_tied_epochs_the_latest_is_the_best_as_ray_keeps_its_checkpoint(tmp_path):
+    # Ray's num_to_keep deletes the earlier of equal checkpoints first (test_ray_internals.py).
+    store = local_search(
+        tmp_path, [Trial("t0000001", "TERMINATED", [0.5, 0.7, 0.6, 0.7, 0.65], {"lr": 0.01})]
+    )
+    trials = store.read_parquet("trials.parquet")
+    assert trials.loc[0, "best_epoch"] == 4
+    best = store.read_json("best.json")
+    assert (best["epoch"], best["checkpoint"]) == (4, "/ckpt/t0000001/4")
+
+
 def test_cost_counts_the_epochs_asha_saved(tmp_path):
     store = local_search(tmp_path, SMOKE2, gpus_per_trial=2.0)
     write_report(store)
