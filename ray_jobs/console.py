@@ -48,8 +48,9 @@ class ConsoleReporter(Callback):
         self.history.setdefault(trial.trial_id, {})[int(result["epoch"])] = result
         self._images = int(result.get("val_images") or self._images)
         value = result.get(self.metric)
+        # Of equal values the latest epoch, as in the tables (results.best_epochs).
         if value is not None and (
-            trial.trial_id not in self.best or self._better(value, self.best[trial.trial_id][0])
+            trial.trial_id not in self.best or not self._better(self.best[trial.trial_id][0], value)
         ):
             self.best[trial.trial_id] = (float(value), int(result["epoch"]))
         if self._tty():

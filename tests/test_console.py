@@ -135,3 +135,15 @@ def test_an_early_stop_within_one_standard_error_of_the_best_is_called_noise(rep
     assert lines.index(noise[0]) == 1 + lines.index(
         next(line for line in lines if line.startswith("trial close stopped"))
     )
+
+
+def test_of_tied_epochs_the_ended_line_names_the_latest_as_the_tables_do(reporter, monkeypatch):
+    # results.best_epochs: Ray keeps the checkpoint of the latest of equal epochs.
+    screen = Screen(tty=False)
+    monkeypatch.setattr("sys.stdout", screen)
+    a = trial("a")
+    for epoch, acc in ((1, 0.5), (2, 0.7), (3, 0.6), (4, 0.7)):
+        reporter.on_trial_result(0, [a], a, {"epoch": epoch, "val_acc": acc})
+    reporter.on_trial_complete(0, [a], a)
+    ended = "trial a finished after 4 epoch(s): best val_acc 0.7000 at epoch 4; "
+    assert ended in screen.getvalue()
