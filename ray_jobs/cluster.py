@@ -72,6 +72,15 @@ def _in_ray_job() -> bool:
     return bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID"))
 
 
+def trials_at_once(needs: dict[str, float]) -> int:
+    """How many trials that each hold ``needs`` the cluster's resources hold at once now (at
+    least 1: an autoscaling cluster may grow)."""
+    total = ray.cluster_resources()
+    return max(
+        1, min(int(total.get(key, 0.0) // amount) for key, amount in needs.items() if amount > 0)
+    )
+
+
 def check_trial_fits(resources: Resources, source: str) -> None:
     """Refuse a trial (of any of the searched models) that no node set this cluster has, or may
     autoscale to, can ever hold."""

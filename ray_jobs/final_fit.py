@@ -94,8 +94,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--epochs",
         type=int,
-        help="train this many epochs (default: where the trial peaked; --warm: "
-        "the share of them its validation split held out, at least 1)",
+        help="train this many epochs (default: as many as the search's budget left fit, "
+        "timed by the trial's own epochs; without a budget, where the trial peaked, and with "
+        "--warm the share of those its validation split held out, at least 1)",
     )
     parser.add_argument(
         "--max-concurrent", type=int, help="refits at once (default: as many as fit)"
@@ -138,6 +139,7 @@ def final_fit(args: argparse.Namespace) -> None:
     from sketch_core.models import check_pretrained_weights
     from sketch_core.predict import submission_frame
 
+    began = time.monotonic()
     check_options(args)
     # Read and check everything before Ray starts.
     store, search, data_dir, train, test = read_experiment(args)
@@ -154,8 +156,9 @@ def final_fit(args: argparse.Namespace) -> None:
         check_pretrained_weights(model, pretrained=pretrained, checkpoint_file=checkpoint_file)
     resources = Resources.from_dict(search["resources"])
     mlflow_uri = refit_tracking(args.mlflow, store, search)
-    if budget_left(search):
-        print(budget_left(search), flush=True)
+    left = budget_left(search)
+    if left:
+        print(budget_left_line(left, search["budget"]), flush=True)
     folder = "final/fit-" + time.strftime("%Y%m%d-%H%M%S")
     started = time.time()
 
@@ -164,6 +167,17 @@ def final_fit(args: argparse.Namespace) -> None:
         if dashboard:
             print(f"Ray dashboard: {dashboard}", flush=True)
         check_trial_fits(resources, store.uri("search.json"))
+        seconds_each = None
+        if left and not args.from_trials and args.epochs is None:
+            specs, seconds_each = fill_budget(
+                specs,
+                store=store,
+                search=search,
+                resources=resources,
+                left=left,
+                elapsed_s=time.monotonic() - began,
+                max_concurrent=args.max_concurrent or len(specs),
+            )
         print(
             f"{'predicting with' if args.from_trials else 'refitting'} {len(specs)} model(s) of "
             f"{store.experiment}: "
@@ -234,6 +248,7 @@ def final_fit(args: argparse.Namespace) -> None:
         "top_k": args.top_k,
         "folds": args.folds,
         "wall_s": round(time.time() - started, 1),
+        "budget_s_per_model": seconds_each,
         "models": [
             {
                 "model_id": s.model_id,
@@ -277,15 +292,60 @@ def final_fit(args: argparse.Namespace) -> None:
     print(f"submission: {store.uri(submission_name)}")
 
 
-def budget_left(search: dict) -> str | None:
-    """What the search's budgets leave the final fit (search.json: ``budget``, ``spent``)."""
+def budget_left(search: dict) -> dict[str, float]:
+    """What the search's budgets leave the final fit (search.json: ``budget``, ``spent``): hours
+    and GPU-hours, each only where the search had that budget."""
     budget, spent = search.get("budget") or {}, search.get("spent") or {}
-    left = [
-        f"{budget[key] - spent.get(key, 0.0):.3g} of {budget[key]:g} {unit}"
-        for key, unit in (("hours", "hours"), ("gpu_hours", "GPU-hours"))
-        if budget.get(key)
-    ]
-    return f"budget left for the final fit: {' and '.join(left)}" if left else None
+    return {
+        key: budget[key] - spent.get(key, 0.0) for key in ("hours", "gpu_hours") if budget.get(key)
+    }
+
+
+def budget_left_line(left: dict[str, float], budget: dict) -> str:
+    units = {"hours": "hours", "gpu_hours": "GPU-hours"}
+    return "budget left for the final fit: " + " and ".join(
+        f"{amount:.3g} of {budget[key]:g} {units[key]}" for key, amount in left.items()
+    )
+
+
+def fill_budget(
+    specs: list,
+    *,
+    store,
+    search: dict,
+    resources,
+    left: dict[str, float],
+    elapsed_s: float,
+    max_concurrent: int,
+) -> tuple[list, float]:
+    """The refits sized to spend what the budget left, each timed by its search trial's epochs
+    (refit.budget_sized), with the line that says so; and the seconds each was given."""
+    from ray_jobs.cluster import trials_at_once
+    from ray_jobs.refit import budget_sized, seconds_per_model
+
+    needs = [resources.of_trial(spec.config) for spec in specs]
+    at_once = min([max_concurrent, *(trials_at_once(need) for need in needs)])
+    seconds = seconds_per_model(
+        left,
+        models=len(specs),
+        at_once=at_once,
+        gpus=sum(need.get("GPU", 0.0) for need in needs),
+        elapsed_s=elapsed_s,
+    )
+    sized, lines = budget_sized(
+        specs,
+        trials=store.read_parquet("trials.parquet"),
+        epochs=store.read_parquet("epochs.parquet"),
+        base=search["base"],
+        seconds=seconds,
+    )
+    print(
+        f"the budget gives each of {len(specs)} refit(s) {seconds:.0f} s ({at_once} at a time): "
+        + "; ".join(lines)
+        + ". --epochs N sets them instead",
+        flush=True,
+    )
+    return sized, round(seconds, 1)
 
 
 def check_options(args: argparse.Namespace) -> None:

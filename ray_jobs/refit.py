@@ -10,7 +10,8 @@ its own folder).
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -112,6 +113,68 @@ def choose_models(
                 )
             )
     return specs
+
+
+def training_share(config: dict[str, Any]) -> float:
+    """The share of the training images a run of this TrainConfig dict trains on."""
+    if config["folds"]:
+        return (config["folds"] - 1) / config["folds"]
+    return 1 - config["val_fraction"]
+
+
+def seconds_per_model(
+    left: dict[str, float], *, models: int, at_once: int, gpus: float, elapsed_s: float
+) -> float | None:
+    """The wall seconds the budget left (``left``: hours and GPU-hours, final_fit.budget_left)
+    gives each of ``models`` refits run ``at_once`` at a time, holding ``gpus`` GPUs in all, once
+    ``elapsed_s`` of the final fit have passed; None without a budget."""
+    limits = []
+    if "hours" in left:
+        limits.append((left["hours"] * 3600 - elapsed_s) / math.ceil(models / at_once))
+    if "gpu_hours" in left and gpus > 0:
+        limits.append(left["gpu_hours"] * 3600 / gpus)
+    return max(0.0, min(limits)) if limits else None
+
+
+def budget_sized(
+    specs: list[ModelSpec],
+    *,
+    trials: pd.DataFrame,
+    epochs: pd.DataFrame,
+    base: dict[str, Any],
+    seconds: float,
+) -> tuple[list[ModelSpec], list[str]]:
+    """Each refit with as many epochs (a whole schedule) as fit in ``seconds``, timed by its
+    search trial: the trial's start-up and its median seconds per epoch (from the cumulative
+    ``trial_s`` of epochs.parquet), scaled by the share of the training images each trains on.
+    One epoch's time is kept for predicting the test set. Returns the specs and a line on each."""
+    sized, lines = [], []
+    for spec in specs:
+        trial = trials.loc[trials["trial_id"] == spec.source_trial].iloc[0]
+        spent = (
+            epochs.loc[epochs["trial_id"] == spec.source_trial]
+            .sort_values("epoch")["trial_s"]
+            .dropna()
+            .to_numpy()
+        )
+        trial_epoch = float(np.median(np.diff(spent))) if len(spent) > 1 else float(spent[0])
+        start_up = max(0.0, float(spent[0]) - trial_epoch)
+        trial_share, share = training_share(config_of(trial, base)), training_share(spec.config)
+        per_epoch = trial_epoch * share / trial_share
+        count = max(1, int((seconds - start_up) // per_epoch) - 1)
+        sized.append(
+            replace(
+                spec,
+                config=TrainConfig.from_dict({**spec.config, "epochs": count}).to_dict(),
+                until_epoch=count,
+            )
+        )
+        lines.append(
+            f"{spec.model_id}: {count} epochs (trial {spec.source_trial}: {start_up:.0f} s to "
+            f"start, {trial_epoch:.3g} s per epoch on {trial_share:.0%} of the training images, "
+            f"so {per_epoch:.3g} s on {share:.0%})"
+        )
+    return sized, lines
 
 
 def trial_models(

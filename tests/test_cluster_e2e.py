@@ -90,7 +90,10 @@ def test_multi_node_search_with_a_bucket_survives_a_lost_node(
     # The lost node's worker may still report the epoch it was in before it notices its raylet is
     # gone, so the retry is told by its rows, not by a time after the removal: the rows of the
     # worker group that started from a checkpoint.
-    first_run, retry = epochs[epochs["started_at_epoch"] == 0], epochs[epochs["started_at_epoch"] > 0]
+    first_run, retry = (
+        epochs[epochs["started_at_epoch"] == 0],
+        epochs[epochs["started_at_epoch"] > 0],
+    )
     assert first_run["nodes"].str.contains(doomed.node_id[:8]).all(), table
     assert len(retry) and (retry["timestamp"] > removed).all(), table  # it was retried
     assert not retry["nodes"].str.contains(doomed.node_id[:8]).any(), table  # on the nodes left

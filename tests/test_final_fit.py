@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -326,6 +327,45 @@ def test_a_chosen_trial_on_folds_soft_votes_and_never_overwrites(
         )
         np.testing.assert_allclose(probs, run.predict(test.paths, tta=False), atol=1e-5)
         assert np.abs(probs - run.predict(test.paths, tta=True)).max() > 1e-3
+
+
+def test_a_refit_spends_what_the_searchs_budget_left(finished_search, tmp_path):
+    """A search with a wall-clock budget leaves final_fit.py --best the rest: the refit trains as
+    many epochs as fit in it at the pace its trial kept, a whole schedule of that length, and ends
+    about when the budget does."""
+    from sketch_core.engine import load_checkpoint
+
+    results = own_copy(finished_search, tmp_path)
+    folder = results / "demo"
+    search = json.loads((folder / "search.json").read_text())
+    left_s = 60.0
+    spent = search["spent"]["hours"]
+    search["budget"] = {**search["budget"], "hours": spent + left_s / 3600}
+    (folder / "search.json").write_text(json.dumps(search))
+    fits_before = read_fit_logs(folder)
+    started = time.monotonic()
+    result = run_script("final_fit.py", "--best", "--results", str(results), "--name", "demo")
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"budget left for the final fit: {left_s / 3600:.3g} of" in result.stdout
+    (fit_json,) = set(read_fit_logs(folder)) - set(fits_before)
+    log = json.loads(fit_json.read_text())
+    (model,) = log["models"]
+    given = log["budget_s_per_model"]
+    assert 0 < given < left_s  # what was left once the final fit had started Ray
+    line = re.search(
+        rf"the budget gives each of 1 refit\(s\) {given:.0f} s \(1 at a time\): "
+        rf"top1: (\d+) epochs \(trial {model['source_trial']}: ",
+        result.stdout,
+    )
+    assert line, result.stdout[-3000:]
+    epochs = int(line.group(1))
+    # One whole schedule of that length, trained to its end.
+    assert model["epochs"] == model["config"]["epochs"] == epochs
+    assert load_checkpoint(fit_json.parent / "top1.pt")["epoch"] == epochs
+    # Timed by the trial's own pace on this machine, it ends near the budget's end (loosely: the
+    # machine is shared).
+    assert took < 2 * left_s + 30, took
 
 
 def test_errors(finished_search, tmp_path, capsys):
