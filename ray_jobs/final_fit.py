@@ -317,9 +317,10 @@ def fill_budget(
     left: dict[str, float],
     elapsed_s: float,
     max_concurrent: int,
-) -> tuple[list, float]:
+) -> tuple[list, float | None]:
     """The refits sized to spend what the budget left, each timed by its search trial's epochs
-    (refit.budget_sized), with the line that says so; and the seconds each was given."""
+    (refit.budget_sized), with the line that says so; and the seconds each was given (None, and
+    the refits as they were, where no budget limits them)."""
     from ray_jobs.cluster import trials_at_once
     from ray_jobs.refit import budget_sized, seconds_per_model
 
@@ -332,6 +333,8 @@ def fill_budget(
         gpus=sum(need.get("GPU", 0.0) for need in needs),
         elapsed_s=elapsed_s,
     )
+    if seconds is None:  # a GPU-hour budget only, and refits that hold no GPU: nothing to size
+        return specs, None
     sized, lines = budget_sized(
         specs,
         trials=store.read_parquet("trials.parquet"),

@@ -47,6 +47,8 @@ def test_the_budget_left_is_shared_by_the_refits_that_run_one_after_another():
     assert seconds_per_model(left, models=3, at_once=3, gpus=6, elapsed_s=20) == pytest.approx(120)
     assert seconds_per_model({"hours": 0.001}, models=1, at_once=1, gpus=0, elapsed_s=20) == 0
     assert seconds_per_model({}, models=1, at_once=1, gpus=0, elapsed_s=0) is None
+    # A GPU-hour budget does not limit refits that hold no GPU.
+    assert seconds_per_model({"gpu_hours": 1.0}, models=1, at_once=1, gpus=0, elapsed_s=0) is None
 
 
 def test_a_refit_gets_the_epochs_its_trial_s_pace_fits_in_the_seconds_given():
