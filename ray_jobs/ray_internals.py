@@ -12,6 +12,9 @@ relies on (ARCHITECTURE.md, "Facts about Ray 2.60 the code relies on"):
   each get a request equal to no other.
 - ``unreadable_saved_state``: the names and formats of the files ``Tuner.restore`` reads a search
   back from, which Tune does not document.
+- ``train_report_pace``: Ray Train's controller takes a worker's report once per
+  ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (2 s by default), and a worker blocks on a queue of one
+  report, so with the default no epoch of a trial or refit is shorter than 2 s.
 - ``prepare_cluster_config`` and ``default_inbound_rules``: the offline steps of ``ray up``
   (its own validation of cluster.yaml), used by the tests of cluster.yaml.
 """
@@ -19,6 +22,7 @@ relies on (ARCHITECTURE.md, "Facts about Ray 2.60 the code relies on"):
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import uuid
 from collections.abc import Callable
@@ -71,6 +75,18 @@ def unreadable_saved_state(names: list[str], read: Callable[[str], bytes]) -> st
         except Exception as exc:  # cut short: JSON, pickle and EOF errors alike
             return f"{saved[-1]} is damaged ({type(exc).__name__})"
     return None
+
+
+# Ray Train's controller polls its workers for reports this often (seconds), and a worker waits
+# until its previous report is taken: 0.25 s keeps short epochs from waiting on the poll.
+TRAIN_REPORT_POLL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
+
+def train_report_pace() -> dict[str, str]:
+    """The variable Ray Train's workers and controller need so that reports are taken as soon as
+    they are made; a value the user set wins."""
+    name, value = TRAIN_REPORT_POLL
+    return {name: os.environ.get(name, value)}
 
 
 def prepare_cluster_config(config: dict) -> dict:

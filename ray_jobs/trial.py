@@ -279,12 +279,15 @@ def _free_what_the_last_trial_left() -> None:
 
 
 def worker_env() -> dict[str, str]:
-    """Environment every Ray worker process needs: Train's timeouts and the cache folder as an
-    absolute path. (The code itself reaches the workers as the installed package: requirements.txt
-    installs this project on every node, and `ray job submit --working-dir .` ships it.)"""
+    """Environment every Ray worker process needs: Train's timeouts and report pace, and the cache
+    folder as an absolute path. (The code itself reaches the workers as the installed package:
+    requirements.txt installs this project on every node, and `ray job submit --working-dir .`
+    ships it.)"""
     from ray_jobs.cli import PATH_VARIABLES, local_path
+    from ray_jobs.ray_internals import train_report_pace
 
     return {
+        **train_report_pace(),
         "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get(
             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600"
         ),

@@ -61,16 +61,50 @@ def test_ray_reuses_processes_for_equal_requests_and_saves_state_under_known_nam
     assert unreadable_saved_state(names, lambda name: (folder / name).read_bytes()) is None, names
 
 
+def test_ray_train_takes_reports_at_the_pace_ray_internals_names():
+    """train_report_pace sets the variable Ray Train's controller polls reports by, which Train
+    hands from the trial's process to its workers, and a worker waits on a queue of one report:
+    left at Ray's default, no epoch of a trial would be shorter than 2 s."""
+    import inspect
+
+    from ray.train.v2._internal import constants
+    from ray.train.v2._internal.execution.controller import controller
+    from ray.train.v2._internal.execution.worker_group import worker
+
+    from ray_jobs.ray_internals import TRAIN_REPORT_POLL, train_report_pace
+
+    name, value = TRAIN_REPORT_POLL
+    assert constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR == name
+    assert name in constants.ENV_VARS_TO_PROPAGATE
+    assert "os.getenv(HEALTH_CHECK_INTERVAL_S_ENV_VAR" in inspect.getsource(controller)
+    assert "result_queue=queue.Queue(maxsize=1)" in inspect.getsource(worker)
+    assert float(value) < constants.DEFAULT_HEALTH_CHECK_INTERVAL_S
+    assert train_report_pace() == {name: os.environ.get(name, value)}
+
+
+def test_a_users_report_pace_wins(monkeypatch):
+    from ray_jobs.ray_internals import TRAIN_REPORT_POLL
+    from ray_jobs.trial import worker_env
+
+    name, value = TRAIN_REPORT_POLL
+    monkeypatch.delenv(name, raising=False)
+    assert worker_env()[name] == value
+    monkeypatch.setenv(name, "1.5")
+    assert worker_env()[name] == "1.5"
+
+
 def test_ray_keeps_the_latest_of_equally_scored_checkpoints(tmp_path):
     """results.best_epochs takes the latest of tied epochs because Ray's num_to_keep deletes the
-    earlier of equal checkpoints first: in a TorchTrainer trial and in a trial's own process."""
+    earlier of equal checkpoints first: in a TorchTrainer trial and in a trial's own process. The
+    product's worker environment reaches the TorchTrainer's workers (Train propagates it)."""
     import pandas as pd
     import ray
     from ray import tune
 
+    from ray_jobs.ray_internals import TRAIN_REPORT_POLL
     from ray_jobs.results import best_epochs
     from ray_jobs.space import Resources
-    from ray_jobs.trial import make_trainable
+    from ray_jobs.trial import make_trainable, worker_env
     from ray_jobs.tuning import retries_and_checkpoints
 
     val_accs = [0.5, 0.7, 0.6, 0.7, 0.65]
@@ -79,7 +113,11 @@ def test_ray_keeps_the_latest_of_equally_scored_checkpoints(tmp_path):
         import tempfile
 
         for epoch, val_acc in enumerate(val_accs, start=1):
-            metrics = {"epoch": epoch, "val_acc": val_acc}
+            metrics = {
+                "epoch": epoch,
+                "val_acc": val_acc,
+                "report_poll_s": float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", -1)),
+            }
             if session.world_rank() != 0:
                 session.report(metrics)
                 continue
@@ -88,7 +126,12 @@ def test_ray_keeps_the_latest_of_equally_scored_checkpoints(tmp_path):
                 session.report(metrics, checkpoint_folder=folder)
 
     assert local_ray_instances() == [], "another Ray instance runs on this machine"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": worker_env()},  # as ray_jobs.cluster.connect starts Ray
+    )
     try:
         trainable = make_trainable(
             loop,
@@ -120,6 +163,7 @@ def test_ray_keeps_the_latest_of_equally_scored_checkpoints(tmp_path):
             folders = glob.glob(os.path.join(result.path, "checkpoint_*"))
         else:  # Train V2's: their paths come in the forwarded metrics (ARCHITECTURE.md)
             folders = result.metrics_dataframe["checkpoint_path"].tolist()
+            assert result.metrics["report_poll_s"] == float(TRAIN_REPORT_POLL[1])
         kept = {
             int(open(os.path.join(folder, "epoch")).read())
             for folder in folders
